@@ -1,0 +1,3 @@
+from glmlocal.cli import main
+
+main()
