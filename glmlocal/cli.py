@@ -48,6 +48,173 @@ def convert(
         _fail(e)
 
 
+# ---------------------------------------------------------------------------------------------
+# pull / list / rm (issue 7)
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="Registry name or alias, e.g. glm-4.6 or zai-org/GLM-4.6")],
+    quant: Annotated[str, typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16")] = "q4_k_m",
+    from_source: Annotated[bool, typer.Option("--from-source", help="Convert the safetensors checkpoint even if a GGUF is published")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repository")] = None,
+    keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep the downloaded safetensors after converting")] = False,
+    source: Annotated[Optional[str], typer.Option("--source", help="Convert from the bf16 or fp8 checkpoint (default: chosen by quant and size)")] = None,
+) -> None:
+    """Download a model at a quant: a published GGUF, or the checkpoint converted locally. Resumable and verified."""
+    from glmlocal.pull_render import run_pull
+
+    try:
+        run_pull(model, quant, from_source=from_source, revision=revision, keep_source=keep_source, source=source)
+    except GlmlocalError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
+
+
+@app.command("list")
+def list_models() -> None:
+    """Pulled models: name, quant, size, path, and whether complete and verified (half-finished pulls too)."""
+    from glmlocal.pull_render import run_list
+
+    try:
+        run_list()
+    except GlmlocalError as e:
+        _fail(e)
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="Registry name or alias of a pulled model")],
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Remove only this quant (default: everything)")] = None,
+) -> None:
+    """Delete a pulled model (one quant, or all of it including kept sources) and say how much space was freed."""
+    from glmlocal.pull_render import run_rm
+
+    try:
+        run_rm(model, quant)
+    except GlmlocalError as e:
+        _fail(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan (issue 3)
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Registry name (works before download), pulled model, .gguf or checkpoint dir")],
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16 (registry models)")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")] = None,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0")] = "f16",
+    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead, e.g. 24GiB,24GiB")] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM, e.g. 128GiB")] = None,
+    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores)")] = None,
+    gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
+    cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", help="RAM bandwidth in GB/s (speed estimate)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Show where each part of MODEL would live (GPU/CPU), how much context fits, and the speed to expect."""
+    from glmlocal.plan_view import PlanArgs, run_plan
+
+    args = PlanArgs(model, quant=quant, ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only,
+                    threads=threads, gpu_bw=gpu_bw, cpu_bw=cpu_bw, as_json=as_json)
+    try:
+        run_plan(args)
+    except GlmlocalError as e:
+        _fail(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat (issue 6)
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Registry name (glm-4.6[:quant]), pulled model, or a .gguf path")],
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt")] = None,
+    no_think: Annotated[bool, typer.Option("--no-think", help="Start with thinking off (/think on|off)")] = False,
+    show_thinking: Annotated[bool, typer.Option("--show-thinking", help="Keep thinking expanded (piped: print it in <think>...</think>)")] = False,
+    tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of OpenAI-format tool definitions")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of a registry model")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: what the planner fits)")] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0, ...")] = None,
+    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Override GPU memory, e.g. 24GiB,24GiB")] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="Override usable RAM, e.g. 128GiB")] = None,
+    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Limit per reply (default: the rest of the context)")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (0 = greedy)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed")] = None,
+    template: Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")] = None,
+    each_line: Annotated[bool, typer.Option("--each-line", help="Piped: each stdin line is a turn (default: all of stdin is one prompt)")] = False,
+) -> None:
+    """Chat in the terminal (streamed Markdown, thinking, tool calls, speed). Piped stdin: plain-text answers."""
+    from glmlocal.chat_load import ChatArgs, PlanOptions, run_chat
+
+    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads)
+    args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
+                    tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
+                    each_line=each_line)
+    try:
+        code = run_chat(args)
+    except GlmlocalError as e:
+        _fail(e)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve (issue 5)
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Registry name (glm-4.6[:quant]), pulled model, or a .gguf path")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (non-loopback needs --api-key or --insecure)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one)")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GLMLOCAL_API_KEY", help="Require this key (x-api-key or Authorization: Bearer)")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key")] = False,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait behind the running one; more get 429")] = 16,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
+    alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,
+    no_think: Annotated[bool, typer.Option("--no-think", help="Thinking off unless a request turns it on")] = False,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of a registry model")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: what the planner fits)")] = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0, ...")] = None,
+    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Override GPU memory, e.g. 24GiB,24GiB")] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="Override usable RAM, e.g. 128GiB")] = None,
+    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads")] = None,
+    template: Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info shows each request)")] = "warning",
+) -> None:
+    """Serve the model to IDE agents: OpenAI /v1/chat/completions and Anthropic /v1/messages on one port."""
+    from glmlocal.chat_load import PlanOptions
+    from glmlocal.server.run import ServeArgs, run_serve
+
+    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads)
+    args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
+                     cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
+                     no_think=no_think, log_level=log_level, plan=plan)
+    try:
+        code = run_serve(args)
+    except GlmlocalError as e:
+        _fail(e)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor (issue 3)
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def doctor(
+    smoke_only: Annotated[bool, typer.Option("--smoke-only", help="Only the tiny quantized-model generation test (exit 0/1)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Check the llama.cpp build (backends, CPU kernels), GPUs, RAM and disk, and run a tiny model end to end."""
+    from glmlocal.doctor_view import run_doctor
+
+    raise typer.Exit(run_doctor(smoke_only=smoke_only, as_json=as_json))
+
+
 def main() -> None:
     try:
         app()

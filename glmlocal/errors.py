@@ -58,3 +58,7 @@ class ContextOverflowError(GlmlocalError):
             hint="shorten the conversation or raise --ctx",
         )
         self.prompt_tokens, self.max_tokens, self.n_ctx = prompt_tokens, max_tokens, n_ctx
+
+
+class TemplateError(InputError):
+    """A chat template cannot be loaded or rendered (syntax error, hostile or runaway template, bad messages)."""

@@ -6,3 +6,85 @@ import os
 
 # Keep torch / llama.cpp from oversubscribing the 2-core CI machine when several things run.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---- checkpoint fixtures (owner: fixtures) ---------------------------------------------------------
+import pytest  # noqa: E402
+
+from tests.cache import cached_dir  # noqa: E402
+
+CKPT_SOURCES = ["tests/fixtures/*.py", "glmlocal/templates/*.jinja"]
+
+
+def _fresh(build):
+    """Refuse to fill the cache from builder code older than the sources its key is hashed from."""
+    from tests.fixtures import checkpoint
+
+    def run(d):
+        if checkpoint.SOURCE_HASH_AT_IMPORT != checkpoint._sources_hash():
+            raise RuntimeError("tests/fixtures changed while this test process ran; rerun the tests")
+        build(d)
+
+    return run
+
+
+def build_cached_checkpoint(preset: str, fp8: str | None = None, family: str = "glm45"):
+    """Path of the cached random checkpoint (built on first use; see tests/fixtures/checkpoint.py)."""
+    from tests.fixtures.checkpoint import build_checkpoint
+
+    name = f"ckpt-{preset}-{fp8 or 'bf16'}-{family}"
+    return cached_dir(name, CKPT_SOURCES, _fresh(lambda d: build_checkpoint(d, preset, fp8=fp8, family=family)))
+
+
+def build_cached_fp8_twin(preset: str, fp8: str, family: str = "glm45"):
+    """Path of the BF16 checkpoint exactly equal to the dequantized FP8 one (FP8 == BF16 tests)."""
+    from tests.fixtures.fp8 import equivalent_bf16
+
+    src = build_cached_checkpoint(preset, fp8, family)
+    return cached_dir(f"ckpt-{preset}-{fp8}-bf16twin-{family}", CKPT_SOURCES, _fresh(lambda d: equivalent_bf16(src, d)))
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory():
+    """Callable (preset, fp8=None, family="glm45") -> Path of a cached fixture checkpoint."""
+    return build_cached_checkpoint
+
+
+@pytest.fixture(scope="session")
+def fp8_twin_factory():
+    """Callable (preset, fp8, family="glm45") -> Path of the FP8 checkpoint's exact BF16 twin."""
+    return build_cached_fp8_twin
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt():
+    """GLM-4.6-layout tiny checkpoint (q/k norm, NextN layer without head/embeddings)."""
+    return build_cached_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def air_ckpt():
+    """GLM-4.5-Air-layout checkpoint (no q/k norm, FFN rows not divisible by 256)."""
+    return build_cached_checkpoint("air")
+# ---- end checkpoint fixtures -----------------------------------------------------------------------
+
+
+# ---- converter fixtures (owner: converter) ---------------------------------------------------------
+GGUF_SOURCES = CKPT_SOURCES + ["quantize/*.py"]
+
+
+def build_cached_gguf(preset: str, quant: str, mtp: bool = True, family: str = "glm45", fp8: str | None = None):
+    """Path of a cached GGUF converted by quantize.convert from the cached fixture checkpoint."""
+    from quantize.convert import convert
+
+    src = build_cached_checkpoint(preset, fp8, family)
+    name = f"gguf-{preset}-{fp8 or 'bf16'}-{family}-{quant}-{'mtp' if mtp else 'nomtp'}"
+    d = cached_dir(name, GGUF_SOURCES, lambda d: convert(src, d / "model.gguf", quant=quant, mtp=mtp))
+    return d / "model.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_factory():
+    """Callable (preset, quant, mtp=True, family="glm45", fp8=None) -> Path of a cached converted GGUF."""
+    return build_cached_gguf
+# ---- end converter fixtures ------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""The chat conversation as data: OpenAI-shaped messages, saved as a chat-completions request body.
+
+A saved transcript is `{"model", "messages", "tools"?, "chat_template_kwargs": {"enable_thinking"}}`, so the
+same file can be sent to `glmlocal serve` (or any OpenAI-compatible server) unchanged, and `/load` accepts
+any such request body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmlocal.errors import InputError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Conversation:
+    """System prompt, turn history and tool definitions of one chat."""
+
+    model: str = "glmlocal"
+    system: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    enable_thinking: bool = True
+
+    def request_messages(self) -> list[dict[str, Any]]:
+        """The messages to render: the system prompt (if any) followed by the history."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + list(self.messages)
+
+    def turn_starts(self) -> list[int]:
+        """Indices of the user messages; each starts one turn (user + assistant/tool replies)."""
+        return [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+
+    @property
+    def n_turns(self) -> int:
+        return len(self.turn_starts())
+
+    def drop_oldest(self, n: int) -> int:
+        """Remove the oldest `n` turns (keeping the system prompt); return how many were removed."""
+        starts = self.turn_starts()
+        if n <= 0 or not starts:
+            return 0
+        n = min(n, len(starts))
+        cut = starts[n] if n < len(starts) else len(self.messages)
+        del self.messages[:cut]
+        return n
+
+    def clear(self) -> None:
+        """Forget the history; the system prompt and tools stay."""
+        self.messages.clear()
+
+    def to_request(self) -> dict[str, Any]:
+        """An OpenAI chat-completions request body holding the whole conversation."""
+        body: dict[str, Any] = {"model": self.model, "messages": self.request_messages()}
+        if self.tools:
+            body["tools"] = self.tools
+        body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
+        return body
+
+    @classmethod
+    def from_request(cls, body: Any, source: str = "transcript") -> "Conversation":
+        """Build a conversation from a request body; raise InputError naming what is wrong."""
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise InputError(f"{source}: expected a JSON object with a \"messages\" list")
+        messages = [_check_message(m, i, source) for i, m in enumerate(body["messages"])]
+        tools = body.get("tools")
+        if tools is not None:
+            tools = check_tools(tools, source)
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system = _text_of(messages.pop(0)["content"])
+        kwargs = body.get("chat_template_kwargs") or {}
+        return cls(
+            model=str(body.get("model") or "glmlocal"),
+            system=system,
+            messages=messages,
+            tools=tools or None,
+            enable_thinking=bool(kwargs.get("enable_thinking", True)),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the transcript atomically (`.part`, then rename)."""
+        path = Path(path).expanduser()
+        part = path.with_name(path.name + ".part")
+        try:
+            part.write_text(json.dumps(self.to_request(), indent=2, ensure_ascii=False) + "\n", "utf-8")
+            os.replace(part, path)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+
+    @classmethod
+    def load(cls, path: Path) -> "Conversation":
+        """Read a transcript or any OpenAI chat-completions request body."""
+        path = Path(path).expanduser()
+        try:
+            body = json.loads(path.read_text("utf-8"))
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_request(body, source=str(path))
+
+
+def _text_of(content: Any) -> str:
+    """Flatten OpenAI content (a string or a list of text parts) to a string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def _check_message(m: Any, i: int, source: str) -> dict[str, Any]:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise InputError(f"{source}: message {i} needs a role of {', '.join(ROLES)}")
+    msg = dict(m)
+    content = msg.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise InputError(f"{source}: message {i} has content that is neither text nor a list of parts")
+    if isinstance(content, list):
+        msg["content"] = _text_of(content)
+    calls = msg.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(_is_call(c) for c in calls)):
+        raise InputError(f"{source}: message {i} has malformed tool_calls")
+    return msg
+
+
+def _is_call(c: Any) -> bool:
+    fn = c.get("function") if isinstance(c, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str)
+
+
+def check_tools(tools: Any, source: str) -> list[dict[str, Any]]:
+    """Validate OpenAI-format tool definitions (`[{"type": "function", "function": {...}}]`)."""
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list):
+        raise InputError(f"{source}: expected a list of tool definitions")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InputError(f"{source}: tool {i} needs {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+    return tools
+
+
+def load_tools(path: Path) -> list[dict[str, Any]]:
+    """Read `--tools FILE`: a JSON list of OpenAI tool definitions, or an object with a "tools" list."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from e
+    return check_tools(data, str(path))
+
+
+def tool_call_message(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One entry of an assistant message's `tool_calls`, in OpenAI wire form (arguments as JSON text)."""
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }

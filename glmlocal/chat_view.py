@@ -1,0 +1,305 @@
+"""Rich rendering for `glmlocal chat`: one streamed turn, the status line, help, placement and load progress.
+
+Layout of a turn on screen: finished parts (the one-line thinking summary, completed Markdown blocks, tool-call
+panels) are printed permanently, and only the part still growing (the thinking tail, the last Markdown block,
+a tool call whose arguments are streaming) lives in a transient Live region under them. That keeps the Live
+region small, so long answers scroll normally instead of being redrawn (or cropped) as one huge block.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.spinner import Spinner
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+
+CODE_THEME = "monokai"
+FENCES = ("```", "~~~")
+
+
+def stable_split(text: str) -> int:
+    """Index up to which `text` is complete Markdown blocks: the last blank line outside a code fence."""
+    in_fence, pos, cut = False, 0, 0
+    for line in text.splitlines(keepends=True):
+        pos += len(line)
+        stripped = line.strip()
+        if stripped.startswith(FENCES):
+            in_fence = not in_fence
+        elif not stripped and not in_fence and line.endswith("\n") and pos < len(text):
+            cut = pos
+    return cut
+
+
+def thinking_summary(n_tokens: int, seconds: float) -> Text:
+    """The collapsed form of a reasoning block."""
+    return Text.assemble(
+        ("▸ ", "dim"),
+        (f"Thought for {n_tokens} tokens / {seconds:.1f} s", "dim italic"),
+        ("  (/show-thinking to expand)", "dim"),
+    )
+
+
+def thinking_panel(text: str, title: str = "thinking") -> Panel:
+    return Panel(Text(text.strip(), style="dim italic"), title=title, title_align="left", border_style="dim")
+
+
+def tool_call_panel(name: str, arguments: dict[str, Any], call_id: str = "") -> Panel:
+    body = Syntax(json.dumps(arguments, indent=2, ensure_ascii=False), "json", theme=CODE_THEME, word_wrap=True)
+    return Panel(body, title=f"tool call: {name}", subtitle=call_id or None, title_align="left", border_style="cyan")
+
+
+def usage_value(usage: Any, *names: str, default: float | None = None) -> Any:
+    """Read a usage field by any of its likely names (object attribute or mapping key)."""
+    for name in names:
+        v = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
+        if v is not None:
+            return v
+    return default
+
+
+def status_line(usage: Any, n_ctx: int | None) -> Text:
+    """`12.3 tok/s · first token 0.41 s · context 812 / 4096 · cached 640 · 57 tokens`."""
+    prompt = int(usage_value(usage, "prompt_tokens", default=0))
+    completion = int(usage_value(usage, "completion_tokens", default=0))
+    cached = int(usage_value(usage, "cached_tokens", default=0))
+    tps = usage_value(usage, "tokens_per_s", "tok_per_s", "tokens_per_second", "tps", default=0.0)
+    ttft = usage_value(usage, "ttft_s", "ttft", "time_to_first_token", default=0.0)
+    used = prompt + completion
+    limit = f" / {n_ctx}" if n_ctx else ""
+    parts = [
+        f"{tps:.1f} tok/s",
+        f"first token {ttft:.2f} s",
+        f"context {used}{limit}",
+        f"cached {cached}",
+        f"{completion} tokens",
+    ]
+    style = "yellow" if n_ctx and used > 0.9 * n_ctx else "dim"
+    return Text(" · ".join(parts), style=style)
+
+
+class _LiveBody:
+    """What the transient Live region shows; re-rendered from the view's state on every refresh."""
+
+    def __init__(self, view: "TurnView"):
+        self.view = view
+
+    def __rich_console__(self, console: Console, options: Any):
+        v = self.view
+        height = max(4, (options.height or console.height) - 4)
+        if v.thinking_open:
+            yield _tail_panel(console, "".join(v.reasoning), options.max_width, height - 3, v.elapsed_thinking())
+        if v.content:
+            yield Markdown(v.content, code_theme=CODE_THEME)
+        if v.open_call is not None:
+            name, args = v.open_call
+            yield Text(f"tool call: {name} {args[-200:]}", style="cyan")
+        yield Spinner("dots", text=Text(f"{v.phase} · {v.elapsed():.1f} s · Ctrl-C stops", style="dim"))
+
+
+def _tail_panel(console: Console, text: str, width: int, lines: int, seconds: float) -> Panel:
+    # Only the end of a long reasoning block is shown while it streams; wrap just its last few KB.
+    wrapped = Text(text[-6000:].strip(), style="dim italic").wrap(console, max(10, width - 4))
+    tail = Text("\n").join(wrapped[-max(1, lines):]) if len(wrapped) else Text("")
+    return Panel(tail, title=f"thinking… {seconds:.0f} s", title_align="left", border_style="dim")
+
+
+class TurnView:
+    """Renders the events of one assistant turn. Use as a context manager around the event loop."""
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        show_thinking: bool = False,
+        count_tokens: Callable[[str], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.console = console
+        self.show_thinking = show_thinking
+        self.count_tokens = count_tokens
+        self.clock = clock
+        self.t0 = clock()
+        self.reasoning: list[str] = []
+        self.reasoning_events = 0
+        self.thinking_open = False
+        self.think_t0 = self.think_t1 = 0.0
+        self.content = ""
+        self.open_call: tuple[str, str] | None = None
+        self.phase = "reading prompt"
+        self.finished = False
+        self.live = Live(_LiveBody(self), console=console, transient=True, refresh_per_second=10)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> "TurnView":
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.stop()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def elapsed_thinking(self) -> float:
+        return (self.think_t1 if not self.thinking_open else self.clock()) - self.think_t0
+
+    # -- events -----------------------------------------------------------------------------------
+    def on_event(self, ev: Any) -> None:
+        """Update the screen for one parser event."""
+        if isinstance(ev, ReasoningDelta):
+            self._on_reasoning(ev.text)
+        elif isinstance(ev, ContentDelta):
+            self._on_content(ev.text)
+        elif isinstance(ev, ToolCallStart):
+            self._close_thinking()
+            self._flush_content()
+            self.open_call = (ev.name, "")
+            self.phase = f"calling {ev.name}"
+        elif isinstance(ev, ToolCallArgsDelta) and self.open_call is not None:
+            self.open_call = (self.open_call[0], self.open_call[1] + ev.text)
+        elif isinstance(ev, ToolCallEnd):
+            self.open_call = None
+            self.console.print(tool_call_panel(ev.name, ev.arguments, getattr(ev, "id", "")))
+        elif isinstance(ev, Finish):
+            self.finish(ev.reason)
+
+    def _on_reasoning(self, text: str) -> None:
+        if not self.reasoning:
+            self.thinking_open, self.think_t0 = True, self.clock()
+            self.phase = "thinking"
+        self.reasoning.append(text)
+        self.reasoning_events += 1
+
+    def _on_content(self, text: str) -> None:
+        self._close_thinking()
+        self.phase = "answering"
+        self.content += text
+        if not self.content.strip():
+            self.content = ""  # GLM starts answers with a newline after </think>
+            return
+        cut = stable_split(self.content)
+        if cut:
+            done, self.content = self.content[:cut], self.content[cut:]
+            self.console.print(Markdown(done.strip("\n"), code_theme=CODE_THEME))
+            self.console.print()
+
+    def _close_thinking(self) -> None:
+        if not self.thinking_open:
+            return
+        self.thinking_open, self.think_t1 = False, self.clock()
+        text = "".join(self.reasoning)
+        if self.show_thinking:
+            self.console.print(thinking_panel(text, f"thought for {self.think_t1 - self.think_t0:.1f} s"))
+        else:
+            self.console.print(thinking_summary(self.reasoning_tokens(), self.think_t1 - self.think_t0))
+
+    def _flush_content(self) -> None:
+        if self.content.strip():
+            self.console.print(Markdown(self.content.strip("\n"), code_theme=CODE_THEME))
+        self.content = ""
+
+    def reasoning_tokens(self) -> int:
+        """Tokens of thinking: the tokenizer's count when available, else one per streamed delta."""
+        text = "".join(self.reasoning)
+        if self.count_tokens is not None and text:
+            try:
+                return self.count_tokens(text)
+            except Exception:  # counting is cosmetic; never let it break the turn
+                pass
+        return self.reasoning_events
+
+    def finish(self, reason: str) -> None:
+        """Close everything still open and say why the turn ended, when that is not obvious."""
+        if self.finished:
+            return
+        self.finished = True
+        self._close_thinking()
+        self._flush_content()
+        self.open_call = None
+        if reason == "cancelled":
+            self.console.print(Text("⏹ stopped (Ctrl-C)", style="yellow"))
+        elif reason == "length":
+            self.console.print(Text("⏹ stopped at the token limit", style="yellow"))
+
+
+# -- other screens --------------------------------------------------------------------------------
+HELP = [
+    ("/help", "this help"),
+    ("/think on|off", "turn thinking on or off for the next turns"),
+    ("/show-thinking", "show the last turn's full thinking"),
+    ("/system [TEXT]", "show or set the system prompt (\"/system -\" removes it)"),
+    ("/clear", "forget the conversation (system prompt and tools stay)"),
+    ("/drop N", "drop the oldest N turns to free context"),
+    ("/retry", "send the last message again"),
+    ("/save FILE", "save the conversation as JSON (an OpenAI chat-completions request body)"),
+    ("/load FILE", "load a saved conversation or any chat-completions request body"),
+    ("/stats", "token counts, speed and context use"),
+    ("/exit", "quit (also Ctrl-D)"),
+]
+
+KEYS = "Enter sends · Esc-Enter (Alt-Enter) or a paste adds newlines · Ctrl-C stops a reply · Ctrl-D quits"
+
+
+def help_table() -> Group:
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    for cmd, what in HELP:
+        table.add_row(Text(cmd, style="bold cyan"), what)
+    return Group(table, Text(KEYS, style="dim"))
+
+
+def placement_table(placement: Any, model_name: str) -> RenderableType:
+    """A compact view of where the model goes: GPU layers, expert tensors on CPU, context, threads."""
+    table = Table(title=f"loading {model_name}", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    overrides = getattr(placement, "tensor_overrides", None) or []
+    rows = [
+        ("GPU layers", getattr(placement, "n_gpu_layers", None)),
+        ("tensor overrides", f"{len(overrides)} (e.g. {overrides[0][0]} -> {overrides[0][1]})" if overrides else None),
+        ("context", getattr(placement, "n_ctx", None)),
+        ("KV cache", "/".join(str(getattr(placement, k)) for k in ("type_k", "type_v") if hasattr(placement, k))),
+        ("flash attention", getattr(placement, "flash_attn", None)),
+        ("threads", getattr(placement, "n_threads", None)),
+        ("est. speed", _fmt_speed(getattr(placement, "est_tokens_per_s", None))),
+    ]
+    for key, value in rows:
+        if value not in (None, ""):
+            table.add_row(Text(key, style="dim"), str(value))
+    for dev in getattr(placement, "devices", None) or []:
+        table.add_row(Text(str(getattr(dev, "name", "device")), style="dim"), _fmt_device(dev))
+    for note in getattr(placement, "notes", None) or []:
+        table.add_row(Text("note", style="dim"), str(note))
+    return table
+
+
+def _fmt_device(dev: Any) -> str:
+    gib = 1024**3
+    parts = [f"{getattr(dev, k, 0) / gib:.2f} GiB {k}" for k in ("weights", "kv", "compute")]
+    cap = getattr(dev, "capacity", 0)
+    return ", ".join(parts) + (f" (of {cap / gib:.1f} GiB)" if cap else "")
+
+
+def _fmt_speed(v: Any) -> str | None:
+    return f"~{v:.1f} tok/s" if isinstance(v, (int, float)) and v > 0 else None
+
+
+def stats_table(rows: list[tuple[str, str]]) -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    for key, value in rows:
+        table.add_row(Text(key, style="dim"), value)
+    return table

@@ -1,0 +1,350 @@
+"""The FastAPI app: routes for OpenAI Chat Completions and Anthropic Messages on one engine.
+
+`create_app(backend, config)` wires pure adapters (openai.py, anthropic.py) to a `Backend` (the engine, or a
+fake in unit tests) through the FIFO `Scheduler`. Generation runs on the scheduler's worker thread; the event
+loop only translates and writes. A client that disconnects - streamed or not - closes its ticket, which sets
+the cancel Event the engine checks between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Protocol
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glmlocal.errors import ContextOverflowError
+from glmlocal.server import anthropic as an
+from glmlocal.server import openai as oa
+from glmlocal.server.errors import APIError, from_exception
+from glmlocal.server.scheduler import ClientGone, Scheduler, Ticket
+from glmlocal.server.security import AuthMiddleware, BodyLimitMiddleware, is_anthropic_path
+from glmlocal.server.types import CompletionRequest, TurnRequest
+
+
+class Backend(Protocol):
+    """What the server needs from a loaded model. `chat`/`complete` block and run on the worker thread;
+    they yield events (glm/events.py, or TextDelta) and finally one `Usage`."""
+
+    n_ctx: int
+
+    def count_tokens(self, turn: TurnRequest) -> int: ...
+
+    def count_text(self, text: str) -> int: ...
+
+    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[Any]: ...
+
+    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Any]: ...
+
+
+@dataclass
+class ServerConfig:
+    """Server policy. `aliases` are extra model names accepted besides `model_id` (case-insensitive)."""
+
+    model_id: str = "glm"
+    aliases: tuple[str, ...] = ()
+    api_key: Optional[str] = None
+    max_queue: int = 16
+    max_body_bytes: int = 32 << 20
+    cors_origins: tuple[str, ...] = ()
+    default_thinking: bool = True
+    heartbeat_s: float = 10.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def accepts(self, name: Optional[str], *, anthropic: bool = False) -> bool:
+        """The served id, an alias (with or without a `:quant` tag), or - for Claude Code, which asks for
+        claude-* models unless ANTHROPIC_MODEL is set - any claude-* name on the Anthropic route."""
+        if not name:
+            return True
+        known = {n.lower() for n in (self.model_id, *self.aliases)}
+        lowered = name.strip().lower()
+        return lowered in known or lowered.split(":")[0] in known or (anthropic and lowered.startswith("claude"))
+
+
+def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
+    """Build the ASGI app serving `backend` under `config`."""
+    app = FastAPI(title="glmlocal", version="0.1.0", description="Local GLM endpoint: OpenAI and Anthropic APIs")
+    app.state.backend, app.state.config = backend, config
+    app.state.scheduler = Scheduler(config.max_queue)
+    _install_errors(app)
+    _install_middleware(app, config)
+    _openai_routes(app, backend, config)
+    _anthropic_routes(app, backend, config)
+    _info_routes(app, backend, config)
+    app.router.on_shutdown.append(app.state.scheduler.shutdown)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing
+# ---------------------------------------------------------------------------------------------
+def _error_response(path: str, err: APIError) -> JSONResponse:
+    body = err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError):
+        return _error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(request.url.path, APIError(400, _validation_message(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error_response(request.url.path, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return _error_response(request.url.path, from_exception(exc))
+
+
+def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
+    # Starlette wraps in reverse order of addition: CORS (if asked) outermost, then size limit, then auth.
+    if config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
+
+
+async def _preflight_chat(backend: Backend, turn: TurnRequest) -> int:
+    """Count the prompt off the event loop; 400 before anything is queued if it cannot fit.
+
+    A max_tokens larger than the room left is clamped (agents ask for 32K by habit), not refused."""
+    n = await asyncio.to_thread(backend.count_tokens, turn)
+    _fit(backend, n, turn)
+    return n
+
+
+def _fit(backend: Backend, prompt_tokens: int, req: Any) -> None:
+    if prompt_tokens >= backend.n_ctx:
+        raise ContextOverflowError(prompt_tokens, req.max_tokens or 0, backend.n_ctx)
+    room = backend.n_ctx - prompt_tokens
+    req.max_tokens = min(req.max_tokens or room, room)
+
+
+def _check_model(config: ServerConfig, name: Optional[str], *, anthropic: bool = False) -> None:
+    if not config.accepts(name, anthropic=anthropic):
+        raise APIError(404, f"model {name!r} not found; this server serves {config.model_id!r}",
+                       param="model", code="model_not_found")
+
+
+async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            ticket.close()
+            return
+
+
+async def _collect(request: Request, ticket: Ticket, run: Callable, sink: Any) -> None:
+    """Run a non-streamed request, feeding `sink`; a client that disconnects cancels it."""
+    watcher = asyncio.create_task(_watch_disconnect(request, ticket))
+    try:
+        async for batch in ticket.stream(run):
+            for item in batch:
+                sink.feed(item)
+    except ClientGone:
+        raise APIError(499, "client closed the request") from None
+    finally:
+        watcher.cancel()
+        ticket.close()
+
+
+class EventStream(Response):
+    """SSE response that watches for the client leaving the whole time - including while the request waits
+    in the queue or the prompt is processed, when nothing is being written - and then cancels it."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], ticket: Ticket):
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no Content-Length
+        self.events, self.ticket = body, ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write, send, tg.cancel_scope)
+                tg.start_soon(self._watch, receive, tg.cancel_scope)
+        finally:
+            self.ticket.close()
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+
+    async def _write(self, send, scope: anyio.CancelScope) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-write
+        scope.cancel()
+
+    async def _watch(self, receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.ticket.close()
+        scope.cancel()
+
+
+def _sse_data(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI
+# ---------------------------------------------------------------------------------------------
+async def _openai_events(ticket: Ticket, run: Callable, feed: Callable, first: list[dict],
+                         heartbeat: float) -> AsyncIterator[bytes]:
+    yield b"".join(_sse_data(c) for c in first)
+    try:
+        async for batch in ticket.stream(run, heartbeat=heartbeat):
+            out = b"".join(_sse_data(c) for item in batch for c in feed(item))
+            yield out or (b"" if batch else b": ping\n\n")
+        yield b"data: [DONE]\n\n"
+    except ClientGone:
+        return
+    except Exception as exc:  # after the 200 went out, errors travel in the stream (the SDK raises them)
+        yield _sse_data(from_exception(exc).openai_body())
+    finally:
+        ticket.close()
+
+
+def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
+    scheduler: Scheduler = app.state.scheduler
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
+        """OpenAI Chat Completions, streamed (SSE) or not."""
+        _check_model(config, body.model)
+        turn = oa.to_turn(body, default_thinking=config.default_thinking)
+        await _preflight_chat(backend, turn)
+        ticket = scheduler.reserve()
+        run = lambda cancel: backend.chat(turn, cancel)  # noqa: E731
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            stream = oa.ChatStream(config.model_id, include_usage=include)
+            return EventStream(_openai_events(ticket, run, stream.feed, [stream.start()], config.heartbeat_s), ticket)
+        sink = oa.ChatAggregate(config.model_id)
+        await _collect(request, ticket, run, sink)
+        return sink.response()
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: oa.CompletionBody, request: Request):
+        """OpenAI (legacy) text completions: the raw prompt, no chat template."""
+        _check_model(config, body.model)
+        req = oa.to_completion(body)
+        _fit(backend, await asyncio.to_thread(backend.count_text, req.prompt), req)
+        ticket = scheduler.reserve()
+        run = lambda cancel: backend.complete(req, cancel)  # noqa: E731
+        stream = oa.CompletionStream(config.model_id)
+        if body.stream:
+            return EventStream(_openai_events(ticket, run, stream.feed, [], config.heartbeat_s), ticket)
+        await _collect(request, ticket, run, stream)
+        return stream.response()
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic
+# ---------------------------------------------------------------------------------------------
+async def _anthropic_events(ticket: Ticket, run: Callable, stream: an.MessageStream,
+                            heartbeat: float) -> AsyncIterator[bytes]:
+    yield b"".join(an.sse(name, data) for name, data in stream.start())
+    try:
+        async for batch in ticket.stream(run, heartbeat=heartbeat):
+            out = b"".join(an.sse(name, data) for item in batch for name, data in stream.feed(item))
+            yield out or (b"" if batch else an.sse("ping", {"type": "ping"}))
+    except ClientGone:
+        return
+    except Exception as exc:
+        yield an.sse("error", from_exception(exc).anthropic_body())
+    finally:
+        ticket.close()
+
+
+def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
+    scheduler: Scheduler = app.state.scheduler
+
+    @app.post("/v1/messages", tags=["anthropic"])
+    async def messages(body: an.MessagesRequest, request: Request):
+        """Anthropic Messages, streamed (SSE) or not. Headers anthropic-version/-beta are accepted and ignored."""
+        _check_model(config, body.model, anthropic=True)
+        turn = an.to_turn(body, default_thinking=config.default_thinking)
+        prompt_tokens = await _preflight_chat(backend, turn)
+        ticket = scheduler.reserve()
+        run = lambda cancel: backend.chat(turn, cancel)  # noqa: E731
+        if body.stream:
+            stream = an.MessageStream(config.model_id, prompt_tokens)
+            return EventStream(_anthropic_events(ticket, run, stream, config.heartbeat_s), ticket)
+        sink = an.MessageAggregate(config.model_id)
+        await _collect(request, ticket, run, sink)
+        return sink.response()
+
+    @app.post("/v1/messages/count_tokens", tags=["anthropic"])
+    async def count_tokens(body: an.CountTokensRequest):
+        """The prompt's token count as this model's template and tokenizer see it."""
+        _check_model(config, body.model, anthropic=True)
+        turn = an.to_turn(body, default_thinking=config.default_thinking)
+        return {"input_tokens": await asyncio.to_thread(backend.count_tokens, turn)}
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+def _model_card(config: ServerConfig, backend: Backend, anthropic: bool) -> dict:
+    if anthropic:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(config.created))
+        return {"id": config.model_id, "type": "model", "display_name": config.model_id, "created_at": created}
+    return {"id": config.model_id, "object": "model", "created": config.created, "owned_by": "glmlocal",
+            "context_length": backend.n_ctx, "max_model_len": backend.n_ctx}
+
+
+def _info_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
+    scheduler: Scheduler = app.state.scheduler
+
+    @app.get("/health", tags=["info"])
+    async def health():
+        """Liveness plus queue state."""
+        return {"status": "ok", "model": config.model_id, "n_ctx": backend.n_ctx, "busy": scheduler.busy,
+                "queued": scheduler.waiting, "completed": scheduler.completed}
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return {"name": "glmlocal", "model": config.model_id, "docs": "/docs"}
+
+    @app.get("/v1/models", tags=["info"])
+    async def models(request: Request):
+        """The served model (OpenAI list shape; Anthropic's when an anthropic-version header is sent)."""
+        anthropic = "anthropic-version" in request.headers
+        card = _model_card(config, backend, anthropic)
+        if anthropic:
+            return {"data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}", tags=["info"])
+    async def model(model_id: str, request: Request):
+        _check_model(config, model_id, anthropic=True)
+        return _model_card(config, backend, "anthropic-version" in request.headers)

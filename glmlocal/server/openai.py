@@ -1,0 +1,379 @@
+"""OpenAI Chat Completions / Completions adapter: request bodies -> TurnRequest, events -> response JSON.
+
+Pure translation, no I/O. Unknown request fields are accepted and ignored, because every agent sends a few
+of its own (OpenAI's `user`, `store`, `metadata`; LiteLLM's extras).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from glmlocal.server.errors import APIError
+from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
+
+IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: Union[str, dict[str, Any], None] = None
+
+
+class ToolCall(_Body):
+    id: Optional[str] = None
+    type: Optional[str] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[str, list[Union[dict[str, Any], str]], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class _Sampling(_Body):
+    model: Optional[str] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    top_k: Optional[int] = None
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = Field(1, ge=1, le=1)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions body (the fields glmlocal honours; others are ignored)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[ResponseFormat] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    thinking: Optional[dict[str, Any]] = None  # z.ai style {"type": "enabled" | "disabled"}
+    reasoning_effort: Optional[str] = None
+
+
+class CompletionBody(_Sampling):
+    """POST /v1/completions body."""
+
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    echo: Optional[bool] = False
+
+
+# ---------------------------------------------------------------------------------------------
+# requests
+# ---------------------------------------------------------------------------------------------
+def sampling_of(body: _Sampling) -> dict:
+    """The sampling parameters the client set (unset ones keep the engine's defaults)."""
+    out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                         "frequency_penalty") if getattr(body, k) is not None}
+    if body.repetition_penalty is not None:
+        out["repeat_penalty"] = body.repetition_penalty
+    if body.seed is not None:
+        out["seed"] = body.seed & 0xFFFFFFFF  # llama.cpp seeds are uint32
+    return out
+
+
+def stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    items = [stop] if isinstance(stop, str) else list(stop or [])
+    return [s for s in items if s]
+
+
+def text_of(content: Any) -> str:
+    """Flatten OpenAI content (string or parts) to text; images become a placeholder."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif part.get("type") in ("text", "input_text", "output_text"):
+            parts.append(str(part.get("text") or ""))
+        elif part.get("type") in ("image_url", "input_image", "image"):
+            parts.append(IMAGE_PLACEHOLDER)
+    return "\n".join(parts)
+
+
+def arguments_dict(arguments: Union[str, dict, None]) -> dict:
+    """Tool-call arguments as the template needs them (a mapping); tolerant of what clients send back."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments or not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def _message(m: ChatMessage) -> dict:
+    role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+    out: dict[str, Any] = {"role": role, "content": text_of(m.content)}
+    if role == "assistant":
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if reasoning is not None:
+            out["reasoning_content"] = reasoning
+        if m.tool_calls:
+            out["tool_calls"] = [
+                {"id": tc.id or f"call_{i}", "type": "function",
+                 "function": {"name": tc.function.name, "arguments": arguments_dict(tc.function.arguments)}}
+                for i, tc in enumerate(m.tool_calls)
+            ]
+    if role == "tool":
+        out["tool_call_id"] = m.tool_call_id or m.name or ""
+    return out
+
+
+def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple[bool, Optional[bool]]:
+    kwargs = req.chat_template_kwargs or {}
+    enable = default_thinking
+    if req.thinking and req.thinking.get("type") in ("enabled", "disabled"):
+        enable = req.thinking["type"] == "enabled"
+    if req.reasoning_effort is not None:
+        enable = req.reasoning_effort not in ("none", "minimal")
+    if "enable_thinking" in kwargs:
+        enable = bool(kwargs["enable_thinking"])
+    clear = kwargs.get("clear_thinking")
+    return enable, (None if clear is None else bool(clear))
+
+
+def _tool_choice(req: ChatCompletionRequest, tools: Optional[list[dict]]) -> Any:
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        names = {t["function"]["name"] for t in tools or []}
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                           param="tool_choice")
+        return {"type": "function", "function": {"name": choice.function.name}}
+    if choice == "required" and not tools:
+        raise APIError(400, "tool_choice 'required' needs at least one tool", param="tool_choice")
+    return choice or "auto"
+
+
+def _response_format(rf: Optional[ResponseFormat]) -> Optional[dict]:
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_schema":
+        schema = (rf.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema (an object)",
+                           param="response_format")
+        return {"type": "json_schema", "json_schema": {**(rf.json_schema or {}), "schema": schema}}
+    return {"type": "json_object"}
+
+
+def to_turn(req: ChatCompletionRequest, *, default_thinking: bool = True) -> TurnRequest:
+    """Translate a Chat Completions body into the neutral TurnRequest (raises APIError 400)."""
+    tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools or []]
+    enable, clear = _thinking_flags(req, default_thinking)
+    return TurnRequest(
+        messages=[_message(m) for m in req.messages],
+        tools=tools or None,
+        tool_choice=_tool_choice(req, tools),
+        enable_thinking=enable,
+        clear_thinking=clear,
+        response_format=_response_format(req.response_format),
+        sampling=sampling_of(req),
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        stop=stop_list(req.stop),
+    )
+
+
+def to_completion(body: CompletionBody) -> CompletionRequest:
+    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+    return CompletionRequest(prompt=prompt, sampling=sampling_of(body), max_tokens=body.max_tokens or 16,
+                             stop=stop_list(body.stop))
+
+
+# ---------------------------------------------------------------------------------------------
+# responses
+# ---------------------------------------------------------------------------------------------
+def usage_json(u: Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _finish_reason(reason: Optional[str]) -> str:
+    return {"length": "length", "tool_calls": "tool_calls"}.get(reason or "stop", "stop")
+
+
+class ChatStream:
+    """Turns the backend's items (events, then a final Usage) into chat.completion.chunk dicts."""
+
+    def __init__(self, model: str, *, include_usage: bool = False):
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.model, self.created, self.include_usage = model, int(time.time()), include_usage
+        self._reason: Optional[str] = None
+        self._args_sent: set[int] = set()
+
+    def _chunk(self, delta: dict, finish: Optional[str] = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def start(self) -> dict:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def feed(self, item: Any) -> list[dict]:
+        if isinstance(item, ContentDelta):
+            return [self._chunk({"content": item.text})] if item.text else []
+        if isinstance(item, ReasoningDelta):
+            return [self._chunk({"reasoning_content": item.text})] if item.text else []
+        if isinstance(item, ToolCallStart):
+            call = {"index": item.index, "id": item.id, "type": "function",
+                    "function": {"name": item.name, "arguments": ""}}
+            return [self._chunk({"tool_calls": [call]})]
+        if isinstance(item, ToolCallArgsDelta):
+            self._args_sent.add(item.index)
+            return [self._chunk({"tool_calls": [{"index": item.index, "function": {"arguments": item.text}}]})]
+        if isinstance(item, ToolCallEnd) and item.index not in self._args_sent:
+            args = json.dumps(item.arguments, ensure_ascii=False)
+            return [self._chunk({"tool_calls": [{"index": item.index, "function": {"arguments": args}}]})]
+        if isinstance(item, Finish):
+            self._reason = item.reason
+        if isinstance(item, Usage):
+            out = [self._chunk({}, _finish_reason(self._reason))]
+            if self.include_usage:
+                out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": [], "usage": usage_json(item)})
+            return out
+        return []
+
+
+class ChatAggregate:
+    """Collects the backend's items into one non-streamed chat.completion."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.calls: list[dict] = []
+        self.reason: Optional[str] = None
+        self.usage = Usage()
+
+    def feed(self, item: Any) -> None:
+        if isinstance(item, ContentDelta):
+            self.content.append(item.text)
+        elif isinstance(item, ReasoningDelta):
+            self.reasoning.append(item.text)
+        elif isinstance(item, ToolCallEnd):  # only completed calls count (see glm/events.py)
+            self.calls.append({"id": item.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                               "function": {"name": item.name,
+                                            "arguments": json.dumps(item.arguments, ensure_ascii=False)}})
+        elif isinstance(item, Finish):
+            self.reason = item.reason
+        elif isinstance(item, Usage):
+            self.usage = item
+
+    def response(self) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.calls:
+            message["tool_calls"] = self.calls
+        elif message["content"] is None:
+            message["content"] = ""
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish_reason(self.reason)}],
+            "usage": usage_json(self.usage),
+        }
+
+
+class CompletionStream:
+    """text_completion objects for /v1/completions, streamed (`chunk`) or whole (`response`)."""
+
+    def __init__(self, model: str):
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.model, self.created = model, int(time.time())
+        self.text: list[str] = []
+        self.reason: Optional[str] = None
+        self.usage = Usage()
+
+    def _obj(self, text: str, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+        obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if usage is not None:
+            obj["usage"] = usage_json(usage)
+        return obj
+
+    def feed(self, item: Any) -> list[dict]:
+        if isinstance(item, TextDelta) and item.text:
+            self.text.append(item.text)
+            return [self._obj(item.text, None)]
+        if isinstance(item, Finish):
+            self.reason = item.reason
+        if isinstance(item, Usage):
+            self.usage = item
+            return [self._obj("", _finish_reason(self.reason), item)]
+        return []
+
+    def response(self) -> dict:
+        return self._obj("".join(self.text), _finish_reason(self.reason), self.usage)

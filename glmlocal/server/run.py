@@ -1,0 +1,104 @@
+"""`glmlocal serve`: bind policy check, port reservation, model load, then uvicorn until interrupted.
+
+The listening socket is opened before the (slow) model load, so a busy port or a refused bind fails in a
+second with one clear line, and `--port 0` picks a free port that is printed once the model is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from glmlocal.errors import InputError
+from glmlocal.server.app import ServerConfig, create_app
+from glmlocal.server.backend import SessionBackend
+from glmlocal.server.security import check_bind
+
+
+@dataclass
+class ServeArgs:
+    """Everything `glmlocal serve` was given (planner overrides travel in `plan`, a chat_load.PlanOptions)."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    insecure: bool = False
+    max_queue: int = 16
+    cors: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    quant: Optional[str] = None
+    template: Optional[Path] = None
+    no_think: bool = False
+    log_level: str = "warning"
+    plan: object = None
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now (InputError if the address is taken or invalid)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve --host {host}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                         hint="pick another --port (or stop the other server)") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def model_aliases(model, args: ServeArgs) -> tuple[str, ...]:
+    """Names the server answers to besides its id: what the user typed, the file name, registry aliases."""
+    names = {args.model, Path(model.path).name, Path(model.path).stem, *args.aliases}
+    from glmlocal.store import lookup_model
+
+    spec = lookup_model(model.name) if model.name else None
+    if spec is not None:
+        names.update((spec.name, *spec.aliases))
+    return tuple(sorted(n for n in names if n and n != model.name))
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
+    """Load the model and serve it until SIGINT/SIGTERM. Returns the exit code."""
+    import uvicorn
+    from rich.console import Console
+
+    from glmlocal.chat_load import PlanOptions, open_chat_model
+
+    err = err or sys.stderr
+    api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
+    check_bind(args.host, api_key, args.insecure)
+    sock = open_socket(args.host, args.port)
+    console = Console(file=err)
+    model = open_chat_model(args.model, args.plan or PlanOptions(), console, quant=args.quant, template=args.template)
+    try:
+        config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
+                              max_queue=args.max_queue, cors_origins=tuple(args.cors),
+                              default_thinking=not args.no_think)
+        app = create_app(SessionBackend(model.session), config)
+        port = sock.getsockname()[1]
+        url = url_of(args.host, port)
+        console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
+        console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                               access_log=args.log_level in ("info", "debug")))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        model.close()
+    return 0

@@ -1,0 +1,187 @@
+"""One model, one generation at a time: a bounded FIFO of requests and a worker thread.
+
+The event loop never runs model code. A request first `reserve()`s a `Ticket` (synchronously, so a full
+queue is answered with 429 before any response starts), then `Ticket.stream(fn)` waits for its turn and runs
+`fn(cancel)` - a blocking iterator - on the single generation thread, handing items back to the loop in
+batches. Closing the ticket (client gone, handler cancelled) sets `cancel` so the engine stops at its next
+token; the engine is handed to the next ticket only once the worker thread has really finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Iterator, Optional
+
+from glmlocal.server.errors import QueueFullError
+
+class ClientGone(Exception):
+    """The ticket was closed (its client went away) before the request got its turn."""
+
+
+_WAITING, _GRANTED, _RUNNING, _CLOSED = "waiting", "granted", "running", "closed"
+
+
+class Scheduler:
+    """FIFO admission for a single engine. `max_queue` bounds the requests waiting behind the running one."""
+
+    def __init__(self, max_queue: int = 16):
+        self.max_queue = max_queue
+        self._queue: deque[Ticket] = deque()
+        self._busy = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmlocal-generate")
+        self._avg_seconds = 5.0  # running mean of job durations, for Retry-After
+        self.completed = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def reserve(self) -> "Ticket":
+        """Take a place in the queue or raise QueueFullError (429 with Retry-After). Call on the event loop."""
+        if self._busy and len(self._queue) >= self.max_queue:
+            retry = math.ceil(self._avg_seconds * (len(self._queue) + 1) / 2)
+            raise QueueFullError(len(self._queue), max(1, min(retry, 120)))
+        ticket = Ticket(self, asyncio.get_running_loop())
+        self._queue.append(ticket)
+        self._dispatch()
+        return ticket
+
+    def shutdown(self) -> None:
+        """Cancel everything queued and stop the worker thread (after its current job)."""
+        for ticket in list(self._queue):
+            ticket.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self) -> None:
+        while not self._busy and self._queue:
+            ticket = self._queue.popleft()
+            if ticket.state != _WAITING:
+                continue
+            self._busy = True
+            ticket._grant()
+
+    def _release(self, seconds: Optional[float] = None) -> None:
+        if seconds is not None:
+            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
+            self.completed += 1
+        self._busy = False
+        self._dispatch()
+
+
+class Ticket:
+    """One request's place in the queue; use `stream()` once, and `close()` in a finally."""
+
+    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop):
+        self._sched, self._loop = scheduler, loop
+        self._turn: asyncio.Future = loop.create_future()
+        self.state = _WAITING
+        self.cancel = threading.Event()
+
+    def _grant(self) -> None:
+        self.state = _GRANTED
+        if not self._turn.done():
+            self._turn.set_result(None)
+
+    async def stream(self, fn: Callable[[threading.Event], Iterator], *,
+                     heartbeat: Optional[float] = None) -> AsyncIterator[list]:
+        """Wait for our turn, run `fn(cancel)` on the generation thread; yield its items in batches.
+
+        With `heartbeat`, an empty batch is yielded whenever that many seconds pass with nothing to report
+        (queued, or the prompt is being processed), so callers can keep the connection alive.
+        """
+        while not self._turn.done():
+            await asyncio.wait([self._turn], timeout=heartbeat)
+            if not self._turn.done():
+                yield []
+        if self.state != _GRANTED:
+            raise ClientGone()
+        self.state = _RUNNING
+        pipe = _Pipe(self._loop)
+        started = time.monotonic()
+        future = self._loop.run_in_executor(self._sched._executor, pipe.pump, fn, self.cancel)
+        future.add_done_callback(lambda _f: self._sched._release(time.monotonic() - started))
+        try:
+            while True:
+                batch, done, error = await pipe.take(heartbeat)
+                if batch or not done:
+                    yield batch
+                if error is not None:
+                    raise error
+                if done:
+                    return
+        finally:
+            self.cancel.set()
+
+    def close(self) -> None:
+        """Leave the queue, or cancel our running job. Idempotent."""
+        state, self.state = self.state, _CLOSED
+        self.cancel.set()
+        if state == _WAITING:
+            try:
+                self._sched._queue.remove(self)
+            except ValueError:
+                pass
+        elif state == _GRANTED:
+            self._sched._release()  # turn given but no job started: pass the engine on
+        if not self._turn.done():
+            self._turn.cancel()
+
+
+class _Pipe:
+    """Thread -> event loop hand-off that wakes the loop once per batch, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._done = False
+        self._error: Optional[BaseException] = None
+        self._wake = asyncio.Event()
+
+    def pump(self, fn: Callable[[threading.Event], Iterator], cancel: threading.Event) -> None:
+        try:
+            for item in fn(cancel):
+                self._put(item)
+        except BaseException as exc:  # handed to the request; never kills the worker thread
+            with self._lock:
+                self._error = exc
+        with self._lock:
+            self._done = True
+        self._notify()
+
+    def _put(self, item) -> None:
+        with self._lock:
+            first = not self._items
+            self._items.append(item)
+        if first:
+            self._notify()
+
+    def _notify(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:
+            pass  # the loop is closed (server shutting down); nobody is listening any more
+
+    async def take(self, timeout: Optional[float] = None) -> tuple[list, bool, Optional[BaseException]]:
+        """Everything produced so far; ([], False, None) if `timeout` passes with nothing new."""
+        while True:
+            with self._lock:
+                items, self._items = self._items, []
+                done, error = self._done, self._error
+                if not items and not done:
+                    self._wake.clear()
+            if items or done:
+                return items, done, error
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                return [], False, None

@@ -1,0 +1,58 @@
+"""Internal, API-neutral shapes the two adapters translate to and from.
+
+`TurnRequest` is what the OpenAI and Anthropic adapters produce from a request body; `Usage` is what the
+backend reports after a turn. Messages are OpenAI-shaped dicts because that is what GLM's chat templates
+read: role, content (str), reasoning_content, tool_calls [{id, type, function: {name, arguments: dict}}],
+tool_call_id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class TurnRequest:
+    """One chat turn to run, independent of the wire API it came from."""
+
+    messages: list[dict]
+    tools: Optional[list[dict]] = None  # OpenAI function-tool dicts
+    tool_choice: Any = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
+    enable_thinking: bool = True
+    clear_thinking: Optional[bool] = None
+    response_format: Optional[dict] = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, seed, penalties
+    max_tokens: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompletionRequest:
+    """A raw text completion (POST /v1/completions): no chat template."""
+
+    prompt: str
+    sampling: dict = field(default_factory=dict)
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextDelta:
+    """A piece of raw completion text (the /v1/completions stream)."""
+
+    text: str
+
+
+@dataclass
+class Usage:
+    """Token accounting for one request; `cached_tokens` were reused from the KV cache, not recomputed."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    stop_sequence: Optional[str] = None  # which stop string ended the turn, if any
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,179 @@
+"""GLM-4.x safetensors checkpoint -> GGUF (BF16, Q8_0, Q6_K, Q4_K_M) in one streamed pass.
+
+Plan every tensor (name, shape, type) from the shard headers, write the GGUF header, then stream each
+tensor in bounded slabs (one expert, or at most SLAB_BYTES of F32 rows) through ggml's quantizer into the
+writer. Peak memory is O(largest slab), independent of model size; the output appears under its final
+name only when complete.
+
+Layout choices, so files are byte-identical to llama.cpp's own tools:
+- BF16: tensor and key order of convert_hf_to_gguf.py.
+- quantized: what `llama-quantize` makes from that BF16 file: tensors sorted by (block, name), and
+  general.quantization_version / general.file_type moved to the end of the KV section.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from glmlocal.errors import DiskSpaceError, InputError
+from quantize import glm4moe, recipe, vocab
+from quantize.ggml import GGMLType, Quantizer, is_quantized
+from quantize.gguf_reader import GGUFValueType as VT
+from quantize.safetensors_io import SUPPORTED, Checkpoint, UnsupportedDtypeError
+from quantize.writer import GGUFWriter
+
+QUANTS = tuple(recipe.FTYPES)
+SLAB_BYTES = 64 * 2**20  # F32 bytes per streamed slab of a large 2-D tensor
+
+
+@dataclass(frozen=True)
+class ConvertProgress:
+    """Progress event: output bytes written so far, of total; rate and ETA from the data phase."""
+
+    bytes_done: int
+    bytes_total: int
+    tensor: str
+    elapsed_s: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_done / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.bytes_done <= 0:
+            return None
+        return self.elapsed_s * (self.bytes_total - self.bytes_done) / self.bytes_done
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    quant: str
+    n_tensors: int
+    bytes_written: int
+    seconds: float
+    type_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    planned: glm4moe.PlannedTensor
+    ggml_type: GGMLType
+
+
+def plan(src_dir: Path, quant: str, mtp: bool = True) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
+    """Validate the checkpoint and build a writer with all metadata and tensor infos declared."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise InputError(f"{src_dir} is not a directory", hint="pass a checkpoint directory")
+    cfg = glm4moe.GLMConfig.load(src_dir)
+    ckpt = Checkpoint(src_dir)
+    shapes = {n: e.shape for n, e in ckpt.entries.items()}
+    planned = glm4moe.plan_tensors(ckpt.file_order(), shapes, cfg, mtp)
+    for t in planned:
+        for s in t.sources:
+            if ckpt.entries[s].dtype not in SUPPORTED:
+                raise UnsupportedDtypeError(s, ckpt.entries[s].dtype)
+    ftype, _ = recipe.FTYPES[quant]
+    if quant == "bf16":
+        types = {t.name: recipe.source_type(t.name, len(t.shape)) for t in planned}
+    else:
+        n_layer_all = cfg.n_layer + (cfg.n_nextn if mtp else 0)
+        types = recipe.plan_types([(t.name, t.shape) for t in planned], quant, n_layer_all, cfg.n_expert)
+        planned = sorted(planned, key=lambda t: recipe.weight_order_key(t.name))
+    writer = GGUFWriter(Path("/dev/null"))  # path set by convert(); plan() is also used for dry runs
+    _add_kv(writer, src_dir, cfg, planned, mtp, ftype, quantized=quant != "bf16")
+    jobs = []
+    for t in planned:
+        writer.add_tensor_info(t.name, t.shape, types[t.name])
+        jobs.append(_Job(t, types[t.name]))
+    return ckpt, writer, jobs
+
+
+def _add_kv(w: GGUFWriter, src: Path, cfg, planned, mtp: bool, ftype: int, quantized: bool) -> None:
+    bf16_kv = (glm4moe.general_kv(src, planned) + glm4moe.hparams_kv(cfg, mtp, recipe.FTYPES["bf16"][0])
+               + vocab.tokenizer_kv(src, cfg.raw))
+    for key, vt, value in bf16_kv:
+        if vt == VT.ARRAY:
+            w.add_array(key, *value)
+        else:
+            w.add_kv(key, vt, value)
+    if quantized:
+        # llama_model_quantize: gguf_set_val_u32 removes then appends these two keys
+        w.remove_kv("general.quantization_version")
+        w.remove_kv("general.file_type")
+        w.add_u32("general.quantization_version", glm4moe.QUANT_VERSION)
+        w.add_u32("general.file_type", ftype)
+
+
+def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", threads: int | None = None,
+            mtp: bool = True, progress: Callable[[ConvertProgress], None] | None = None) -> ConvertResult:
+    """Convert a GLM-4.x MoE safetensors checkpoint (BF16 or FP8) to GGUF. See module docstring."""
+    quant = quant.lower()
+    if quant not in QUANTS:
+        raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
+    t0 = time.monotonic()
+    ckpt, writer, jobs = plan(Path(src_dir), quant, mtp)
+    out = Path(out_path)
+    if out.is_dir():
+        raise InputError(f"output {out} is a directory", hint="give a file name ending in .gguf")
+    writer.path, writer.part = out, out.with_name(out.name + ".part")
+    total = writer.total_bytes
+    done = 0
+    with Quantizer(threads or os.cpu_count() or 1) as q:
+        try:
+            writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
+            _preflight(out, total)
+            start = time.monotonic()
+            for job in jobs:
+                for chunk in _tensor_chunks(ckpt, job, q):
+                    writer.write_tensor_data(job.planned.name, chunk)
+                    done += chunk.nbytes
+                    if progress:
+                        progress(ConvertProgress(done, total, job.planned.name, time.monotonic() - start))
+            path = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    counts: dict[str, int] = {}
+    for j in jobs:
+        counts[j.ggml_type.name] = counts.get(j.ggml_type.name, 0) + 1
+    return ConvertResult(path, quant, len(jobs), path.stat().st_size, time.monotonic() - t0, counts)
+
+
+def _preflight(out: Path, total: int) -> None:
+    """Refuse up front when the output file system cannot hold the whole file."""
+    free = shutil.disk_usage(out.parent).free
+    if free < total:
+        raise DiskSpaceError(str(out), total, free)
+
+
+def _tensor_chunks(ckpt: Checkpoint, job: _Job, q: Quantizer):
+    """Yield the output bytes of one tensor in bounded pieces (one expert / one row slab at a time)."""
+    t, gt = job.planned, job.ggml_type
+    for src in t.sources:
+        n_rows = ckpt.n_rows(src)
+        ncols = t.shape[0]
+        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)
+        for r0 in range(0, n_rows, step):
+            x = ckpt.read_rows_f32(src, r0, min(n_rows, r0 + step))
+            yield _encode(x, gt, q)
+
+
+def _encode(x: np.ndarray, gt: GGMLType, q: Quantizer) -> np.ndarray:
+    if gt == GGMLType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).reshape(-1)
+    if gt == GGMLType.BF16:
+        # exact: values are already BF16-representable (BF16 sources, or FP8 rounded to BF16)
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
+    if gt == GGMLType.F16 or is_quantized(gt):
+        return q.quantize(gt, x)
+    raise ValueError(f"cannot encode to {gt.name}")

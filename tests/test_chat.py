@@ -1,0 +1,355 @@
+"""REPL logic of `glmlocal chat` against a scripted fake session (unit tests only).
+
+The real prompt_toolkit reader (fed through a pipe input) and the real Rich console drive the REPL; their
+combined terminal output is replayed into a pyte terminal emulator, so the assertions are about what a
+person would see. tests/test_chat_engine.py runs the same REPL against the real engine and a fixture GGUF.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyte
+import pytest
+from prompt_toolkit.data_structures import Size
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output.vt100 import Vt100_Output
+from rich.console import Console
+
+from glmlocal.chat import ChatREPL
+from glmlocal.chat_piped import PipedChat, split_prompts
+from glmlocal.chat_input import PromptReader
+from glmlocal.chat_transcript import Conversation, load_tools
+from glmlocal.chat_view import stable_split
+from glmlocal.errors import ContextOverflowError, InputError
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+
+ENTER, ESC_ENTER, CTRL_D, UP = "\r", "\x1b\r", "\x04", "\x1b[A"
+
+
+# -- harness (also used by test_chat_engine.py) -------------------------------------------------------
+class Terminal:
+    """One fake terminal: prompt_toolkit and Rich both write into it; pyte shows what is on screen."""
+
+    def __init__(self, width: int = 100, height: int = 40):
+        self.width, self.height = width, height
+        self.buf = io.StringIO()
+        self.console = Console(file=self.buf, force_terminal=True, width=width, height=height)
+        self.output = Vt100_Output(self.buf, lambda: Size(rows=height, columns=width), term="xterm", enable_cpr=False)
+
+    def lines(self) -> list[str]:
+        """Every line that scrolled by plus the final screen, as plain text."""
+        screen = pyte.HistoryScreen(self.width, self.height, history=5000)
+        screen.set_mode(pyte.modes.LNM)  # a tty turns "\n" into "\r\n"
+        pyte.Stream(screen).feed(self.buf.getvalue())
+        top = ["".join(line[x].data for x in range(self.width)) for line in screen.history.top]
+        return [line.rstrip() for line in top + list(screen.display)]
+
+    def text(self) -> str:
+        return "\n".join(self.lines()).rstrip()
+
+    def flat(self) -> str:
+        """The text with every run of whitespace (line wraps included) turned into one space."""
+        return " ".join(self.text().split())
+
+
+def drive(session, keys: str, *, conv: Conversation | None = None, history: Path | None = None,
+          term: Terminal | None = None, **kwargs) -> tuple[ChatREPL, Terminal]:  # fmt: skip
+    """Type `keys` into a real ChatREPL (all typed ahead, prompt_toolkit queues them) and run it to the end."""
+    term = term or Terminal()
+    with create_pipe_input() as inp:
+        inp.send_text(keys)
+        reader = PromptReader(history, input=inp, output=term.output)
+        repl = ChatREPL(session, conv or Conversation(model="fake"), console=term.console, reader=reader, **kwargs)
+        code = repl.run()
+    assert code == 0
+    return repl, term
+
+
+# -- the fake session ----------------------------------------------------------------------------------
+@dataclass
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tokens_per_s: float
+
+
+class FakeSession:
+    """Plays scripted turns: each script is a list of events (or the string "SIGINT" = the user's Ctrl-C)."""
+
+    def __init__(self, *scripts, delay: float = 0.0, max_messages: int | None = None):
+        self.scripts = list(scripts)
+        self.calls: list[dict] = []
+        self.delay = delay
+        self.max_messages = max_messages
+
+    def turn(self, messages, tools=None, *, enable_thinking=True, cancel=None, max_tokens=None):
+        self.calls.append({"messages": [dict(m) for m in messages], "tools": tools, "thinking": enable_thinking})
+        if self.max_messages is not None and len(messages) > self.max_messages:
+            raise ContextOverflowError(len(messages) * 100, 64, self.max_messages * 100)
+        n = 0
+        for ev in self.scripts.pop(0):
+            time.sleep(self.delay)
+            if ev == "SIGINT":
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs between bytecodes; give it a moment
+                continue
+            if cancel is not None and cancel.is_set():
+                yield Finish("cancelled")
+                return Usage(len(messages) * 10, 0, n, 0.05, 50.0)
+            n += 1
+            yield ev
+        return Usage(len(messages) * 10, 5, n, 0.25, 42.5)
+
+
+def answer(text: str, thinking: str = "") -> list:
+    evs = [ReasoningDelta(w) for w in re.findall(r"\S+\s*", thinking)]
+    evs += [ContentDelta("\n")] + [ContentDelta(piece) for piece in text.split("|")]
+    return evs + [Finish("stop")]
+
+
+# -- streaming and thinking ----------------------------------------------------------------------------
+def test_streamed_markdown_collapsed_thinking_and_status_line():
+    script = answer("## Result\n\n|Use `sum`:\n\n```python\n|print(sum([1, 2]))\n|```\n\nDone|.",
+                    thinking="I should add the numbers carefully")  # fmt: skip
+    session = FakeSession(script)
+    repl, term = drive(session, "add 1 and 2" + ENTER + CTRL_D, n_ctx=2048)
+    text = term.text()
+    assert "› add 1 and 2" in text
+    assert "▸ Thought for 6 tokens" in text  # collapsed to one line...
+    assert "carefully" not in text  # ...and the streamed thinking panel is gone from the screen
+    assert "Result" in text and "print(sum([1, 2]))" in text and "Done." in text
+    assert "```" not in text  # rendered as Markdown, not raw
+    assert "42.5 tok/s · first token 0.25 s · context 23 / 2048 · cached 5 · 13 tokens" in text
+    msg = repl.conv.messages[-1]
+    assert msg["reasoning_content"] == "I should add the numbers carefully"
+    assert msg["content"].startswith("## Result") and msg["content"].endswith("Done.")
+
+
+def test_show_thinking_expands_the_last_one():
+    session = FakeSession(answer("Four.", thinking="two plus two"))
+    _, term = drive(session, "2+2?" + ENTER + "/show-thinking" + ENTER + CTRL_D)
+    lines = term.lines()
+    at = next(i for i, line in enumerate(lines) if "/show-thinking" in line)
+    assert "two plus two" not in "\n".join(lines[:at])
+    assert "two plus two" in "\n".join(lines[at:]) and "last thinking" in "\n".join(lines[at:])
+
+
+def test_show_thinking_flag_keeps_thinking_expanded():
+    _, term = drive(FakeSession(answer("Four.", thinking="two plus two")), "2+2?" + ENTER + CTRL_D, show_thinking=True)
+    assert "two plus two" in term.text() and "thought for" in term.text()
+
+
+def test_thinking_off_reaches_the_session():
+    session = FakeSession(answer("a"), answer("b"))
+    drive(session, "/think off" + ENTER + "x" + ENTER + "/think on" + ENTER + "y" + ENTER + CTRL_D)
+    assert [c["thinking"] for c in session.calls] == [False, True]
+
+
+def test_stable_split_never_cuts_inside_a_code_fence():
+    assert stable_split("para one\n\npara two") == len("para one\n\n")
+    assert stable_split("```\ncode\n\nmore code\n") == 0
+    assert stable_split("```\na\n\nb\n```\n\nafter") == len("```\na\n\nb\n```\n\n")
+    assert stable_split("no blank line yet\n") == 0
+
+
+# -- interrupt ------------------------------------------------------------------------------------------
+def test_ctrl_c_stops_the_generation_and_the_repl_goes_on():
+    long = [ContentDelta("\n")] + [ContentDelta(f"word{i} ") for i in range(5)] + ["SIGINT"]
+    long += [ContentDelta(f"late{i} ") for i in range(50)] + [Finish("stop")]
+    session = FakeSession(long, answer("second answer"), delay=0.01)
+    repl, term = drive(session, "tell me a long story" + ENTER + "next" + ENTER + CTRL_D)
+    text = term.text()
+    assert "word4" in text and "late" not in text
+    assert "stopped (Ctrl-C)" in text
+    assert "second answer" in text  # the REPL kept going after the interrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    partial = repl.conv.messages[1]
+    assert partial["role"] == "assistant" and partial["content"] == "word0 word1 word2 word3 word4"
+
+
+def test_ctrl_c_before_any_output_takes_the_message_back_for_retry():
+    session = FakeSession(["SIGINT", ContentDelta("never")], answer("retried answer"))
+    repl, term = drive(session, "question" + ENTER + "/retry" + ENTER + CTRL_D)
+    assert "nothing was generated" in term.text() and "retried answer" in term.text()
+    assert [m["role"] for m in repl.conv.messages] == ["user", "assistant"]
+    assert session.calls[1]["messages"][-1]["content"] == "question"
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_quits():
+    session = FakeSession(answer("ok"))
+    repl, _ = drive(session, "half typed\x03" + "real question" + ENTER + CTRL_D)
+    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["real question"]
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def test_unknown_command_gets_help_not_a_crash():
+    session = FakeSession(answer("still here"))
+    _, term = drive(session, "/frobnicate now" + ENTER + "hi" + ENTER + CTRL_D)
+    text = term.text()
+    assert "unknown command /frobnicate" in text and "/save FILE" in text and "still here" in text
+
+
+def test_double_slash_sends_a_message_starting_with_slash():
+    session = FakeSession(answer("a path"))
+    repl, _ = drive(session, "//etc/hosts is what?" + ENTER + CTRL_D)
+    assert repl.conv.messages[0]["content"] == "/etc/hosts is what?"
+
+
+def test_save_then_load_round_trip(tmp_path):
+    path = tmp_path / "chat.json"
+    session = FakeSession(answer("first answer", thinking="hmm"), answer("second answer"))
+    keys = "/system Be brief." + ENTER + "one" + ENTER + "two" + ENTER + f"/save {path}" + ENTER + CTRL_D
+    repl, term = drive(session, keys)
+    assert f"saved 4 messages to {path}" in term.flat()
+    body = json.loads(path.read_text())
+    assert body["model"] == "fake" and body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert body["messages"][0]["content"] == "Be brief."
+    assert not list(tmp_path.glob("*.part"))
+
+    session2 = FakeSession(answer("third answer"))
+    repl2, term2 = drive(session2, "/clear" + ENTER + f"/load {path}" + ENTER + "three" + ENTER + CTRL_D)
+    assert "loaded 4 messages (2 turns)" in term2.flat() and "second answer" in term2.text()
+    sent = session2.calls[0]["messages"]
+    assert sent[:5] == body["messages"] and sent[5] == {"role": "user", "content": "three"}
+    assert repl2.conv.system == "Be brief."
+
+
+def test_load_of_a_bad_file_is_one_line_and_the_chat_goes_on(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
+    session = FakeSession(answer("fine"))
+    _, term = drive(session, f"/load {bad}" + ENTER + f"/load {tmp_path / 'missing.json'}" + ENTER + "q" + ENTER + CTRL_D)
+    text = term.flat()
+    assert "message 0 needs a role" in text and "cannot read" in text and "fine" in text
+
+
+def test_system_clear_drop_and_stats():
+    session = FakeSession(answer("a1"), answer("a2"), answer("a3"), answer("a4"))
+    keys = "/system You are terse." + ENTER + "q1" + ENTER + "q2" + ENTER + "q3" + ENTER
+    keys += "/drop 2" + ENTER + "q4" + ENTER + "/stats" + ENTER + "/clear" + ENTER + CTRL_D
+    repl, term = drive(session, keys, n_ctx=4096, info=[("model", "fake.gguf")])
+    sent = session.calls[3]["messages"]
+    assert [m["content"] for m in sent] == ["You are terse.", "q3", "a3", "q4"]
+    text = term.text()
+    assert "dropped 2 turn(s); 1 left" in text
+    assert "fake.gguf" in text and "4 generated this run" in text and "tok/s" in text
+    assert repl.conv.messages == [] and repl.conv.system == "You are terse."
+
+
+def test_context_full_offers_drop_and_clear_and_never_truncates():
+    session = FakeSession(answer("a1"), answer("a2"), answer("a3"), max_messages=4)
+    keys = "q1" + ENTER + "q2" + ENTER + "q3" + ENTER + "/drop 1" + ENTER + "/retry" + ENTER + CTRL_D
+    repl, term = drive(session, keys)
+    text = term.text()
+    assert "context full" in text and "/drop N" in text and "/clear" in text and "Nothing was truncated" in text
+    # the overflowing request was refused whole; after /drop 1, /retry sent q3 with q2's turn intact
+    assert [m["content"] for m in session.calls[-1]["messages"]] == ["q2", "a2", "q3"]
+    assert [m["content"] for m in repl.conv.messages] == ["q2", "a2", "q3", "a3"]
+
+
+# -- tools ----------------------------------------------------------------------------------------------
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+
+
+def tool_call_turn(city: str = "Paris") -> list:
+    args = json.dumps({"city": city})
+    return [ReasoningDelta("need weather"), ContentDelta("\nLet me check."), ToolCallStart(0, "call_abc", "get_weather"),
+            ToolCallArgsDelta(0, args[:5]), ToolCallArgsDelta(0, args[5:]),
+            ToolCallEnd(0, "get_weather", {"city": city}, "call_abc"), Finish("tool_calls")]  # fmt: skip
+
+
+def test_tool_call_is_shown_and_the_users_result_continues_the_turn(tmp_path):
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(WEATHER))
+    conv = Conversation(model="fake", tools=load_tools(tools_file))
+    session = FakeSession(tool_call_turn(), answer("It is 21 C in Paris."))
+    repl, term = drive(session, "weather in Paris?" + ENTER + '{"temp": 21}' + ENTER + CTRL_D, conv=conv)
+    text = term.text()
+    assert "tool call: get_weather" in text and '"city": "Paris"' in text and "call_abc" in text
+    assert "result of get_weather:" in text and "It is 21 C in Paris." in text
+    assert session.calls[0]["tools"] == WEATHER
+    second = session.calls[1]["messages"]
+    assert second[-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert second[-1] == {"role": "tool", "tool_call_id": "call_abc", "name": "get_weather", "content": '{"temp": 21}'}
+
+
+def test_tool_call_skipped_with_enter_and_stopped_with_ctrl_c():
+    conv = Conversation(model="fake", tools=WEATHER)
+    session = FakeSession(tool_call_turn(), answer("No data, sorry."), tool_call_turn("Rome"))
+    repl, _ = drive(session, "a?" + ENTER + ENTER + "b?" + ENTER + "\x03" + CTRL_D, conv=conv)
+    tool_msgs = [m for m in repl.conv.messages if m["role"] == "tool"]
+    assert len(tool_msgs) == 2 and all("skipped" in m["content"] for m in tool_msgs)
+    assert len(session.calls) == 3  # Enter skipped and continued; Ctrl-C stopped without a 4th turn
+
+
+def test_tools_file_errors_are_typed(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text('[{"type": "function", "function": {}}]')
+    with pytest.raises(InputError, match="tool 0 needs"):
+        load_tools(f)
+    f.write_text("{nope")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_tools(f)
+
+
+# -- input ----------------------------------------------------------------------------------------------
+def test_multiline_with_esc_enter_and_bracketed_paste():
+    session = FakeSession(answer("one"), answer("two"))
+    paste = "\x1b[200~pasted line 1\npasted line 2\x1b[201~"
+    repl, _ = drive(session, "first" + ESC_ENTER + "second" + ENTER + paste + ENTER + CTRL_D)
+    users = [m["content"] for m in repl.conv.messages if m["role"] == "user"]
+    assert users == ["first\nsecond", "pasted line 1\npasted line 2"]
+
+
+def test_history_survives_a_restart(tmp_path):
+    hist = tmp_path / "chat_history"
+    drive(FakeSession(answer("a")), "what is 6*7?" + ENTER + CTRL_D, history=hist)
+    assert "what is 6*7?" in hist.read_text()
+    session = FakeSession(answer("b"))
+    repl, _ = drive(session, UP + ENTER + CTRL_D, history=hist)  # arrow-up recalls the last run's line
+    assert repl.conv.messages[0]["content"] == "what is 6*7?"
+
+
+# -- piped mode -----------------------------------------------------------------------------------------
+def test_split_prompts():
+    assert split_prompts("  a question\nover two lines\n", each_line=False) == ["a question\nover two lines"]
+    assert split_prompts("q1\n\n q2 \n", each_line=True) == ["q1", "q2"]
+    assert split_prompts("\n \n", each_line=False) == []
+
+
+def test_piped_output_is_plain_text_without_thinking_by_default():
+    out, err = io.StringIO(), io.StringIO()
+    session = FakeSession(answer("**Hi** there.", thinking="secret plan"), answer("Bye."))
+    code = PipedChat(session, Conversation(), out=out, err=err).run(["hello", "bye"])
+    assert code == 0 and out.getvalue() == "**Hi** there.\n\nBye.\n" and err.getvalue() == ""
+    assert session.calls[1]["messages"][1]["content"] == "**Hi** there."  # one conversation
+
+
+def test_piped_show_thinking_and_errors():
+    out, err = io.StringIO(), io.StringIO()
+    code = PipedChat(FakeSession(answer("Yes.", thinking="let me see")), Conversation(), out=out, err=err,
+                     show_thinking=True).run(["q"])  # fmt: skip
+    assert code == 0 and out.getvalue() == "<think>\nlet me see\n</think>\n\nYes.\n"
+    out, err = io.StringIO(), io.StringIO()
+    code = PipedChat(FakeSession(answer("x"), max_messages=0), Conversation(), out=out, err=err).run(["q"])
+    assert code == 1 and err.getvalue().startswith("error: prompt of 100 tokens") and out.getvalue() == ""
+    assert PipedChat(FakeSession(), Conversation(), out=out, err=err).run([]) == 2

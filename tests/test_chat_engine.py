@@ -1,0 +1,243 @@
+"""`glmlocal chat` end to end: the real REPL on real llama.cpp with fixture GGUFs (random tiny GLM models).
+
+In-process tests feed keys through prompt_toolkit's pipe input and read the screen through a pyte terminal
+(see tests/test_chat.py's Terminal); subprocess tests run `python -m glmlocal chat` piped and on a real
+pseudo-terminal (pexpect), pressing Ctrl-C on the tty like a person would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pexpect
+import pyte
+import pytest
+from rich.console import Console
+
+from glmlocal.chat_load import ChatModel, PlanOptions, open_chat_model
+from glmlocal.chat_transcript import Conversation
+from glmlocal.generation import Sampling
+from glmlocal.session import Session
+from tests.test_chat import CTRL_D, ENTER, WEATHER, Terminal, drive
+
+REPO = Path(__file__).resolve().parent.parent
+CTX = 2048
+STATUS = re.compile(r"(\d+\.\d) tok/s · first token (\d+\.\d\d) s · context (\d+) / (\d+) · cached (\d+) · (\d+) tokens")
+GREEDY = {"sampling": Sampling(temperature=0.0, seed=0)}
+
+
+@pytest.fixture(scope="module")
+def glm45(gguf_factory):
+    """The GLM-4.5/4.6-layout fixture loaded through the chat's own start-up path; the screen it printed."""
+    term = Terminal(width=100, height=40)
+    model = open_chat_model(str(gguf_factory("tiny", "q4_k_m")), PlanOptions(ctx=CTX), term.console)
+    yield model, term
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def glm47(gguf_factory):
+    model = open_chat_model(str(gguf_factory("tiny", "q4_k_m", family="glm47")), PlanOptions(ctx=CTX),
+                            Console(file=io.StringIO()))  # fmt: skip
+    yield model
+    model.close()
+
+
+def budgeted(model: ChatModel, chars: int = 40) -> Session:
+    """A session whose grammar closes the think block after `chars`: a random model then really moves from
+    reasoning to an answer (response_format json_object) or to a tool call (tool_choice required)."""
+    return Session(model.engine, model.session.template, model.family, think_budget=chars)
+
+
+def words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[A-Za-z]{4,}", text)]
+
+
+def test_load_shows_placement(glm45):
+    model, term = glm45
+    text = term.text()
+    assert "loading model.gguf" in text and "GPU layers" in text and "context" in text and str(CTX) in text
+    assert model.n_ctx == CTX and model.family == "glm45"
+
+
+def test_streamed_answer_and_status_line_match_the_engine(glm45):
+    model, _ = glm45
+    repl, term = drive(model.session, "Hello there" + ENTER + CTRL_D, conv=Conversation(enable_thinking=False),
+                       n_ctx=model.n_ctx, count_tokens=model.count_tokens, max_tokens=48, turn_kwargs=GREEDY)
+    answer = repl.conv.messages[-1]
+    assert answer["role"] == "assistant" and repl.last_usage is not None
+    usage = repl.last_usage
+    m = STATUS.search(term.text())
+    assert m, term.text()
+    assert int(m[3]) == usage.prompt_tokens + usage.completion_tokens and int(m[4]) == CTX
+    assert int(m[6]) == usage.completion_tokens and 0 < usage.completion_tokens <= 48
+    assert float(m[1]) == pytest.approx(usage.tokens_per_s, abs=0.051)
+    shown = term.flat()
+    missing = [w for w in words(answer["content"]) if w not in shown]
+    assert len(missing) <= len(words(answer["content"])) // 5  # Markdown may restyle a few bits, not drop text
+
+
+def test_thinking_collapses_when_the_real_answer_starts(glm45):
+    model, _ = glm45
+    session = budgeted(model)
+    kwargs = {**GREEDY, "response_format": {"type": "json_object"}}
+    repl, term = drive(session, "Think, then answer" + ENTER + "/show-thinking" + ENTER + CTRL_D, n_ctx=model.n_ctx,
+                       count_tokens=model.count_tokens, max_tokens=64, turn_kwargs=kwargs)  # fmt: skip
+    msg = repl.conv.messages[1]
+    assert msg.get("reasoning_content") and msg["content"].startswith("{")
+    lines = term.lines()
+    at = next(i for i, line in enumerate(lines) if "› /show-thinking" in line)
+    before, after = "\n".join(lines[:at]), " ".join(" ".join(lines[at:]).split())
+    n = len(model.engine.tokenize(msg["reasoning_content"]))
+    assert re.search(rf"▸ Thought for {n} tokens / \d+\.\d s", before)
+    first_words = words(msg["reasoning_content"])[:3]
+    assert all(w in after for w in first_words)  # /show-thinking expands what was collapsed
+
+
+def test_glm47_thinking_is_summarised_even_if_it_never_ends(glm47):
+    repl, term = drive(glm47.session, "hi" + ENTER + CTRL_D, n_ctx=glm47.n_ctx, count_tokens=glm47.count_tokens,
+                       max_tokens=24, turn_kwargs=GREEDY)  # fmt: skip
+    msg = repl.conv.messages[1]
+    assert msg.get("reasoning_content")
+    assert re.search(r"▸ Thought for \d+ tokens", term.text()) and "stopped at the token limit" in term.text()
+
+
+def test_ctrl_c_interrupts_a_real_generation_and_the_repl_continues(glm45):
+    model, _ = glm45
+    term = Terminal()
+
+    def press_ctrl_c_once_streaming():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "answering" not in term.buf.getvalue():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c_once_streaming, daemon=True)
+    presser.start()
+    repl, term = drive(model.session, "Tell me everything" + ENTER + "/stats" + ENTER + CTRL_D, term=term,
+                       conv=Conversation(enable_thinking=False), n_ctx=model.n_ctx,
+                       turn_kwargs={"sampling": Sampling(seed=1, logit_bias={t: float("-inf") for t in model.engine.eog_ids})})  # fmt: skip
+    presser.join(5)
+    usage = repl.last_usage
+    assert "stopped (Ctrl-C)" in term.text() and "› /stats" in term.text()
+    assert usage.completion_tokens < CTX - usage.prompt_tokens  # it did not run to the end of the context
+    assert repl.conv.messages[-1]["role"] == "assistant"
+
+
+def test_tool_call_round_trip_with_the_real_engine(glm45):
+    model, _ = glm45
+    conv = Conversation(tools=WEATHER, enable_thinking=False)
+    kwargs = {**GREEDY, "tool_choice": "required"}
+    keys = "Weather in Paris?" + ENTER + '{"temp": 21}' + ENTER + "\x03" + CTRL_D
+    repl, term = drive(budgeted(model), keys, conv=conv, n_ctx=model.n_ctx, max_tokens=80, turn_kwargs=kwargs)
+    text = term.text()
+    assert "tool call: get_weather" in text and '"city":' in text and "result of get_weather:" in text
+    roles = [m["role"] for m in repl.conv.messages]
+    assert roles[:4] == ["user", "assistant", "tool", "assistant"]
+    call = repl.conv.messages[1]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+    assert repl.conv.messages[2] == {"role": "tool", "tool_call_id": call["id"], "name": "get_weather",
+                                     "content": '{"temp": 21}'}  # fmt: skip
+
+
+def test_context_overflow_is_reported_and_nothing_is_lost(glm45):
+    model, _ = glm45
+    huge = "lorem ipsum " * 1500
+    repl, term = drive(model.session, huge + ENTER + "/stats" + ENTER + CTRL_D, n_ctx=model.n_ctx)
+    assert "context full" in term.text() and "/drop N" in term.text()
+    assert repl.pending == huge and repl.conv.messages == []
+
+
+def test_save_and_load_round_trip_with_the_real_engine(glm45, tmp_path):
+    model, _ = glm45
+    path = tmp_path / "t.json"
+    drive(model.session, "One" + ENTER + f"/save {path}" + ENTER + CTRL_D, conv=Conversation(model="tiny"),
+          n_ctx=model.n_ctx, max_tokens=8, turn_kwargs=GREEDY)  # fmt: skip
+    body = json.loads(path.read_text())
+    repl, term = drive(model.session, f"/load {path}" + ENTER + "Two" + ENTER + CTRL_D, n_ctx=model.n_ctx,
+                       max_tokens=8, turn_kwargs=GREEDY)  # fmt: skip
+    assert repl.conv.messages[:2] == body["messages"]
+    assert [m["role"] for m in repl.conv.messages] == ["user", "assistant", "user", "assistant"]
+    # the request body is what an OpenAI client would send; the session renders it like any other history
+    assert model.session.count_tokens(body["messages"]) > 0
+
+
+# -- the installed command ------------------------------------------------------------------------------
+def run_cli(args: list[str], stdin: str, tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "glmlocal", "chat", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=tmp_path)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_piped_chat_prints_plain_answers(gguf_factory, tmp_path):
+    gguf = str(gguf_factory("tiny", "q4_k_m"))
+    r = run_cli([gguf, "--ctx", "1024", "--max-tokens", "12", "--temperature", "0", "--no-think", "--each-line"],
+                "first question\nsecond question\n", tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "<think>" not in r.stdout and "\x1b[" not in r.stdout
+    assert r.stdout.count("\n\n") >= 1  # two answers, one blank line apart
+    again = run_cli([gguf, "--ctx", "1024", "--max-tokens", "12", "--temperature", "0", "--no-think"],
+                    "first question\n", tmp_path)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.split("\n\n")[0].strip() == r.stdout.split("\n\n")[0].strip()
+
+
+@pytest.mark.slow
+def test_piped_chat_show_thinking_and_errors(gguf_factory, tmp_path):
+    gguf47 = str(gguf_factory("tiny", "q4_k_m", family="glm47"))
+    r = run_cli([gguf47, "--ctx", "1024", "--max-tokens", "10", "--show-thinking"], "hi", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("<think>\n")
+    bad = run_cli([str(tmp_path / "nope.gguf")], "hi", tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    empty = run_cli([gguf47], "", tmp_path)
+    assert empty.returncode == 2 and "no prompt" in empty.stderr
+    long = run_cli([gguf47, "--ctx", "256"], "word " * 400, tmp_path)
+    assert long.returncode != 0 and "exceeds the context of 256 tokens" in long.stderr
+
+
+@pytest.mark.slow
+def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
+    """A person at a terminal: type, watch it stream, Ctrl-C mid-answer, ask again, /exit."""
+    gguf = str(gguf_factory("tiny", "q4_k_m"))
+    env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
+    child = pexpect.spawn(sys.executable, ["-m", "glmlocal", "chat", gguf, "--ctx", "2048", "--no-think"],
+                          env=env, cwd=str(tmp_path), dimensions=(40, 100), encoding="utf-8", timeout=120)  # fmt: skip
+    screen = pyte.Screen(100, 40)
+    stream = pyte.Stream(screen)
+
+    def wait_for(pattern: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                stream.feed(child.read_nonblocking(65536, timeout=0.2))
+            except pexpect.TIMEOUT:
+                pass
+            if re.search(pattern, "\n".join(screen.display)):
+                return
+        raise AssertionError(f"{pattern!r} never appeared:\n" + "\n".join(screen.display))
+
+    try:
+        wait_for(r"^› ")
+        child.send("Tell me a long story\r")
+        wait_for(r"answering|thinking")
+        child.sendcontrol("c")
+        wait_for(r"stopped \(Ctrl-C\)")
+        wait_for(r"tok/s · first token")
+        child.send("/stats\r")
+        wait_for(r"generated this run")
+        child.send("/exit\r")
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert (tmp_path / "home" / "chat_history").read_text().count("Tell me a long story") == 1

@@ -1,0 +1,110 @@
+"""Converter: our one-pass quantized GGUFs are byte-identical to llama.cpp's `llama_model_quantize` run on
+our BF16 GGUF; files load in llama.cpp as glm4moe; FP8 sources equal their BF16 twins; --no-mtp."""
+
+from __future__ import annotations
+
+import ctypes
+import filecmp
+
+import pytest
+
+from quantize.convert import convert
+from quantize.gguf_reader import read_gguf
+from quantize.recipe import FTYPES
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def llama_quantize(src, dst, quant: str) -> None:
+    """llama.cpp's own quantizer (llama-quantize) through llama-cpp-python."""
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FTYPES[quant][0]
+    p.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+def assert_same_gguf(ours, ref) -> None:
+    """Same KV (keys, order, types, values), same tensors (names, order, types, shapes, bytes)."""
+    a, b = read_gguf(ours), read_gguf(ref)
+    assert list(a.metadata) == list(b.metadata)
+    for k in b.metadata:
+        assert (a.types[k], a.metadata[k]) == (b.types[k], b.metadata[k]), k
+    assert [(t.name, t.ggml_type, t.shape) for t in a.tensors] == [(t.name, t.ggml_type, t.shape) for t in b.tensors]
+    for t in b.tensors:
+        assert a.tensor_bytes(t.name) == b.tensor_bytes(t.name), t.name
+    assert filecmp.cmp(ours, ref, shallow=False)  # and therefore the whole file
+
+
+@pytest.mark.parametrize("preset", ["tiny", "air"])
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k", "q8_0"])
+def test_direct_quant_identical_to_llama_quantize(gguf_factory, tmp_path, preset, quant):
+    bf16 = gguf_factory(preset, "bf16")
+    ref = tmp_path / f"ref-{quant}.gguf"
+    llama_quantize(bf16, ref, quant)
+    assert_same_gguf(gguf_factory(preset, quant), ref)
+
+
+def test_type_mix_shows_fallbacks_and_mtp(gguf_factory):
+    """air rows (352 / 160) are not multiples of 256: ffn_down* fall back; the MTP block (blk.3) counts."""
+    g = read_gguf(gguf_factory("air", "q4_k_m"))
+    types = {t.name: t.type_name for t in g.tensors}
+    assert g.metadata["general.file_type"] == 15 and g.metadata["glm4moe.block_count"] == 4
+    # use_more_bits(i, 4) holds for i = 2, 3 only: Q6_K -> fallback Q8_0 there, Q4_K -> Q5_0 elsewhere
+    assert types["blk.0.ffn_down.weight"] == "Q5_0" and types["blk.1.ffn_down_exps.weight"] == "Q5_0"
+    assert types["blk.2.ffn_down_exps.weight"] == "Q8_0"
+    assert types["blk.3.ffn_down_exps.weight"] == "Q8_0"  # the NextN block counts in n_layer_all
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q4_K"
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.3.nextn.eh_proj.weight"] == "Q4_K"
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32"
+
+
+@pytest.mark.parametrize("preset,quant", [("tiny", "q4_k_m"), ("air", "q8_0"), ("tiny45", "bf16")])
+def test_loads_in_llama_cpp_as_glm4moe(gguf_factory, preset, quant):
+    path = gguf_factory(preset, quant)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    try:
+        assert llm.metadata["general.architecture"] == "glm4moe"
+        out = llm.create_completion("[gMASK]<sop>hello", max_tokens=4, temperature=0.0)
+        assert out["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("fmt", ["block", "compressed-tensors"])
+@pytest.mark.parametrize("quant", ["bf16", "q4_k_m"])
+def test_fp8_source_equals_bf16_twin(fp8_twin_factory, tmp_path, fmt, quant):
+    from tests.conftest import build_cached_checkpoint
+
+    fp8_dir = build_cached_checkpoint("tiny", fmt)
+    twin = fp8_twin_factory("tiny", fmt)
+    a = convert(fp8_dir, tmp_path / "fp8.gguf", quant=quant).path
+    b = convert(twin, tmp_path / "twin.gguf", quant=quant).path
+    ga, gb = read_gguf(a), read_gguf(b)
+    assert [(t.name, t.ggml_type, t.shape) for t in ga.tensors] == [(t.name, t.ggml_type, t.shape) for t in gb.tensors]
+    for t in gb.tensors:
+        assert ga.tensor_bytes(t.name) == gb.tensor_bytes(t.name), t.name
+    skip = {"general.name"}  # derived from the directory name
+    assert {k: v for k, v in ga.metadata.items() if k not in skip} == {
+        k: v for k, v in gb.metadata.items() if k not in skip}
+
+
+def test_no_mtp_drops_nextn_block(gguf_factory):
+    with_mtp = read_gguf(gguf_factory("tiny45", "q4_k_m"))
+    g = read_gguf(gguf_factory("tiny45", "q4_k_m", mtp=False))
+    assert g.metadata["glm4moe.block_count"] == 3 and "glm4moe.nextn_predict_layers" not in g.metadata
+    assert with_mtp.metadata["glm4moe.block_count"] == 4 and with_mtp.metadata["glm4moe.nextn_predict_layers"] == 1
+    assert not any(t.name.startswith("blk.3.") for t in g.tensors)
+    assert "blk.3.nextn.shared_head_head.weight" in with_mtp and "blk.3.nextn.embed_tokens.weight" in with_mtp
+    # without the NextN block, n_layer_all is 3: layer 2 is a more-bits layer (i >= 7*3/8)
+    assert g.tensor("blk.2.ffn_down_exps.weight").type_name == "Q6_K"
+
+
+def test_progress_events_and_result(tiny_ckpt, tmp_path):
+    events = []
+    r = convert(tiny_ckpt, tmp_path / "o.gguf", quant="q8_0", threads=2, progress=events.append)
+    assert r.path == tmp_path / "o.gguf" and r.path.stat().st_size == r.bytes_written
+    assert events and events[-1].bytes_done == events[-1].bytes_total
+    assert all(a.bytes_done < b.bytes_done for a, b in zip(events, events[1:]))
+    assert events[-1].mb_per_s > 0 and events[-1].eta_s == 0
+    assert not (tmp_path / "o.gguf.part").exists()

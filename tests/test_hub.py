@@ -1,0 +1,304 @@
+"""glmlocal pull against a local hub (tests/fakehub.py): published GGUF path, resume, verification, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from glmlocal import hub as hubmod
+from glmlocal.errors import DiskSpaceError, HubError, InputError
+from glmlocal.hub import FileDone, FileRetry, HubClient
+from glmlocal.pull import PullStarted, pull
+from glmlocal.store import Store, resolve_model
+from tests.fakehub import FakeHub, Fault
+
+REPO = "unsloth/GLM-4.6-GGUF"  # the real registry entry for glm-4.6 q4_k_m (Q4_K_M/GLM-4.6-Q4_K_M-*.gguf)
+PART_SIZE = 300_000
+
+
+def _split_parts(seed: int, n: int = 3) -> dict[str, bytes]:
+    rng = __import__("random").Random(seed)
+    return {
+        f"Q4_K_M/GLM-4.6-Q4_K_M-{i:05d}-of-{n:05d}.gguf": b"GGUF" + rng.randbytes(PART_SIZE - 4)
+        for i in range(1, n + 1)
+    }
+
+
+@pytest.fixture
+def fakehub(tmp_path, monkeypatch):
+    """A running fake hub with HF_ENDPOINT pointing at it and an empty store / HF cache / no token."""
+    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub
+
+
+@pytest.fixture
+def gguf_repo(fakehub):
+    parts = _split_parts(0)
+    parts["README.md"] = b"# not downloaded\n"
+    parts["Q6_K/GLM-4.6-Q6_K.gguf"] = b"GGUF other quant"
+    fakehub.add_repo(REPO, parts)
+    return parts
+
+
+def _client(**kw) -> HubClient:
+    kw.setdefault("retry_wait", 0.0)
+    return HubClient(**kw)
+
+
+def _events(collector: list):
+    return collector.append
+
+
+def test_pull_published_split_gguf(fakehub, gguf_repo):
+    events: list = []
+    m = pull("glm-4.6", "Q4_K_M", client=_client(), progress=_events(events))
+    store = Store()
+    assert m.state == "complete" and m.verified and m.method == "gguf" and m.repo == REPO
+    assert m.revision == fakehub.repos[REPO].refs["main"]
+    assert [f.path for f in m.files] == [f"GLM-4.6-Q4_K_M-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    for path, data in gguf_repo.items():
+        if path.startswith("Q4_K_M/"):
+            assert (store.model_dir("glm-4.6", "q4_k_m") / os.path.basename(path)).read_bytes() == data
+            assert fakehub.served(REPO, path) == len(data)  # each byte fetched exactly once
+    assert fakehub.served(REPO, "Q6_K/GLM-4.6-Q6_K.gguf") == 0
+    assert not list(store.model_dir("glm-4.6", "q4_k_m").glob("*.incomplete"))
+    # HF_ENDPOINT was honoured: the listing and the downloads went to the fake hub
+    assert any(r["path"].startswith(f"/api/models/{REPO}") for r in fakehub.requests)
+    started = [e for e in events if isinstance(e, PullStarted)][0]
+    assert started.total == 3 * PART_SIZE and started.files == 3 and started.present == 0
+    assert [e.how for e in events if isinstance(e, FileDone)] == ["downloaded"] * 3
+    last = [e for e in events if isinstance(e, hubmod.FileProgress)][-1]
+    assert last.done == last.total == 3 * PART_SIZE
+    r = resolve_model("glm-4.6")
+    assert r.kind == "pulled" and r.path.name.endswith("-00001-of-00003.gguf") and r.family == "glm45"
+    # a second pull finds everything present and fetches nothing
+    before = sum(fakehub.bytes_sent.values())
+    events.clear()
+    pull("glm-4.6", "q4_k_m", client=_client(), progress=_events(events))
+    assert sum(fakehub.bytes_sent.values()) == before
+    assert [e.how for e in events if isinstance(e, FileDone)] == ["present"] * 3
+
+
+def test_interrupted_pull_resumes_without_refetching(fakehub, gguf_repo):
+    part2 = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part2, kind="drop", at=123_457))
+    with pytest.raises(HubError) as exc:
+        pull("glm-4.6", "q4_k_m", client=_client(retries=0))
+    assert re.search(r"network failure.*123,457 of 300,000 bytes kept.*run the same command again to resume",
+                     exc.value.one_line())
+    store = Store()
+    d = store.model_dir("glm-4.6", "q4_k_m")
+    m = store.read_manifest("glm-4.6", "q4_k_m")
+    assert m.state == "downloading" and [f.verified for f in m.files] == [True, False, False]
+    assert not (d / os.path.basename(part2)).exists()  # nothing half-written under the final name
+    (partial,) = d.glob("*-00002-of-00003.gguf.*.incomplete")
+    assert partial.stat().st_size == 123_457
+    assert resolve_model("glm-4.6:q4_k_m").kind == "registry"
+
+    events: list = []
+    m = pull("glm-4.6", "q4_k_m", client=_client(retries=0), progress=_events(events))
+    assert m.state == "complete"
+    assert (d / os.path.basename(part2)).read_bytes() == gguf_repo[part2]
+    for path in gguf_repo:
+        if path.startswith("Q4_K_M/"):
+            assert fakehub.served(REPO, path) == PART_SIZE  # across both runs: no byte twice
+    ranges = [r["range"] for r in fakehub.requests if r["path"].endswith("00002-of-00003.gguf") and r["method"] == "GET"]
+    assert ranges == [None, "bytes=123457-"]
+    assert [e.how for e in events if isinstance(e, FileDone)] == ["present", "resumed", "downloaded"]
+    assert [e for e in events if isinstance(e, PullStarted)][0].present == PART_SIZE + 123_457
+
+
+def test_network_drop_is_retried_within_a_run(fakehub, gguf_repo):
+    part1 = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part1, kind="drop", at=70_000, times=2))
+    events: list = []
+    pull("glm-4.6", "q4_k_m", client=_client(retries=2), progress=_events(events))
+    assert len([e for e in events if isinstance(e, FileRetry)]) == 2
+    assert fakehub.served(REPO, part1) == PART_SIZE
+
+
+def test_corrupt_file_is_fetched_again(fakehub, gguf_repo):
+    part3 = "Q4_K_M/GLM-4.6-Q4_K_M-00003-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part3, kind="corrupt", at=4321))
+    events: list = []
+    m = pull("glm-4.6", "q4_k_m", client=_client(), progress=_events(events))
+    assert m.verified
+    assert (Store().model_dir("glm-4.6", "q4_k_m") / os.path.basename(part3)).read_bytes() == gguf_repo[part3]
+    assert fakehub.served(REPO, part3) == 2 * PART_SIZE
+    assert any(isinstance(e, FileRetry) and "checksum" in e.reason for e in events)
+
+
+def test_persistently_corrupt_file_fails_and_leaves_no_final_file(fakehub, gguf_repo):
+    part1 = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part1, kind="corrupt", at=10, times=5))
+    with pytest.raises(HubError, match="failed verification twice"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    assert not list(d.glob("*.gguf")) and not list(d.glob("*.incomplete"))
+
+
+def test_corrupt_file_under_final_name_is_replaced(fakehub, gguf_repo):
+    pull("glm-4.6", "q4_k_m", client=_client())
+    store = Store()
+    m = store.read_manifest("glm-4.6", "q4_k_m")
+    for f in m.files:
+        f.verified = False  # as if an older glmlocal had written them without verifying
+    store.write_manifest(m)
+    victim = store.model_dir("glm-4.6", "q4_k_m") / m.files[1].path
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    pull("glm-4.6", "q4_k_m", client=_client())
+    assert victim.read_bytes() == gguf_repo["Q4_K_M/" + m.files[1].path]
+    assert fakehub.served(REPO, "Q4_K_M/" + m.files[1].path) == 2 * PART_SIZE
+    assert fakehub.served(REPO, "Q4_K_M/" + m.files[0].path) == PART_SIZE
+
+
+def test_disk_preflight_refuses_with_numbers(fakehub, gguf_repo, monkeypatch):
+    import shutil as _shutil
+
+    real = _shutil.disk_usage
+    monkeypatch.setattr("glmlocal.store.shutil.disk_usage",
+                        lambda p: real(p)._replace(free=500_000))
+    with pytest.raises(DiskSpaceError) as exc:
+        pull("glm-4.6", "q4_k_m", client=_client())
+    assert exc.value.needed == 3 * PART_SIZE and exc.value.available == 500_000
+    assert "need 0.00 GiB" in str(exc.value) or "need" in exc.value.one_line()
+    assert not [r for r in fakehub.requests if "/resolve/" in r["path"]]  # refused before any download
+
+
+def test_gated_repository_token_handling(fakehub, monkeypatch):
+    fakehub.add_repo(REPO, _split_parts(1, n=1) | {}, gated=True)
+    with pytest.raises(HubError, match="gated repository and no Hugging Face token is set"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    with pytest.raises(HubError, match="token has no access to the gated repository"):
+        pull("glm-4.6", "q4_k_m", client=_client(token="hf_wrong"))
+    monkeypatch.setenv("HF_TOKEN", "hf_good_token")  # huggingface_hub's own token lookup
+    m = pull("glm-4.6", "q4_k_m", client=_client())
+    assert m.state == "complete"
+    assert {r["auth"] for r in fakehub.requests if "/resolve/" in r["path"]} >= {"hf_good_token"}
+
+
+def test_missing_repository_file_and_revision(fakehub):
+    with pytest.raises(HubError, match=f"repository {REPO} not found"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    fakehub.add_repo(REPO, {"Q8_0/GLM-4.6-Q8_0.gguf": b"GGUF"})
+    with pytest.raises(HubError, match="no file matching 'Q4_K_M/GLM-4.6-Q4_K_M-\\*.gguf'"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    with pytest.raises(HubError, match="revision 'v9' not found"):
+        pull("glm-4.6", "q8_0", revision="v9", client=_client())
+
+
+def test_incomplete_split_set_is_refused(fakehub):
+    parts = _split_parts(2)
+    del parts["Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"]
+    fakehub.add_repo(REPO, parts)
+    with pytest.raises(HubError, match="incomplete or mixed"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+
+
+def test_revision_pins_a_commit(fakehub):
+    old = fakehub.add_repo(REPO, _split_parts(3))
+    fakehub.add_repo(REPO, _split_parts(4))
+    m = pull("glm-4.6", "q4_k_m", revision=old, client=_client())
+    assert m.revision == old and m.requested_revision == old
+    got = (Store().model_dir("glm-4.6", "q4_k_m") / m.files[0].path).read_bytes()
+    assert got == _split_parts(3)["Q4_K_M/" + m.files[0].path]
+    # moving to main replaces files whose hashes changed
+    m2 = pull("glm-4.6", "q4_k_m", client=_client())
+    assert m2.revision != old
+    got = (Store().model_dir("glm-4.6", "q4_k_m") / m2.files[0].path).read_bytes()
+    assert got == _split_parts(4)["Q4_K_M/" + m2.files[0].path]
+
+
+def test_unknown_model_and_quant(fakehub):
+    with pytest.raises(InputError, match="unknown model 'glm-9'.*known models: glm-4.5"):
+        try:
+            pull("glm-9", "q4_k_m", client=_client())
+        except InputError as e:
+            raise InputError(e.one_line()) from e
+    with pytest.raises(InputError, match="unknown quant 'q3_k'.*q4_k_m, q6_k, q8_0, bf16"):
+        try:
+            pull("glm-4.6", "q3_k", client=_client())
+        except InputError as e:
+            raise InputError(e.one_line()) from e
+    assert not fakehub.requests
+
+
+def test_unreachable_endpoint():
+    client = HubClient(endpoint_url="http://127.0.0.1:9", retries=0, retry_wait=0.0)
+    with pytest.raises(HubError, match="cannot reach http://127.0.0.1:9"):
+        client.listing(REPO)
+
+
+def test_reuses_verified_file_from_hf_cache(fakehub, gguf_repo, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    part1 = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    hf_hub_download(REPO, part1, endpoint=fakehub.url, cache_dir=os.environ["HF_HUB_CACHE"])
+    assert fakehub.served(REPO, part1) == PART_SIZE
+    events: list = []
+    pull("glm-4.6", "q4_k_m", client=_client(), progress=_events(events))
+    assert fakehub.served(REPO, part1) == PART_SIZE  # not downloaded a second time
+    assert [e.how for e in events if isinstance(e, FileDone)][0] == "hf-cache"
+
+
+def test_disk_full_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkeypatch):
+    import builtins
+    import errno
+
+    written = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            if written["n"] + len(data) > 400_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written["n"] += len(data)
+            return self.fh.write(data)
+
+    def full_open(path, mode="r", *a, **kw):
+        fh = builtins.open(path, mode, *a, **kw)
+        return FullDisk(fh) if mode == "ab" else fh
+
+    monkeypatch.setattr(hubmod, "open", full_open, raising=False)
+    with pytest.raises(DiskSpaceError, match="not enough disk space for download"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    assert not (d / "GLM-4.6-Q4_K_M-00002-of-00003.gguf").exists()
+    (partial,) = d.glob("*-00002-of-00003.gguf.*.incomplete")
+    assert partial.stat().st_size == written["n"] - PART_SIZE > 0
+    monkeypatch.setattr(hubmod, "open", builtins.open, raising=False)  # space freed
+    assert pull("glm-4.6", "q4_k_m", client=_client()).state == "complete"
+    kept = written["n"] - PART_SIZE
+    gets = [r["range"] for r in fakehub.requests if r["path"].endswith("00002-of-00003.gguf") and r["method"] == "GET"]
+    assert gets[-1] == f"bytes={kept}-"  # the resume asked only for the missing bytes
+
+
+def test_rate_meter_uses_a_sliding_window(monkeypatch):
+    clock = {"t": 100.0}
+    monkeypatch.setattr(hubmod.time, "monotonic", lambda: clock["t"])
+    meter = hubmod.RateMeter(total=10_000_000)
+    for i in range(1, 11):  # 1 MB per second
+        clock["t"] += 1.0
+        rate, eta = meter.update(i * 1_000_000)
+    assert rate == pytest.approx(1_000_000) and eta == pytest.approx(0.0)
+    meter = hubmod.RateMeter(total=10_000_000)
+    clock["t"] += 1.0
+    rate, eta = meter.update(2_000_000)
+    assert rate == pytest.approx(2_000_000) and eta == pytest.approx(4.0)
