@@ -40,8 +40,8 @@ def main() -> None:
     msgs = conversation(turns)
     for family in ("glm45", "glm47"):
         tpl = ChatTemplate.builtin(family)
-        native = best_of(lambda: tpl.render(msgs, [TOOL], renderer="native"))
-        jinja = best_of(lambda: tpl.render(msgs, [TOOL], renderer="jinja"))
+        native = best_of(lambda t=tpl: t.render(msgs, [TOOL], renderer="native"))
+        jinja = best_of(lambda t=tpl: t.render(msgs, [TOOL], renderer="jinja"))
         print(f"{family}: {turns} turns, native {native * 1e3:.2f} ms, jinja {jinja * 1e3:.2f} ms, "
               f"speedup x{jinja / native:.1f}")
 

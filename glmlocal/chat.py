@@ -71,8 +71,11 @@ class ChatREPL:
                 continue  # Ctrl-C at the prompt clears the line, like a shell
             except EOFError:
                 break
-            if not self.handle(line):
-                break
+            try:
+                if not self.handle(line):
+                    break
+            except KeyboardInterrupt:  # Ctrl-C outside a generation (e.g. during /load): back to the prompt
+                self.console.print(Text("interrupted", style="yellow"))
         return 0
 
     def prompt_status(self) -> str:
@@ -86,11 +89,9 @@ class ChatREPL:
         text = line.strip()
         if not text:
             return True
-        if text.startswith("//"):  # "//etc is..." sends a message that starts with "/"
-            return self.send(line.lstrip()[1:]) or True
-        if text.startswith("/"):
+        if text.startswith("/") and not text.startswith("//"):
             return self.command(text)
-        self.send(line)
+        self.send(line.lstrip()[1:] if text.startswith("//") else line)  # "//x" sends "/x"
         return True
 
     def command(self, text: str) -> bool:
@@ -131,6 +132,11 @@ class ChatREPL:
         except GlmlocalError as e:
             self.take_back_user_message()
             self.console.print(Text(f"error: {e.one_line()}", style="red"))
+            return None
+        except Exception as e:  # a bug must not cost the user the conversation
+            self.take_back_user_message()
+            self.console.print(Text(f"internal error: {type(e).__name__}: {e} (the conversation is kept; "
+                                    "/save it and report the bug)", style="red"))  # fmt: skip
             return None
         return self.keep(record)
 

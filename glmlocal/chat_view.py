@@ -9,12 +9,14 @@ region small, so long answers scroll normally instead of being redrawn (or cropp
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any, Callable
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.segment import Segment
 from rich.panel import Panel
 from rich.spinner import Spinner
 from rich.syntax import Syntax
@@ -32,6 +34,8 @@ from glmlocal.glm.events import (
 
 CODE_THEME = "monokai"
 FENCES = ("```", "~~~")
+REFRESH_HZ = 12
+THINKING_LINES = 8  # the streaming thinking panel shows this many trailing lines
 
 
 def stable_split(text: str) -> int:
@@ -45,6 +49,24 @@ def stable_split(text: str) -> int:
         elif not stripped and not in_fence and line.endswith("\n") and pos < len(text):
             cut = pos
     return cut
+
+
+class TrimmedMarkdown:
+    """Markdown without the blank lines Rich puts around some blocks (lists), so blocks printed one at a time
+    are spaced like the whole document: exactly one blank line between them. Code-block padding is kept."""
+
+    def __init__(self, text: str):
+        self.markdown = Markdown(text, code_theme=CODE_THEME)
+
+    def __rich_console__(self, console: Console, options: Any):
+        lines = console.render_lines(self.markdown, options, pad=False)
+        empty = [not "".join(seg.text for seg in line) for line in lines]
+        start = empty.index(False) if False in empty else len(lines)
+        end = len(lines) - (empty[::-1].index(False) if False in empty else 0)
+        newline = Segment.line()
+        for line in lines[start:end]:
+            yield from line
+            yield newline
 
 
 def thinking_summary(n_tokens: int, seconds: float) -> Text:
@@ -104,13 +126,15 @@ class _LiveBody:
         v = self.view
         height = max(4, (options.height or console.height) - 4)
         if v.thinking_open:
-            yield _tail_panel(console, "".join(v.reasoning), options.max_width, height - 3, v.elapsed_thinking())
+            lines = min(THINKING_LINES, height - 3)
+            yield _tail_panel(console, "".join(v.reasoning), options.max_width, lines, v.elapsed_thinking())
         if v.content:
-            yield Markdown(v.content, code_theme=CODE_THEME)
+            yield TrimmedMarkdown(v.content)
         if v.open_call is not None:
             name, args = v.open_call
             yield Text(f"tool call: {name} {args[-200:]}", style="cyan")
-        yield Spinner("dots", text=Text(f"{v.phase} · {v.elapsed():.1f} s · Ctrl-C stops", style="dim"))
+        v.spinner.update(text=Text(f"{v.phase} · {v.elapsed():.1f} s · Ctrl-C stops", style="dim"))
+        yield v.spinner  # one instance, so its animation advances between refreshes
 
 
 def _tail_panel(console: Console, text: str, width: int, lines: int, seconds: float) -> Panel:
@@ -144,15 +168,30 @@ class TurnView:
         self.open_call: tuple[str, str] | None = None
         self.phase = "reading prompt"
         self.finished = False
-        self.live = Live(_LiveBody(self), console=console, transient=True, refresh_per_second=10)
+        self.spinner = Spinner("dots")
+        # Rich's own auto-refresh thread races with console.print from this thread (the live region is
+        # then erased with a stale height, leaving blank lines), so one lock serialises our refreshes and prints.
+        self.live = Live(_LiveBody(self), console=console, transient=True, auto_refresh=False)
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="chat-live", daemon=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> "TurnView":
         self.live.start()
+        self._ticker.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.live.stop()
+        self._stop.set()
+        self._ticker.join()
+        with self.lock:
+            self.live.stop()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1 / REFRESH_HZ):
+            with self.lock:
+                self.live.refresh()
 
     def elapsed(self) -> float:
         return self.clock() - self.t0
@@ -163,6 +202,10 @@ class TurnView:
     # -- events -----------------------------------------------------------------------------------
     def on_event(self, ev: Any) -> None:
         """Update the screen for one parser event."""
+        with self.lock:
+            self._on_event(ev)
+
+    def _on_event(self, ev: Any) -> None:
         if isinstance(ev, ReasoningDelta):
             self._on_reasoning(ev.text)
         elif isinstance(ev, ContentDelta):
@@ -178,7 +221,7 @@ class TurnView:
             self.open_call = None
             self.console.print(tool_call_panel(ev.name, ev.arguments, getattr(ev, "id", "")))
         elif isinstance(ev, Finish):
-            self.finish(ev.reason)
+            self._finish(ev.reason)
 
     def _on_reasoning(self, text: str) -> None:
         if not self.reasoning:
@@ -190,15 +233,15 @@ class TurnView:
     def _on_content(self, text: str) -> None:
         self._close_thinking()
         self.phase = "answering"
-        self.content += text
-        if not self.content.strip():
-            self.content = ""  # GLM starts answers with a newline after </think>
-            return
+        # Blank lines before a block are dropped: GLM opens answers with "\n" after </think>, and the
+        # spacing between printed blocks is ours (one blank line, as Markdown renders a whole document).
+        self.content = (self.content + text).lstrip("\n") if not self.content.strip() else self.content + text
         cut = stable_split(self.content)
         if cut:
             done, self.content = self.content[:cut], self.content[cut:]
-            self.console.print(Markdown(done.strip("\n"), code_theme=CODE_THEME))
-            self.console.print()
+            if done.strip():
+                self.console.print(TrimmedMarkdown(done))
+                self.console.print()
 
     def _close_thinking(self) -> None:
         if not self.thinking_open:
@@ -212,7 +255,7 @@ class TurnView:
 
     def _flush_content(self) -> None:
         if self.content.strip():
-            self.console.print(Markdown(self.content.strip("\n"), code_theme=CODE_THEME))
+            self.console.print(TrimmedMarkdown(self.content))
         self.content = ""
 
     def reasoning_tokens(self) -> int:
@@ -227,6 +270,10 @@ class TurnView:
 
     def finish(self, reason: str) -> None:
         """Close everything still open and say why the turn ended, when that is not obvious."""
+        with self.lock:
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
         if self.finished:
             return
         self.finished = True

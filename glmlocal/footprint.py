@@ -12,9 +12,9 @@ Pure: no I/O beyond reading the GGUF header.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from glmlocal.errors import InputError
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
@@ -106,6 +106,39 @@ class Footprint:
         return self.kv_bytes_per_token(type_k, type_v) // max(self.n_layer, 1)
 
 
+# --------------------------------------------------------------------------------------------
+# Compute buffers (what llama.cpp reserves for the worst-case graph)
+# --------------------------------------------------------------------------------------------
+def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn: bool = True,
+                         output: bool = True) -> int:
+    """Bytes of the compute buffer llama.cpp reserves on one backend for the worst-case graph.
+
+    llama.cpp reserves the prompt graph with T = min(n_ubatch, n_ctx) tokens, all of them outputs,
+    attending over the whole cache (n_kv = n_ctx). ggml-alloc reuses memory, so the buffer is the
+    peak of the live tensors, which is the larger of
+    - inside a layer: the F16 attention mask [n_ctx, T] (live through every layer) plus the MoE
+      intermediates: 3 f32 [n_ff_exp, n_used, T] (gate, up, activation), 1.5 [n_embd, n_used, T]
+      (expert outputs) and the router's few [n_expert, T] (bytes/token 12*U*F + 6*U*E + 16*X);
+    - at the output: f32 logits for every token plus 3 hidden-state rows (4*(V + 3E) per token).
+    Fitted and checked on three fixture shapes (different U, F, E, X) against the "compute buffer
+    size" llama.cpp logs: exact to 0.1% where the layer term wins (tests/test_memory_prediction.py).
+    Where the output term wins, ggml-alloc's free-block fragmentation can add up to 4 more hidden rows
+    per token (+41 MB on GLM-4.6 at T=512); the per-device safety margin absorbs that. The
+    flash_attn=False branch is a rough upper estimate, not validated (glmlocal always enables it).
+    """
+    t = min(n_ubatch, n_ctx)
+    u, f, e, x = fp.n_expert_used, fp.n_ff_exp, fp.n_embd, fp.n_expert
+    if flash_attn:
+        mask = n_ctx * t * 2
+        attn = 0
+    else:  # F32 mask plus KQ scores and softmax for every head: the multi-GB buffers of long contexts
+        mask = n_ctx * t * 4
+        attn = 2 * n_ctx * t * fp.n_head * 4
+    layer = t * (12 * u * f + 6 * u * e + 16 * x) + attn
+    out = t * 4 * (fp.n_vocab + 3 * e) if output else 0
+    return max(mask + layer, out)
+
+
 def kv_row_bytes(type_name: str, n: int) -> int:
     """Bytes of n cache elements stored as `type_name` (f16, q8_0, q4_0, ...)."""
     try:
@@ -190,14 +223,14 @@ def _gguf_meta(md: dict, path: Path) -> dict:
     n_head = int(key("attention.head_count"))
     n_embd = int(key("embedding_length"))
     vocab = md.get("tokenizer.ggml.tokens")
-    return dict(
-        n_layer=int(key("block_count")) - n_nextn, n_nextn=n_nextn, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(key("attention.head_count_kv")),
-        head_dim=int(key("attention.key_length", n_embd // n_head)),
-        n_vocab=int(key("vocab_size", len(vocab) if vocab else 0)),
-        n_ctx_train=int(key("context_length")), n_expert=int(key("expert_count")),
-        n_expert_used=int(key("expert_used_count")), n_ff_exp=int(key("expert_feed_forward_length")),
-    )
+    return {
+        "n_layer": int(key("block_count")) - n_nextn, "n_nextn": n_nextn, "n_embd": n_embd, "n_head": n_head,
+        "n_head_kv": int(key("attention.head_count_kv")),
+        "head_dim": int(key("attention.key_length", n_embd // n_head)),
+        "n_vocab": int(key("vocab_size", len(vocab) if vocab else 0)),
+        "n_ctx_train": int(key("context_length")), "n_expert": int(key("expert_count")),
+        "n_expert_used": int(key("expert_used_count")), "n_ff_exp": int(key("expert_feed_forward_length")),
+    }
 
 
 def _split_paths(path: Path) -> list[Path]:
@@ -281,10 +314,10 @@ def footprint_from_spec(spec, quant: str, *, mtp: bool = True) -> Footprint:
     tensors = spec_tensors(hp, mtp=mtp, mtp_head_copies=getattr(spec, "mtp_head_copies", False))
     n_layer_all = hp.num_hidden_layers + (hp.num_nextn_predict_layers if mtp else 0)
     types = plan_types(tensors, quant, n_layer_all, hp.n_routed_experts)
-    meta = dict(n_layer=hp.num_hidden_layers, n_nextn=n_layer_all - hp.num_hidden_layers,
-                n_embd=hp.hidden_size, n_head=hp.num_attention_heads, n_head_kv=hp.num_key_value_heads,
-                head_dim=hp.head_dim, n_vocab=hp.vocab_size, n_ctx_train=hp.max_position_embeddings,
-                n_expert=hp.n_routed_experts, n_expert_used=hp.num_experts_per_tok,
-                n_ff_exp=hp.moe_intermediate_size)
+    meta = {"n_layer": hp.num_hidden_layers, "n_nextn": n_layer_all - hp.num_hidden_layers,
+            "n_embd": hp.hidden_size, "n_head": hp.num_attention_heads, "n_head_kv": hp.num_key_value_heads,
+            "head_dim": hp.head_dim, "n_vocab": hp.vocab_size, "n_ctx_train": hp.max_position_embeddings,
+            "n_expert": hp.n_routed_experts, "n_expert_used": hp.num_experts_per_tok,
+            "n_ff_exp": hp.moe_intermediate_size}
     triples = [(name, shape, int(types[name])) for name, shape in tensors]
     return build_footprint(triples, meta, label=spec.display, quant=quant, source="spec")

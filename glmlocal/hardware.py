@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Callable
 
 from glmlocal.errors import InputError
 
@@ -161,7 +161,7 @@ def probe_gpus(nvml=None, env: dict | None = None) -> tuple[list[GPU], list[str]
             return [], ["nvidia-ml-py is not installed: no GPUs probed"]
     try:
         nvml.nvmlInit()
-    except Exception as e:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without NVIDIA
+    except Exception as e:  # noqa: BLE001 (NVMLError_LibraryNotFound / DriverNotLoaded / OSError: no NVIDIA here)
         return [], [f"no NVIDIA driver ({type(e).__name__}): planning for CPU only"]
     try:
         handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
@@ -182,7 +182,7 @@ def _gpu_info(nvml, cuda_index: int, handle, uuid: str) -> GPU:
     try:
         clock = nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM)
         bus = nvml.nvmlDeviceGetMemoryBusWidth(handle)
-    except Exception:  # older drivers lack the bus-width query
+    except Exception:  # noqa: BLE001 (NVMLError_NotSupported: older drivers lack the bus-width query)
         clock = bus = None
     return GPU(index=cuda_index, name=name, total=int(mem.total), free=int(mem.free),
                bandwidth=gpu_bandwidth(name, clock, bus), uuid=uuid)
@@ -192,10 +192,11 @@ def _gpu_info(nvml, cuda_index: int, handle, uuid: str) -> GPU:
 # CPU / RAM
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
-def measure_cpu_bandwidth(threads: int, total_bytes: int = 512 * 1024**2, repeats: int = 3) -> float:
+def measure_cpu_bandwidth(threads: int, total_bytes: int = 256 * 1024**2, repeats: int = 3) -> float:
     """Copy bandwidth over `threads` threads (bytes/s, read + write), best of `repeats`.
 
-    512 MiB in all (far above any L3), split over at most 32 threads; takes well under a second.
+    256 MiB in all (above the L3 of desktop and most server CPUs), split over at most 32 threads;
+    about a quarter of a second on an idle machine.
     """
     from concurrent.futures import ThreadPoolExecutor
 

@@ -17,12 +17,18 @@ import hashlib
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_token,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -104,6 +110,11 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE read at call time, with huggingface_hub's truthy values."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hf_cache_dir() -> Path:
     """The hub cache huggingface_hub would use (HF_HUB_CACHE, else HF_HOME/hub), read at call time."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -126,7 +137,7 @@ class HubClient:
 
     def listing(self, repo: str, revision: str | None = None) -> RepoListing:
         """Commit sha and every file with size and hashes (one model_info call with blobs)."""
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        if offline():
             raise HubError("HF_HUB_OFFLINE is set, cannot reach the hub", hint="unset HF_HUB_OFFLINE")
         try:
             info = self.api.model_info(repo, revision=revision, files_metadata=True)

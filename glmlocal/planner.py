@@ -13,21 +13,30 @@ Priorities (the ones users and llama.cpp's `--fit` converged on):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 from glmlocal.errors import InputError, PlanError
 from glmlocal.footprint import (  # re-exported: planner is the public entry point
     Footprint,
     LayerFootprint,
+    compute_buffer_bytes,
     footprint_from_gguf,
     footprint_from_spec,
     kv_row_bytes,
 )
 from glmlocal.hardware import GIB, Hardware
 
-__all__ = ["DevicePlan", "Placement", "plan", "footprint_from_gguf", "footprint_from_spec",
-           "compute_buffer_bytes", "Footprint", "LayerFootprint"]
+__all__ = [
+    "DevicePlan",
+    "Footprint",
+    "LayerFootprint",
+    "Placement",
+    "compute_buffer_bytes",
+    "footprint_from_gguf",
+    "footprint_from_spec",
+    "plan",
+]
 
 GPU_MARGIN = 1 * GIB  # free VRAM left per device, as llama.cpp's --fit (-fitt 1024 MiB)
 HOST_RESERVE = 2 * GIB  # RAM left for the OS, the Python process and page cache churn
@@ -49,7 +58,7 @@ class DevicePlan:
     compute: int
     capacity: int  # free VRAM, or available RAM
     layers: tuple[int, ...] = ()  # layer indices whose attention lives here
-    expert_layers: tuple[int, ...] = ()  # layer indices whose routed experts live here
+    expert_layers: tuple[int, ...] = ()  # layer indices with (some of) their routed experts here
     bandwidth: float = 0.0
     bytes_per_token: int = 0  # read per decoded token (active experts only)
 
@@ -85,7 +94,7 @@ class Placement:
 
     @classmethod
     def cpu_only(cls, ctx: int, threads: int, *, type_k: str = "f16", type_v: str = "f16",
-                 n_batch: int = 512, n_ubatch: int = 512) -> "Placement":
+                 n_batch: int = 512, n_ubatch: int = 512) -> Placement:
         """A placement with nothing offloaded (no prediction attached)."""
         return cls(0, [], None, 0, ctx, type_k, type_v, True, n_batch, n_ubatch, threads, True, [], 0.0,
                    ["CPU only"])
@@ -114,38 +123,6 @@ class Placement:
 
 
 # --------------------------------------------------------------------------------------------
-# Compute buffers
-# --------------------------------------------------------------------------------------------
-def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn: bool = True,
-                         output: bool = True) -> int:
-    """Bytes of the compute buffer llama.cpp reserves on one backend for the worst-case graph.
-
-    llama.cpp reserves the prompt graph with T = min(n_ubatch, n_ctx) tokens, all of them outputs,
-    attending over the whole cache (n_kv = n_ctx). ggml-alloc reuses memory, so the buffer is the
-    peak of the live tensors, which is the larger of
-    - inside a layer: the F16 attention mask [n_ctx, T] (live through every layer) plus the MoE
-      intermediates: 3 f32 [n_ff_exp, n_used, T] (gate, up, activation), 1.5 [n_embd, n_used, T]
-      (expert outputs) and the router's few [n_expert, T] (bytes/token 12*U*F + 6*U*E + 16*X);
-    - at the output: f32 logits for every token plus 3 hidden-state rows (4*(V + 3E) per token).
-    Fitted and checked on three fixture shapes (different U, F, E, X) against the "compute buffer
-    size" llama.cpp logs: exact to 0.1% where the layer term wins (tests/test_memory_prediction.py).
-    Where the output term wins, ggml-alloc's free-block fragmentation can add up to 3 more hidden rows
-    per token (+31 MB on GLM-4.6 at T=512); the per-device safety margin absorbs that.
-    """
-    t = min(n_ubatch, n_ctx)
-    u, f, e, x = fp.n_expert_used, fp.n_ff_exp, fp.n_embd, fp.n_expert
-    if flash_attn:
-        mask = n_ctx * t * 2
-        attn = 0
-    else:  # F32 mask plus KQ scores and softmax for every head: the multi-GB buffers of long contexts
-        mask = n_ctx * t * 4
-        attn = 2 * n_ctx * t * fp.n_head * 4
-    layer = t * (12 * u * f + 6 * u * e + 16 * x) + attn
-    out = t * 4 * (fp.n_vocab + 3 * e) if output else 0
-    return max(mask + layer, out)
-
-
-# --------------------------------------------------------------------------------------------
 # Layout of one context size
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -166,7 +143,7 @@ class _Layout:
     ctx: int
     ngl: int  # as llama.cpp counts: layer slots from the end, output layer included
     gpu_layers: list[list[int]]  # per GPU: trunk layer indices (attention etc.) on it
-    gpu_experts: list[list[int]]  # per GPU: layers whose experts are on it
+    gpu_experts: list[dict[int, tuple[str, ...]]]  # per GPU: layer -> its expert tensors on that GPU
     gpu_need: list[int]
     gpu_fixed: list[int]
     gpu_kv: list[int]
@@ -192,8 +169,39 @@ def _split_layers(layers: list[int], weights: list[float]) -> list[list[int]]:
     return out
 
 
+OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda offloads ops on host weights for batches of at least this size
+
+
 def _layout(b: _Budget, ctx: int, n_cpu_layers: int) -> _Layout:
-    """Place the first `n_cpu_layers` trunk layers on CPU, the rest on the GPUs, then fill experts."""
+    """Place the first `n_cpu_layers` trunk layers on CPU, the rest on the GPUs, then fill experts.
+
+    During prompt processing (batches >= 32) llama.cpp runs ops whose weights are in RAM on the first
+    GPU (ggml_backend_sched "op_offload"), copying the weight into that GPU's compute buffer first;
+    each such op starts a new split so the copies reuse one slot (llama.cpp PR #15346 copies only the
+    used experts, but the slot keeps the full tensor size). So CUDA0 reserves the largest one.
+    """
+    lay = _layout_with_copy(b, ctx, n_cpu_layers, 0)
+    if lay.ngl and min(b.n_ubatch, ctx) >= OP_OFFLOAD_MIN_BATCH:
+        copy = _largest_ram_split(b.fp, lay)
+        if copy:
+            lay = _layout_with_copy(b, ctx, n_cpu_layers, copy)
+    return lay
+
+
+def _largest_ram_split(fp: Footprint, lay: _Layout) -> int:
+    """Bytes of the largest weight tensor left in RAM (every such tensor starts its own split, so the
+    copies do not pile up); bounded by the largest expert tensor of the model so a refill stays valid."""
+    on_gpu_layers = {i for run in lay.gpu_layers for i in run}
+    on_gpu = _gpu_tensors(lay)
+    in_ram = [nb for layer in fp.trunk for n, nb in layer.expert_tensors if n not in on_gpu.get(layer.index, ())]
+    if not in_ram and on_gpu_layers == {layer.index for layer in fp.trunk}:
+        return 0
+    largest = max((nb for layer in fp.trunk for _, nb in layer.expert_tensors), default=0)
+    cpu_layers = [fp.layers[i].non_expert for i in range(fp.n_layer) if i not in on_gpu_layers]
+    return max([largest, *cpu_layers])
+
+
+def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _Layout:
     fp = b.fp
     trunk = [layer.index for layer in fp.trunk]
     gpus = b.hw.gpus if n_cpu_layers < len(trunk) else ()
@@ -205,36 +213,61 @@ def _layout(b: _Budget, ctx: int, n_cpu_layers: int) -> _Layout:
     fixed, kv, comp, experts, need = [], [], [], [], []
     for d, run in enumerate(runs):  # the output layer (and the unloaded NextN slot) go to the last GPU
         last = d == len(runs) - 1
-        c = compute + (compute_buffer_bytes(fp, ctx, b.n_ubatch) - compute if last else 0)
+        c = compute + (compute_buffer_bytes(fp, ctx, b.n_ubatch) - compute if last else 0) + (copy if d == 0 else 0)
         f = sum(fp.layers[i].non_expert for i in run) + (fp.output if last else 0)
         k = kv_layer * len(run)
         chosen = _fill_experts(fp, run, capacities[d] - f - k - c)
         fixed.append(f), kv.append(k), comp.append(c), experts.append(chosen)
-        need.append(f + k + c + sum(fp.layers[i].experts for i in chosen))
+        need.append(f + k + c + _bytes_of(fp, chosen))
     host_kv = kv_layer * (len(trunk) - len(on_gpu))
-    on_gpu_experts = {i for run in experts for i in run}
-    host_weights = fp.token_embd + sum(
-        fp.layers[i].experts for i in trunk if i not in on_gpu_experts
-    ) + sum(fp.layers[i].non_expert for i in trunk[: len(trunk) - len(on_gpu)])
+    gpu_expert_bytes = sum(_bytes_of(fp, chosen) for chosen in experts)
+    host_weights = fp.token_embd + fp.expert_bytes - gpu_expert_bytes + sum(
+        fp.layers[i].non_expert for i in trunk[: len(trunk) - len(on_gpu)])
     if not gpus:
         host_weights += fp.output
-    # With GPUs, llama.cpp offloads big-batch ops on CPU weights to the GPU (op_offload), so the host
-    # buffer keeps little more than the token embeddings; the output buffer holds one row of logits.
-    host_compute = fp.n_vocab * 4 + (2 * fp.n_embd * 4 * min(b.n_ubatch, ctx) if gpus
-                                     else compute_buffer_bytes(fp, ctx, b.n_ubatch))
+    # With GPUs, big-batch ops on RAM weights run on the GPU (op_offload), so the host compute buffer
+    # keeps the token embeddings, plus the attention (mask, activations) of layers whose KV is in RAM;
+    # the output buffer holds one row of logits.
+    if not gpus:
+        host_compute = compute_buffer_bytes(fp, ctx, b.n_ubatch)
+    else:
+        host_compute = 2 * fp.n_embd * 4 * min(b.n_ubatch, ctx)
+        if len(on_gpu) < len(trunk):
+            host_compute += compute_buffer_bytes(fp, ctx, b.n_ubatch, output=False)
+    host_compute += fp.n_vocab * 4
     ngl = (len(on_gpu) + fp.n_nextn + 1) if on_gpu else 0
     return _Layout(ctx, ngl, runs, experts, need, fixed, kv, comp,
                    host_weights + host_kv + host_compute, host_kv, host_compute)
 
 
-def _fill_experts(fp: Footprint, run: list[int], room: int) -> list[int]:
-    """Layers of `run` whose experts fit in `room` bytes: largest first, then smaller ones into gaps."""
-    chosen: list[int] = []
+def _fill_experts(fp: Footprint, run: list[int], room: int) -> dict[int, tuple[str, ...]]:
+    """Expert tensors of `run`'s layers that fit in `room` bytes.
+
+    Whole layers first (largest first, then smaller ones into the gaps), then, like llama.cpp's
+    --fit, one more layer in part: as many of its gate/up/down expert tensors as still fit.
+    """
+    chosen: dict[int, tuple[str, ...]] = {}
     for i in sorted((i for i in run if fp.layers[i].experts), key=lambda i: -fp.layers[i].experts):
         if fp.layers[i].experts <= room:
-            chosen.append(i)
+            chosen[i] = tuple(name for name, _ in fp.layers[i].expert_tensors)
             room -= fp.layers[i].experts
-    return sorted(chosen)
+    best: tuple[int, int, tuple[str, ...]] = (0, -1, ())
+    for i in (i for i in run if fp.layers[i].experts and i not in chosen):
+        part, left = [], room
+        for name, nbytes in sorted(fp.layers[i].expert_tensors, key=lambda t: -t[1]):
+            if nbytes <= left:
+                part.append(name)
+                left -= nbytes
+        if room - left > best[0]:
+            best = (room - left, i, tuple(sorted(part)))
+    if best[1] >= 0:
+        chosen[best[1]] = best[2]
+    return dict(sorted(chosen.items()))
+
+
+def _bytes_of(fp: Footprint, chosen: dict[int, tuple[str, ...]]) -> int:
+    return sum(nbytes for i, names in chosen.items() for name, nbytes in fp.layers[i].expert_tensors
+               if name in names)
 
 
 def _fits_gpu(b: _Budget, lay: _Layout) -> bool:
@@ -316,7 +349,9 @@ def _auto_ctx_layout(b: _Budget, want: int, min_ctx: int, notes: list[str]) -> _
     if b.hw.gpus and not _all_on_gpu(b, want):
         best = _largest_ctx(b, min_ctx, want, lambda c: _all_on_gpu(b, c))
         if best is not None:
-            notes.append(f"context reduced from {want} to {best} so attention and KV stay on the GPU")
+            keep = (f" (--ctx {want} keeps it, running the first layers on the CPU)"
+                    if _best_layout(b, want) is not None else "")
+            notes.append(f"context reduced from {want} to {best} so attention and KV stay on the GPU{keep}")
             ctx = best
     lay = _best_layout(b, ctx)
     if lay is None:
@@ -350,17 +385,44 @@ def _no_fit_error(b: _Budget, want: int, min_ctx: int, alternatives) -> PlanErro
 # --------------------------------------------------------------------------------------------
 # Placement from a layout
 # --------------------------------------------------------------------------------------------
-def _expert_overrides(fp: Footprint, on_gpu: set[int]) -> list[tuple[str, str]]:
-    """One `-ot` pattern listing every trunk layer whose experts stay in RAM."""
-    cpu = [layer.index for layer in fp.trunk if layer.experts and layer.index not in on_gpu]
-    if not cpu:
-        return []
-    return [(rf"blk\.({'|'.join(map(str, cpu))})\.ffn_(up|down|gate)_exps", "CPU")]
+def _gpu_tensors(lay: _Layout) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for chosen in lay.gpu_experts:
+        for i, names in chosen.items():
+            out.setdefault(i, set()).update(names)
+    return out
+
+
+def _cpu_expert_tensors(fp: Footprint, on_gpu: dict[int, set[str]]) -> dict[int, list[str]]:
+    """layer -> its routed-expert tensors that stay in RAM."""
+    out = {}
+    for layer in fp.trunk:
+        names = [n for n, _ in layer.expert_tensors if n not in on_gpu.get(layer.index, ())]
+        if names:
+            out[layer.index] = names
+    return out
+
+
+def _kind(name: str) -> str:
+    """'blk.7.ffn_down_exps.weight' -> 'down'."""
+    return re.search(r"ffn_(\w+)_exps", name).group(1)
+
+
+def _expert_overrides(fp: Footprint, on_gpu: dict[int, set[str]]) -> list[tuple[str, str]]:
+    """`-ot` patterns: one listing every layer whose experts all stay in RAM, one per partial layer."""
+    cpu = _cpu_expert_tensors(fp, on_gpu)
+    whole = [i for i, names in cpu.items() if len(names) == len(fp.layers[i].expert_tensors)]
+    out = [(rf"blk\.({'|'.join(map(str, whole))})\.ffn_(up|down|gate)_exps", "CPU")] if whole else []
+    for i, names in cpu.items():
+        if i not in whole:
+            kinds = "|".join(_kind(n) for n in names)
+            out.append((rf"blk\.{i}\.ffn_({kinds})_exps", "CPU"))
+    return out
 
 
 def _placement(b: _Budget, lay: _Layout, n_batch: int | None, notes: list[str]) -> Placement:
     fp, hw = b.fp, b.hw
-    on_gpu_experts = {i for run in lay.gpu_experts for i in run}
+    on_gpu_experts = _gpu_tensors(lay)
     devices = _device_plans(b, lay, on_gpu_experts)
     n_gpus_used = sum(1 for run in lay.gpu_layers if run)
     split = None
@@ -377,20 +439,20 @@ def _placement(b: _Budget, lay: _Layout, n_batch: int | None, notes: list[str]) 
     )
 
 
-def _device_plans(b: _Budget, lay: _Layout, on_gpu_experts: set[int]) -> list[DevicePlan]:
+def _device_plans(b: _Budget, lay: _Layout, on_gpu_experts: dict[int, set[str]]) -> list[DevicePlan]:
     fp, out = b.fp, []
     kv_tok_layer = _kv_layer_bytes(b, 1)
     for d, gpu in enumerate(b.hw.gpus[: len(lay.gpu_layers)]):
         run, exps = lay.gpu_layers[d], lay.gpu_experts[d]
-        weights = lay.gpu_fixed[d] + sum(fp.layers[i].experts for i in exps)
-        read = lay.gpu_fixed[d] + sum(_active(fp, fp.layers[i].experts) for i in exps)
-        read += kv_tok_layer * SPEED_CTX * len(run)
-        out.append(DevicePlan(f"CUDA{gpu.index}", weights, lay.gpu_kv[d], lay.gpu_compute[d], gpu.free,
-                              tuple(run), tuple(exps), gpu.bandwidth, read))
+        expert_bytes = _bytes_of(fp, exps)
+        read = lay.gpu_fixed[d] + _active(fp, expert_bytes) + kv_tok_layer * SPEED_CTX * len(run)
+        out.append(DevicePlan(f"CUDA{gpu.index}", lay.gpu_fixed[d] + expert_bytes, lay.gpu_kv[d],
+                              lay.gpu_compute[d], gpu.free, tuple(run), tuple(exps), gpu.bandwidth, read))
     cpu_layers = [layer.index for layer in fp.trunk][: fp.n_layer - sum(len(r) for r in lay.gpu_layers)]
-    cpu_exps = [layer.index for layer in fp.trunk if layer.experts and layer.index not in on_gpu_experts]
+    cpu_exps = _cpu_expert_tensors(fp, on_gpu_experts)
     weights = lay.host_need - lay.host_kv - lay.host_compute
-    read = sum(fp.layers[i].non_expert for i in cpu_layers) + sum(_active(fp, fp.layers[i].experts) for i in cpu_exps)
+    cpu_expert_bytes = fp.expert_bytes - sum(_bytes_of(fp, exps) for exps in lay.gpu_experts)
+    read = sum(fp.layers[i].non_expert for i in cpu_layers) + _active(fp, cpu_expert_bytes)
     read += kv_tok_layer * SPEED_CTX * len(cpu_layers) + (fp.output if not lay.ngl else 0)
     out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, b.hw.ram_available,
                           tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read))
@@ -414,11 +476,15 @@ def _tokens_per_s(devices: list[DevicePlan]) -> float:
 
 def _explain(b: _Budget, lay: _Layout, devices: list[DevicePlan], est: float) -> list[str]:
     fp = b.fp
-    n_gpu_exp = sum(len(r) for r in lay.gpu_experts)
+    on_gpu = _gpu_tensors(lay)
+    whole = sum(1 for i, names in on_gpu.items() if len(names) == len(fp.layers[i].expert_tensors))
+    partial = [f"{i} ({', '.join(_kind(n) for n in sorted(names))})"
+               for i, names in on_gpu.items() if len(names) < len(fp.layers[i].expert_tensors)]
     n_moe = sum(1 for layer in fp.trunk if layer.experts)
     lines = []
     if b.hw.gpus and lay.ngl:
-        lines.append(f"routed experts of {n_gpu_exp}/{n_moe} MoE layers on GPU, the rest in RAM")
+        lines.append(f"routed experts of {whole}/{n_moe} MoE layers on GPU"
+                     + (f", part of layer {', '.join(partial)}" if partial else "") + ", the rest in RAM")
         if lay.ngl < fp.n_layer_all + 1:
             lines.append(f"{fp.n_layer - sum(len(r) for r in lay.gpu_layers)} first layers run entirely on CPU")
     elif b.hw.gpus:
@@ -432,9 +498,3 @@ def _explain(b: _Budget, lay: _Layout, devices: list[DevicePlan], est: float) ->
     if b.type_v != "f16" or b.type_k != "f16":
         lines.append("quantized KV cache: needs flash attention (on); may slightly reduce tool-call accuracy")
     return lines
-
-
-def _pattern_layers(pattern: str) -> set[int]:
-    """Layer numbers named by an override pattern `blk\\.(1|2|3)\\.ffn_...` (for tests and views)."""
-    m = re.search(r"blk\\\.\(([\d|]+)\)", pattern)
-    return {int(x) for x in m.group(1).split("|")} if m else set()

@@ -16,9 +16,27 @@ from pathlib import Path, PurePosixPath
 
 from glmlocal import registry
 from glmlocal.errors import HubError, InputError
-from glmlocal.hub import (Callback, FileDone, FileProgress, FileStarted, HubClient, RateMeter, RemoteFile,
-                          RepoListing, digest_matches, hash_file)
-from glmlocal.store import SPLIT_RE, FileEntry, Manifest, Store, check_free, source_quant
+from glmlocal.hub import (
+    Callback,
+    FileDone,
+    FileProgress,
+    FileStarted,
+    HubClient,
+    RateMeter,
+    RemoteFile,
+    RepoListing,
+    digest_matches,
+    hash_file,
+    offline,
+)
+from glmlocal.store import (
+    SPLIT_RE,
+    FileEntry,
+    Manifest,
+    Store,
+    check_free,
+    source_quant,
+)
 
 SOURCE_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.tiktoken", "*.model")
 # Bits per weight of the converter's output, a little above the real mix so the preflight errs safe.
@@ -83,7 +101,12 @@ def pull(model: str, quant: str, *, from_source: bool = False, revision: str | N
     quant = registry.normalize_quant(quant)
     store = store or Store()
     emit = progress or (lambda ev: None)
-    published = None if from_source else spec.published_gguf(quant)
+    if offline():
+        m = store.read_manifest(spec.name, quant)
+        if m is not None and m.state == "complete":
+            return m  # nothing to fetch: offline mode is fine
+        raise HubError("HF_HUB_OFFLINE is set, cannot download", hint="unset HF_HUB_OFFLINE")
+    published = None if (from_source or source) else spec.published_gguf(quant)  # --source implies --from-source
     if published is not None:
         client = client or HubClient()
         return _pull_gguf(spec, quant, published, revision, store, client, emit)

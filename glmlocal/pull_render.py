@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from glmlocal import hub, pull as pull_mod
+from glmlocal import hub
+from glmlocal import pull as pull_mod
 from glmlocal.store import Store, dir_size
 
 GIB = 1024**3
@@ -43,7 +51,7 @@ class PullView:
         self.file: TaskID | None = None
         self.convert: TaskID | None = None
 
-    def __enter__(self) -> "PullView":
+    def __enter__(self) -> PullView:
         return self  # bars start with the first download, so an early error prints only its one line
 
     def __exit__(self, *exc) -> None:

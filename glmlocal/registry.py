@@ -7,11 +7,11 @@ glmlocal/models.toml (a link to the root file), which is what an installed glmlo
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -144,8 +144,7 @@ def find_model(name_or_alias: str) -> ModelSpec | None:
     """The spec for a name or alias (case-insensitive, an 'hf.co/' or 'https://huggingface.co/' prefix ignored)."""
     key = name_or_alias.strip().lower()
     for prefix in ("https://huggingface.co/", "hf.co/", "huggingface.co/"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
+        key = key.removeprefix(prefix)
     return _index().get(key.rstrip("/"))
 
 

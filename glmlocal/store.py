@@ -16,10 +16,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from glmlocal.errors import DiskSpaceError, InputError
 
@@ -71,7 +72,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         data["files"] = [FileEntry(**f) for f in data.get("files", [])]
         return cls(**data)
@@ -165,7 +166,7 @@ class Store:
         target = self.model_dir(name, quant) if quant else self.model_root(name)
         if not target.exists():
             return 0
-        freed = dir_size(target)
+        freed = dir_size(target, only_unshared=True)  # hard links into the HF cache free nothing
         shutil.rmtree(target)
         parent = self.model_root(name)
         if quant and parent.exists() and not any(parent.iterdir()):
@@ -203,16 +204,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def dir_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
+def dir_size(path: Path, only_unshared: bool = False) -> int:
+    """Bytes of the files under `path`; with only_unshared, files with other hard links are not counted."""
     total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except FileNotFoundError:
-                pass
+    paths = [path] if path.is_file() else (Path(d) / f for d, _, files in os.walk(path) for f in files)
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if not only_unshared or st.st_nlink <= 1:
+            total += st.st_size
     return total
 
 

@@ -127,7 +127,6 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
         raise InputError(f"output {out} is a directory", hint="give a file name ending in .gguf")
     writer.path, writer.part = out, out.with_name(out.name + ".part")
     total = writer.total_bytes
-    done = 0
     with Quantizer(threads or os.cpu_count() or 1) as q:
         try:
             writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
@@ -136,9 +135,9 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
             for job in jobs:
                 for chunk in _tensor_chunks(ckpt, job, q):
                     writer.write_tensor_data(job.planned.name, chunk)
-                    done += chunk.nbytes
                     if progress:
-                        progress(ConvertProgress(done, total, job.planned.name, time.monotonic() - start))
+                        progress(ConvertProgress(writer.bytes_written, total, job.planned.name,
+                                                 time.monotonic() - start))
             path = writer.finish()
         except BaseException:
             writer.abort()

@@ -73,6 +73,7 @@ class GGUFWriter:
         self._order: list[str] = []
         self._cursor = 0  # index into _order of the tensor being streamed
         self._created = False  # whether we created self.part (only then may abort delete it)
+        self.bytes_written = 0
 
     # ------------------------------------------------------------------ metadata
     def add_kv(self, key: str, vtype: GGUFValueType, value: Any) -> None:
@@ -170,6 +171,7 @@ class GGUFWriter:
     def _write(self, b) -> None:
         try:
             self._f.write(b)
+            self.bytes_written += len(b) if isinstance(b, bytes) else memoryview(b).nbytes
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskSpaceError(str(self.path), self.total_bytes, _free(self.path.parent)) from e

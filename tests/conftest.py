@@ -9,9 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---- checkpoint fixtures (owner: fixtures) ---------------------------------------------------------
-import pytest  # noqa: E402
+import pytest
 
-from tests.cache import cached_dir  # noqa: E402
+from tests.cache import cached_dir
 
 CKPT_SOURCES = ["tests/fixtures/*.py", "glmlocal/templates/*.jinja"]
 

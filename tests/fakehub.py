@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-CHUNK = 64 * 1024
+CHUNK = 1 << 20
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 
@@ -38,7 +38,7 @@ class Blob:
     git_sha1: str
 
     @classmethod
-    def of(cls, content: bytes | Path) -> "Blob":
+    def of(cls, content: bytes | Path) -> Blob:
         if isinstance(content, (str, Path)):
             p = Path(content)
             h, size = hashlib.sha256(), p.stat().st_size
@@ -128,7 +128,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -136,7 +136,7 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -146,7 +146,7 @@ class FakeHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -27,7 +27,7 @@ from glmlocal.chat import ChatREPL
 from glmlocal.chat_piped import PipedChat, split_prompts
 from glmlocal.chat_input import PromptReader
 from glmlocal.chat_transcript import Conversation, load_tools
-from glmlocal.chat_view import stable_split
+from glmlocal.chat_view import TrimmedMarkdown, stable_split
 from glmlocal.errors import ContextOverflowError, InputError
 from glmlocal.glm.events import (
     ContentDelta,
@@ -106,6 +106,8 @@ class FakeSession:
         n = 0
         for ev in self.scripts.pop(0):
             time.sleep(self.delay)
+            if isinstance(ev, Exception):
+                raise ev
             if ev == "SIGINT":
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)  # the handler runs between bytecodes; give it a moment
@@ -140,6 +142,27 @@ def test_streamed_markdown_collapsed_thinking_and_status_line():
     msg = repl.conv.messages[-1]
     assert msg["reasoning_content"] == "I should add the numbers carefully"
     assert msg["content"].startswith("## Result") and msg["content"].endswith("Done.")
+
+
+def test_streamed_blocks_are_spaced_like_the_whole_document():
+    text = "## Plan\n\n|Here is |a plan:\n\n|1. first\n|2. second\n\n|```python\n|x = 1\n|```\n\n|Done|."
+    session = FakeSession(answer(text, thinking="hmm"), delay=0.03)  # slow enough for live refreshes in between
+    repl, term = drive(session, "plan?" + ENTER + CTRL_D, term=Terminal(80, 30))
+    lines = term.lines()
+    start = next(i for i, line in enumerate(lines) if "Thought for" in line) + 1
+    end = next(i for i, line in enumerate(lines) if "tok/s" in line)
+    whole = Console(file=io.StringIO(), width=80, force_terminal=True)
+    with whole.capture() as cap:
+        whole.print(TrimmedMarkdown(repl.conv.messages[-1]["content"]))
+    expected = [line.rstrip() for line in pyte_lines(cap.get(), 80)]
+    assert lines[start:end] == expected
+
+
+def pyte_lines(ansi: str, width: int) -> list[str]:
+    screen = pyte.Screen(width, 100)
+    screen.set_mode(pyte.modes.LNM)
+    pyte.Stream(screen).feed(ansi)
+    return [line.rstrip() for line in screen.display][: screen.cursor.y]
 
 
 def test_show_thinking_expands_the_last_one():
@@ -196,6 +219,13 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_quits():
     session = FakeSession(answer("ok"))
     repl, _ = drive(session, "half typed\x03" + "real question" + ENTER + CTRL_D)
     assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["real question"]
+
+
+def test_a_failing_turn_keeps_the_conversation_and_the_repl():
+    session = FakeSession(answer("first"), [ContentDelta("\npartial"), RuntimeError("boom")], answer("third"))
+    repl, term = drive(session, "one" + ENTER + "two" + ENTER + "/retry" + ENTER + CTRL_D)
+    assert "internal error: RuntimeError: boom" in term.flat() and "third" in term.text()
+    assert [m["content"] for m in repl.conv.messages] == ["one", "first", "two", "third"]
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -286,6 +316,9 @@ def test_tool_call_is_shown_and_the_users_result_continues_the_turn(tmp_path):
     text = term.text()
     assert "tool call: get_weather" in text and '"city": "Paris"' in text and "call_abc" in text
     assert "result of get_weather:" in text and "It is 21 C in Paris." in text
+    lines = term.lines()
+    at = next(i for i, line in enumerate(lines) if "Thought for" in line)
+    assert lines[at + 1] == "Let me check." and "tool call: get_weather" in lines[at + 2]  # no stray blank lines
     assert session.calls[0]["tools"] == WEATHER
     second = session.calls[1]["messages"]
     assert second[-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}

@@ -81,32 +81,32 @@ TABLE = {
     "thinking off (glm47)": ("Hi!", "glm47", False, ("", "Hi!", [], "stop")),
     "stray </think> never in content": ("</think>Hi", "glm47", False, ("", "Hi", [], "stop")),
     "interleaved thinking": (
-        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>\n"
+        ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>\n"
         "<think>Also Rome.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n"
-        "</tool_call>", "glm45", False,
+        "</tool_call>"), "glm45", False,
         ("Also Rome.", "", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})], "tool_calls")),
     "typed values": (
-        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>123</arg_value>"
+        ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>123</arg_value>"
         "<arg_key>days</arg_key><arg_value> 3 </arg_value><arg_key>units</arg_key><arg_value>F</arg_value>"
         "<arg_key>detailed</arg_key><arg_value>true</arg_value><arg_key>opts</arg_key><arg_value>{\"a\": [1, {\"b\": null}]}"
         "</arg_value><arg_key>ids</arg_key><arg_value>[1,2]</arg_value><arg_key>ratio</arg_key><arg_value>0.5</arg_value>"
         "<arg_key>maybe</arg_key><arg_value>null</arg_value><arg_key>nothing</arg_key><arg_value>null</arg_value>"
-        "<arg_key>any</arg_key><arg_value>7</arg_value></tool_call>", "glm47", False,
+        "<arg_key>any</arg_key><arg_value>7</arg_value></tool_call>"), "glm47", False,
         ("", "", [("get_weather", {"city": "123", "days": 3, "units": "F", "detailed": True,
                                    "opts": {"a": [1, {"b": None}]}, "ids": [1, 2], "ratio": 0.5, "maybe": "null",
                                    "nothing": None, "any": 7})], "tool_calls")),
     "invalid JSON for a typed value falls back to the raw string": (
-        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>X</arg_value><arg_key>days</arg_key>"
-        "<arg_value>three</arg_value></tool_call>", "glm47", False,
+        ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>X</arg_value><arg_key>days</arg_key>"
+        "<arg_value>three</arg_value></tool_call>"), "glm47", False,
         ("", "", [("get_weather", {"city": "X", "days": "three"})], "tool_calls")),
     "strings raw: newlines, quotes, tags, entities kept": (
-        "<tool_call>write_file\n<arg_key>path</arg_key>\n<arg_value>a.html</arg_value>\n<arg_key>content</arg_key>\n"
-        "<arg_value><p class=\"x\">a &lt; b</p>\n\tdone\\n <tool_call></arg_value>\n</tool_call>", "glm45", False,
+        ("<tool_call>write_file\n<arg_key>path</arg_key>\n<arg_value>a.html</arg_value>\n<arg_key>content</arg_key>\n"
+        "<arg_value><p class=\"x\">a &lt; b</p>\n\tdone\\n <tool_call></arg_value>\n</tool_call>"), "glm45", False,
         ("", "", [("write_file", {"path": "a.html", "content": "<p class=\"x\">a &lt; b</p>\n\tdone\\n <tool_call>"})],
          "tool_calls")),
     "unknown tool is still a call": (
-        "<tool_call>rm_rf<arg_key>path</arg_key><arg_value>/</arg_value><arg_key>n</arg_key><arg_value>5</arg_value>"
-        "</tool_call>", "glm47", False, ("", "", [("rm_rf", {"path": "/", "n": 5})], "tool_calls")),
+        ("<tool_call>rm_rf<arg_key>path</arg_key><arg_value>/</arg_value><arg_key>n</arg_key><arg_value>5</arg_value>"
+        "</tool_call>"), "glm47", False, ("", "", [("rm_rf", {"path": "/", "n": 5})], "tool_calls")),
     "call without arguments": ("<tool_call>get_time</tool_call>", "glm47", False,
                                ("", "", [("get_time", {})], "tool_calls")),
     "JSON-style call": ('\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}</tool_call>',
@@ -132,6 +132,9 @@ TABLE = {
         "The answer is 4.", "glm47", True, ("The answer is 4.", "The answer is 4.", [], "stop")),
     "a lone < and non-tags are content": ("a < b and <b>bold</b> <thinking", "glm47", False,
                                           ("", "a < b and <b>bold</b> <thinking", [], "stop")),
+    "output ending in a lone < keeps it, a partial end token is dropped": (
+        "x <", "glm47", False, ("", "x <", [], "stop")),
+    "partial end token at the end is dropped": ("x<|obs", "glm47", False, ("", "x", [], "stop")),
     "text after calls is content": (
         "<tool_call>get_time</tool_call>\nDone calling.", "glm45", False,
         ("", "Done calling.", [("get_time", {})], "tool_calls")),

@@ -74,7 +74,7 @@ def _variants(family):
     for thinking in (True, False):
         for clear in clears:
             for gen in (True, False):
-                yield dict(enable_thinking=thinking, clear_thinking=clear, add_generation_prompt=gen)
+                yield {"enable_thinking": thinking, "clear_thinking": clear, "add_generation_prompt": gen}
 
 
 @pytest.mark.parametrize("family", ["glm45", "glm47"])
@@ -186,6 +186,9 @@ def test_template_source_precedence(tmp_path):
     ("{% set _ = messages.append(1) %}x", "unsafe"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "budget"),
     ("{{ 'x' * 1000000000 }}", "oversized"),
+    ("{{ 'x'.center(1000000000) }}", "oversized"),
+    ("{{ '%0999999999d' % 1 }}", "oversized"),
+    ("{{ '%*d' % (999999999, 1) }}", "oversized"),
     ("{{ 10 ** 100000 }}", "exponent"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed|failed"),
     ("{{ raise_exception('no system role') }}", "refused the conversation: no system role"),
@@ -199,7 +202,8 @@ def test_hostile_or_broken_templates_become_typed_errors(source, match):
 
 def test_sandbox_still_renders_ordinary_logic():
     tpl = ChatTemplate("{% for m in messages %}[{{ m.role }}:{{ m.content | upper }}]{% endfor %}"
-                       "{{ tools | tojson }}{{ range(3) | list | length }}", "glm47")
+                       "{{ tools | tojson }}{{ range(3) | list | length }}{{ '%-5s|' % 'ab' }}{{ '=' * 3 }}"
+                       "{{ 'x'.center(5) }}", "glm47")
     assert tpl.render([U1], [WEATHER["function"]], add_generation_prompt=False).startswith("[user:WEATHER IN PARIS?][")
 
 
@@ -219,16 +223,16 @@ def _assistant_from_output(text, family, tools, starts_in_thinking):
 
 REPLIES = {  # what each family's model writes after the generation prompt, per thinking mode
     ("glm45", True): ["\n<think>Sunny per forecast.</think>\nIt is sunny.",
-                      "\n<think>Need data.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
-                      "<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>",
+                      ("\n<think>Need data.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+                      "<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"),
                       "\n<think>Got it.</think>\nIt is 20C."],
-    ("glm45", False): ["\nIt is sunny.", "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
-                       "</tool_call>", "\nIt is 20C."],
+    ("glm45", False): ["\nIt is sunny.", ("\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+                       "</tool_call>"), "\nIt is 20C."],
     ("glm47", True): ["Sunny per forecast.</think>It is sunny.",
-                      "Need data.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
-                      "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>", "Got it.</think>It is 20C."],
-    ("glm47", False): ["It is sunny.", "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
-                       "</tool_call>", "It is 20C."],
+                      ("Need data.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+                      "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>"), "Got it.</think>It is 20C."],
+    ("glm47", False): ["It is sunny.", ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+                       "</tool_call>"), "It is 20C."],
 }
 
 
@@ -267,3 +271,19 @@ def test_dropping_old_reasoning_breaks_the_prefix(family, clear):
     # within a tool round-trip (no new user message) the reasoning is kept, so the prefix holds
     prompt, reply, nxt = steps[1]
     assert nxt.startswith(prompt + reply)
+
+
+@pytest.mark.parametrize("family,thinking,clear", [("glm47", True, None), ("glm45", True, False),
+                                                   ("glm45", False, None)])
+def test_prefix_stable_at_token_level(gguf_factory, family, thinking, clear):
+    """Text-level stability carries over to llama.cpp tokens (role and think tags are single tokens, so no BPE
+    merge crosses a turn boundary): the engine can reuse the KV cache of prompt + reply."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = llama_cpp.Llama(str(gguf_factory("tiny", "bf16")), vocab_only=True, verbose=False)
+
+    def toks(text):
+        return vocab.tokenize(text.encode(), add_bos=False, special=True)
+
+    for prompt, reply, nxt in _conversation_prompts(family, thinking, clear):
+        before = toks(prompt) + toks(reply)
+        assert toks(nxt)[: len(before)] == before

@@ -105,3 +105,24 @@ def test_bounded_strings_and_json_grammar():
 def test_gbnf_literal_escapes():
     assert gbnf_literal('a"b\\c\nd\te') == '"a\\"b\\\\c\\nd\\te"'
     assert gbnf_literal("é✓") == '"é✓"'
+
+
+PYDANTIC_STYLE = [  # two tools that both define "#/$defs/Item", differently
+    {"type": "function", "function": {"name": "order", "parameters": {
+        "type": "object", "$defs": {"Item": {"type": "object", "properties": {"sku": {"type": "integer"}},
+                                             "required": ["sku"]},
+                                    "Color": {"enum": ["red", "blue"]}},
+        "properties": {"item": {"$ref": "#/$defs/Item"}, "color": {"$ref": "#/$defs/Color"}},
+        "required": ["item", "color"]}}},
+    {"type": "function", "function": {"name": "label", "parameters": {
+        "type": "object", "$defs": {"Item": {"type": "string", "maxLength": 3}},
+        "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"]}}},
+]
+
+
+def test_local_refs_are_followed_per_tool():
+    order = PYDANTIC_STYLE[0]["function"]["parameters"]
+    assert param_mode(order, "color") == "string" and param_mode(order, "item") == "json"
+    g = tool_call_grammar(PYDANTIC_STYLE, "glm47", "required", enable_thinking=False)
+    assert '"red" | "blue"' in g and "[^<]{0,3}" in g  # string $refs are raw text rules
+    assert "sku" in g

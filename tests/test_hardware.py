@@ -13,8 +13,16 @@ import pytest
 
 from glmlocal.errors import InputError
 from glmlocal.hardware import (
-    DEFAULT_CPU_BW, GIB, Overrides, gpu_bandwidth, measure_cpu_bandwidth, parse_size, parse_sizes, probe,
-    probe_gpus, visible_selection,
+    DEFAULT_CPU_BW,
+    GIB,
+    Overrides,
+    gpu_bandwidth,
+    measure_cpu_bandwidth,
+    parse_size,
+    parse_sizes,
+    probe,
+    probe_gpus,
+    visible_selection,
 )
 
 

@@ -248,6 +248,10 @@ def test_reuses_verified_file_from_hf_cache(fakehub, gguf_repo, tmp_path):
     pull("glm-4.6", "q4_k_m", client=_client(), progress=_events(events))
     assert fakehub.served(REPO, part1) == PART_SIZE  # not downloaded a second time
     assert [e.how for e in events if isinstance(e, FileDone)][0] == "hf-cache"
+    # the store's copy is a hard link into the HF cache: removing it frees nothing of that file
+    store = Store()
+    freed = store.remove("glm-4.6", "q4_k_m")
+    assert 2 * PART_SIZE <= freed < 3 * PART_SIZE
 
 
 def test_disk_full_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkeypatch):
@@ -302,3 +306,63 @@ def test_rate_meter_uses_a_sliding_window(monkeypatch):
     clock["t"] += 1.0
     rate, eta = meter.update(2_000_000)
     assert rate == pytest.approx(2_000_000) and eta == pytest.approx(4.0)
+
+
+def test_private_repository_needs_a_token(fakehub, monkeypatch):
+    fakehub.add_repo(REPO, _split_parts(5, n=1), private=True)
+    with pytest.raises(HubError, match="not found on .*if it is private, set HF_TOKEN"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    monkeypatch.setenv("HF_TOKEN", "hf_good_token")
+    assert pull("glm-4.6", "q4_k_m", client=_client()).state == "complete"
+
+
+def test_ctrl_c_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkeypatch):
+    monkeypatch.setattr("glmlocal.pull.PROGRESS_EVERY_S", 0.0)  # an event per received chunk
+
+    def interrupt(ev):
+        if isinstance(ev, hubmod.FileProgress) and ev.done >= PART_SIZE + 50_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pull("glm-4.6", "q4_k_m", client=_client(), progress=interrupt)
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    (partial,) = d.glob("*-00002-of-00003.gguf.*.incomplete")
+    kept = partial.stat().st_size
+    assert 50_000 <= kept < PART_SIZE and not (d / "GLM-4.6-Q4_K_M-00002-of-00003.gguf").exists()
+    assert Store().read_manifest("glm-4.6", "q4_k_m").state == "downloading"
+    pull("glm-4.6", "q4_k_m", client=_client())
+    gets = [r["range"] for r in fakehub.requests if r["path"].endswith("00002-of-00003.gguf") and r["method"] == "GET"]
+    assert gets[-1] == f"bytes={kept}-"
+    assert (d / "GLM-4.6-Q4_K_M-00002-of-00003.gguf").read_bytes() == gguf_repo[
+        "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"]
+
+
+def test_offline_mode(fakehub, gguf_repo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        pull("glm-4.6", "q4_k_m", client=_client())
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    pull("glm-4.6", "q4_k_m", client=_client())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(fakehub.requests)
+    assert pull("glm-4.6", "q4_k_m", client=_client()).state == "complete"  # already here: no hub needed
+    assert len(fakehub.requests) == n
+
+
+def test_fakehub_speaks_the_hub_api_huggingface_hub_uses(fakehub, gguf_repo):
+    """The fake hub's listing endpoints, as huggingface_hub's own client parses them."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+
+    api = HfApi(endpoint=fakehub.url, token=False)
+    tree = {f.path: f for f in api.list_repo_tree(REPO, recursive=True)}
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    assert tree[part].size == PART_SIZE and tree[part].lfs.sha256 == __import__("hashlib").sha256(
+        gguf_repo[part]).hexdigest()
+    assert tree["README.md"].lfs is None
+    top = {f.path for f in api.list_repo_tree(REPO)}
+    assert top == {"README.md", "Q4_K_M", "Q6_K"}
+    (info,) = api.get_paths_info(REPO, [part])
+    assert info.lfs.sha256 == tree[part].lfs.sha256
+    meta = get_hf_file_metadata(hf_hub_url(REPO, part, endpoint=fakehub.url), token=False)
+    assert meta.commit_hash == fakehub.repos[REPO].refs["main"] and meta.size == PART_SIZE
+    assert meta.etag == tree[part].lfs.sha256

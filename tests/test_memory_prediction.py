@@ -115,3 +115,35 @@ def test_planner_cpu_device_matches_llama_cpp(ggufs):
     assert close(cpu.weights, got["CPU_Mapped model"])
     assert close(cpu.kv, got["CPU KV"])
     assert close(cpu.compute, got["CPU compute"] + got["CPU output"])
+
+
+def test_llama_cpp_applies_the_planned_expert_overrides(ggufs):
+    """The -ot patterns the planner writes, given to llama.cpp (std::regex, first match wins) through the
+    engine: exactly the expert tensors the plan keeps in RAM are logged as "buffer type overridden".
+    The GPU is hypothetical (this build is CPU-only), sized so one MoE layer's experts fit whole and
+    another's only in part: the partial-layer pattern is exercised too."""
+    from glmlocal.engine import Engine
+    from glmlocal.hardware import GPU
+
+    path = ggufs[("tiny", "q4_k_m")]
+    fp = footprint_from_gguf(path)
+    chosen = None
+    for free in range(1 * 2**20, 64 * 2**20, 16 * 1024):
+        machine = Hardware(gpus=(GPU(0, "hypothetical", free, free, 100e9),), ram_total=16 * GIB,
+                           ram_available=16 * GIB, cores=2, cpu_bandwidth=20e9)
+        p = plan(fp, machine, ctx=512, margin=0, n_ubatch=512)
+        if len(p.tensor_overrides) == 2:  # one whole-layer pattern plus one partial-layer pattern
+            chosen = p
+            break
+    assert chosen is not None, "no GPU size gives a whole + a partial expert layer"
+    expected = {n for layer in fp.trunk for n, _ in layer.expert_tensors
+                if any(re.search(pat, n) for pat, _ in chosen.tensor_overrides)}
+    all_experts = {n for layer in fp.trunk for n, _ in layer.expert_tensors}
+    assert 0 < len(expected) < len(all_experts)  # some experts stay in RAM, not all
+    engine = Engine.load(path, chosen)
+    try:
+        overridden = engine.report.overridden
+    finally:
+        engine.close()
+    # "CPU" resolves to the best CPU buffer type per tensor (CPU_REPACK for Q4_K on this CPU).
+    assert set(overridden) == expected and all(v.startswith("CPU") for v in overridden.values())

@@ -102,7 +102,7 @@ def test_console_script_entry_point(tmp_path):
     """The real entry point in a fresh interpreter: works with no model downloaded and no GPU."""
     env = {"GLMLOCAL_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "glmlocal", "plan", "glm-4.7", "--gpu-mem", "24GiB", "--ram", "256GiB"],
-                       capture_output=True, text=True, env=env, timeout=120, cwd=str(_repo()))
+                       capture_output=True, text=True, env=env, timeout=120, cwd=str(_repo()), check=False)
     assert r.returncode == 0, r.stderr
     assert "GLM-4.7 q4_k_m" in r.stdout and "-ngl 94" in r.stdout
 

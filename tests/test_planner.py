@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from glmlocal.errors import InputError, PlanError
 from glmlocal.footprint import footprint_from_spec
@@ -78,6 +79,13 @@ def check_invariants(p: Placement, f, machine):
     assert p.n_ctx % 256 == 0 and p.flash_attn
     # Every allocated byte of weights is somewhere, exactly once.
     assert sum(d.weights for d in p.devices) == f.weights_bytes
+    # The -ot patterns, applied as llama.cpp does (regex_search, per tensor name), move exactly the expert
+    # bytes the plan puts in RAM, and never touch a tensor that is not a routed expert.
+    if p.n_gpu_layers:
+        hits = {n for n in f.tensor_types if any(re.search(pat, n) for pat, _ in p.tensor_overrides)}
+        assert all("_exps" in n for n in hits)
+        on_cpu = sum(nb for layer in f.trunk for n, nb in layer.expert_tensors if n in hits or layer.index in host.layers)
+        assert on_cpu == host.weights - f.token_embd - sum(f.layers[i].non_expert for i in host.layers)
     # The estimate is the stated formula over the devices.
     seconds = sum(d.bytes_per_token / (d.bandwidth * (0.6 if d.name == "CPU" else 0.75)) for d in p.devices)
     assert p.est_tokens_per_s == pytest.approx(1 / seconds)
@@ -95,15 +103,17 @@ def expert_layers_on_cpu(p: Placement, f) -> set[int]:
 
 def test_air_q4_k_m_on_24gb_gpu_and_64gb_ram():
     """Expected: everything every token touches on the GPU with the full default 64K f16 context
-    (11.5 GiB KV), the spare VRAM filled with the experts of 4 MoE layers (about 5.5 GiB), the other
-    41 layers' experts in RAM; -ngl 48 = 46 layers + MTP slot + output; 10-16 tokens/s."""
+    (11.5 GiB KV), the spare VRAM filled with the experts of 4-5 MoE layers (1.3-1.6 GiB each, the
+    partial layer counted), the other layers' experts in RAM; -ngl 48 = 46 layers + MTP slot + output;
+    10-16 tokens/s."""
     f, m = fp("glm-4.5-air"), hw("24GiB", "64GiB")
     p = plan(f, m)
     check_invariants(p, f, m)
     gpu, cpu = p.devices
     assert p.n_ctx == 65536 and p.n_gpu_layers == 48 and p.tensor_split is None
     assert len(gpu.layers) == 46 and gpu.kv == 188_416 * 65536 and cpu.kv == 0
-    assert len(gpu.expert_layers) == 4 and len(cpu.expert_layers) == 41
+    assert 4 <= len(gpu.expert_layers) <= 6 and set(gpu.expert_layers) | set(cpu.expert_layers) == set(range(1, 46))
+    assert 5 * GIB < gpu.weights - sum(f.layers[i].non_expert for i in range(46)) - f.output < 8 * GIB
     assert expert_layers_on_cpu(p, f) == set(cpu.expert_layers)
     assert 10 < p.est_tokens_per_s < 16
     assert "-ngl 48" in p.llama_cpp_flags() and "-c 65536" in p.llama_cpp_flags()
@@ -111,7 +121,7 @@ def test_air_q4_k_m_on_24gb_gpu_and_64gb_ram():
 
 def test_glm46_q4_k_m_on_24gb_gpu_and_256gb_ram():
     """Expected: attention, shared experts, output and KV of all 92 layers (about 9 GiB of weights)
-    fill the card, so the automatic context shrinks from 64K to about 38K (f16 KV); no routed
+    fill the card, so the automatic context shrinks from 64K to about 36K (f16 KV); no routed
     experts fit on the GPU, all 89 MoE layers' experts (189 GiB) stay in RAM; about 4-6 tokens/s."""
     f, m = fp("glm-4.6"), hw("24GiB", "256GiB")
     p = plan(f, m)
@@ -189,17 +199,34 @@ def test_does_not_fit():
 
 def test_128k_context_with_q8_0_kv():
     """Expected: Air at 131072 tokens with q8_0 K and V: 12.2 GiB of KV stays on the 24 GiB card with
-    all attention, leaving room for the experts of 3-4 layers; flags carry -ctk/-ctv q8_0 and -fa on.
+    all attention, leaving room for the experts of 3-5 layers; flags carry -ctk/-ctv q8_0 and -fa on.
     With f16 KV the same context needs 23 GiB of KV alone and cannot keep every layer on the GPU."""
     f, m = fp("glm-4.5-air"), hw("24GiB", "64GiB")
     p = plan(f, m, ctx=131072, kv_type="q8_0")
     check_invariants(p, f, m)
     gpu, _ = p.devices
     assert p.n_ctx == 131072 and (p.type_k, p.type_v) == ("q8_0", "q8_0")
-    assert gpu.kv == 100_096 * 131072 and p.n_gpu_layers == 48 and 3 <= len(gpu.expert_layers) <= 4
+    assert gpu.kv == 100_096 * 131072 and p.n_gpu_layers == 48 and 3 <= len(gpu.expert_layers) <= 5
     assert "-ctk q8_0 -ctv q8_0 -fa on" in p.llama_cpp_flags()
     p16 = plan(f, hw("24GiB", "128GiB"), ctx=131072)
     assert p16.n_ctx == 131072 and p16.n_gpu_layers < 48 and p16.devices[-1].kv > 0
+
+
+def test_op_offload_weight_copy_is_reserved_on_the_first_gpu():
+    """For prompt batches llama.cpp runs RAM-resident expert matmuls on CUDA0, copying the weight into
+    its compute buffer: with experts in RAM CUDA0 reserves the largest expert tensor; with the whole
+    model on the GPU (Air Q4_K_M on a 96 GiB card) nothing is copied and nothing is overridden."""
+    from glmlocal.planner import compute_buffer_bytes
+
+    f = fp("glm-4.5-air")
+    largest = max(nb for layer in f.trunk for _, nb in layer.expert_tensors)
+    p = plan(f, hw("24GiB", "64GiB"))
+    assert p.devices[0].compute == compute_buffer_bytes(f, p.n_ctx, p.n_ubatch) + largest
+    p = plan(f, hw("96GiB", "64GiB"))
+    gpu, cpu = p.devices
+    assert p.tensor_overrides == [] and cpu.expert_layers == () and cpu.weights == f.token_embd
+    assert gpu.compute == compute_buffer_bytes(f, p.n_ctx, p.n_ubatch)
+    assert gpu.weights == f.weights_bytes - f.token_embd  # the input embedding always stays on CPU
 
 
 def test_partial_offload_when_attention_does_not_fit():
@@ -245,3 +272,26 @@ def test_bad_arguments():
 def test_cpu_only_convenience_constructor():
     p = Placement.cpu_only(8192, 4)
     assert p.n_gpu_layers == 0 and p.n_ctx == 8192 and "-t 4" in p.llama_cpp_flags()
+
+
+def test_unequal_gpus_get_layers_in_proportion_and_both_get_experts():
+    """24 GiB + 48 GiB: the bigger card takes about two thirds of the layers, and each card fills its own
+    spare VRAM with experts of its own layers."""
+    f, m = fp("glm-4.6"), hw("24GiB,48GiB", "256GiB")
+    p = plan(f, m)
+    check_invariants(p, f, m)
+    g0, g1, _ = p.devices
+    assert 25 <= len(g0.layers) <= 36 and len(g0.layers) + len(g1.layers) == 92
+    assert g0.expert_layers and len(g1.expert_layers) > len(g0.expert_layers)
+    assert llama_cpp_layer_devices(p, f) == {
+        **{i: 0 for i in range(len(g0.layers))}, **{i: 1 for i in range(len(g0.layers), 94)}}
+
+
+def test_split_gguf_parts_are_all_read():
+    from pathlib import Path
+
+    from glmlocal.footprint import _split_paths
+
+    parts = _split_paths(Path("/m/Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00005.gguf"))
+    assert [p.name for p in parts] == [f"GLM-4.6-Q4_K_M-0000{i}-of-00005.gguf" for i in range(1, 6)]
+    assert _split_paths(Path("/m/model.gguf")) == [Path("/m/model.gguf")]

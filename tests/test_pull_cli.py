@@ -84,7 +84,9 @@ def test_pull_without_published_gguf_converts_bf16_and_keeps_source(fakehub, ckp
     # a second quant converts from the kept source without downloading it again
     before = sum(fakehub.bytes_sent.values())
     code, _, err = _cli("pull", "glm-4.5-air-base", "--quant", "bf16", "--keep-source")
-    assert code == 0, err and sum(fakehub.bytes_sent.values()) == before
+    assert code == 0, err
+    assert sum(fakehub.bytes_sent.values()) == before
+    assert Store().read_manifest("glm-4.5-air-base", "bf16").state == "complete"
     code, out, _ = _cli("rm", "glm-4.5-air-base")
     assert code == 0 and "freed" in out and not store.model_root("glm-4.5-air-base").exists()
 
@@ -119,7 +121,7 @@ np.save(sys.argv[2], np.array(llm.scores[: len(tokens)], dtype=np.float32))
 def _logits(path: Path, tokens: list[int], out: Path) -> np.ndarray:
     """llama.cpp logits, in a subprocess so a native crash fails this test instead of killing pytest."""
     proc = subprocess.run([sys.executable, "-c", _LOGITS, str(path), str(out), ",".join(map(str, tokens))],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"llama.cpp failed on {path.name} (rc {proc.returncode}): {proc.stderr[-2000:]}"
     return np.load(out)
 
@@ -184,3 +186,28 @@ def test_cli_list_and_rm(fakehub):
     code, out, _ = _cli("rm", "GLM-4.7", "--quant", "q6_k")
     assert code == 0 and "removed glm-4.7 q6_k: freed" in out
     assert not Store().model_dir("glm-4.7", "q6_k").exists()
+
+
+def test_failed_conversion_keeps_the_downloaded_source(fakehub, ckpt_factory, monkeypatch):
+    import quantize.convert
+    from glmlocal.errors import ConversionError
+    from glmlocal.pull import pull
+
+    fakehub.add_dir("zai-org/GLM-4.5-Air-Base", ckpt_factory("tiny"))
+    real = quantize.convert.convert
+
+    def broken(*a, **kw):
+        raise ConversionError("simulated converter failure")
+
+    monkeypatch.setattr(quantize.convert, "convert", broken)
+    with pytest.raises(ConversionError):
+        pull("glm-4.5-air-base", "q8_0")
+    store = Store()
+    assert store.read_manifest("glm-4.5-air-base", "q8_0").state == "converting"
+    assert store.read_manifest("glm-4.5-air-base", "source-bf16").state == "complete"
+    assert not list(store.model_dir("glm-4.5-air-base", "q8_0").glob("*.gguf"))
+    fetched = sum(fakehub.bytes_sent.values())
+    monkeypatch.setattr(quantize.convert, "convert", real)
+    m = pull("glm-4.5-air-base", "q8_0")
+    assert m.state == "complete" and sum(fakehub.bytes_sent.values()) == fetched  # nothing downloaded again
+    assert not store.source_dir("glm-4.5-air-base", "bf16").exists()

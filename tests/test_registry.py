@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from glmlocal.errors import InputError
-from glmlocal.registry import QUANTS, all_models, find_model, get_model, normalize_quant, spec_from_checkpoint
+from glmlocal.registry import (
+    QUANTS,
+    all_models,
+    find_model,
+    get_model,
+    normalize_quant,
+    spec_from_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from glmlocal.errors import DiskSpaceError, InputError
-from glmlocal.store import (FileEntry, Manifest, Store, check_free, free_bytes, home, resolve_model,
-                            split_files)
+from glmlocal.store import (
+    FileEntry,
+    Manifest,
+    Store,
+    check_free,
+    free_bytes,
+    home,
+    resolve_model,
+    split_files,
+)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ Start (and maybe some deltas) but never an End, so consumers that aggregate must
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
@@ -62,7 +62,7 @@ class Finish:
     reason: FinishReason
 
 
-Event = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd, Finish]
+Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgsDelta | ToolCallEnd | Finish
 
 
 def coalesce(events: list[Event]) -> list[Event]:

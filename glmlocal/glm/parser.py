@@ -254,9 +254,11 @@ class StreamParser:
         return nxt != -1
 
     def _step_call_key(self, out: list[Event]) -> bool:
-        i = self._buf.find(KEY_CLOSE)
+        i = self._buf.find(KEY_CLOSE, self._call.get("scan", 0))
         if i == -1:
+            self._call["scan"] = max(0, len(self._buf) - len(KEY_CLOSE) + 1)
             return False
+        self._call["scan"] = 0
         key = self._buf[:i].strip()
         self._buf = self._buf[i + len(KEY_CLOSE):]
         sep = ", " if self._call["opened"] else "{"
@@ -330,8 +332,9 @@ class StreamParser:
     # ------------------------------------------------------------------ JSON-style calls
 
     def _step_call_json(self, out: list[Event]) -> bool:
-        i = self._buf.find(CALL_CLOSE)
-        if i == -1:
+        i = self._buf.find(CALL_CLOSE, self._call.get("scan", 0))
+        if i == -1:  # remember how far we looked: a long JSON body must not be rescanned per chunk
+            self._call["scan"] = max(0, len(self._buf) - len(CALL_CLOSE) + 1)
             return False
         body, self._buf = self._buf[:i], self._buf[i + len(CALL_CLOSE):]
         self._finish_json_call(out, body)
@@ -387,7 +390,7 @@ class StreamParser:
     def _flush(self, out: list[Event], natural: bool) -> None:
         if self._state in ("content", "reasoning"):
             tail = self._buf
-            if not any(m.startswith(tail) for m in STOP_MARKERS):
+            if not (tail.startswith("<|") and any(m.startswith(tail) for m in STOP_MARKERS)):
                 self._emit_text(out, tail)  # nothing can complete the tag now: it was text
         elif natural:
             self._commit_open_call(out)

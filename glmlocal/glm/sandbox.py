@@ -10,6 +10,7 @@ and every failure (syntax, security, `raise_exception`, recursion) becomes a Tem
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from glmlocal.errors import TemplateError
 
 MAX_OUTPUT_CHARS = 64 * 1024 * 1024  # a prompt far beyond any context window
 MAX_ITERATIONS = 1_000_000  # range() items and repetition sizes per render
-MAX_SEQUENCE = 8 * 1024 * 1024  # largest string/list a template may build with * or **
+MAX_SEQUENCE = 1024 * 1024  # largest string/list a template may build with *, %, or a padding method
 
 
 class _Budget:
@@ -33,12 +34,26 @@ class _Budget:
             raise TemplateError("chat template exceeded its work budget (runaway loop?)")
 
 
-class _GuardedEnvironment(ImmutableSandboxedEnvironment):
-    """Sandbox that also bounds `*` / `**`, the two operators that can allocate without limit."""
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\*|%[-+ #0]*\d{7,}|%[-+ #0]*\d*\.\d{7,}")
 
-    intercepted_binops = frozenset(["*", "**"])
+
+class _GuardedEnvironment(ImmutableSandboxedEnvironment):
+    """Sandbox that also bounds what can allocate without limit: `*`, `**`, `%` and huge integer arguments
+    (str.center(10**9), "x".zfill(...), ...)."""
+
+    intercepted_binops = frozenset(["*", "**", "%"])
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SEQUENCE:
+                raise TemplateError("chat template passes an oversized number to a function")
+        return super().call(context, obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%":
+            if isinstance(left, str) and _WIDE_FORMAT.search(left):
+                raise TemplateError("chat template uses an oversized format width")
+            return left % right
         if operator == "**":
             if isinstance(right, int) and abs(right) > 64:
                 raise TemplateError("chat template exponent too large")

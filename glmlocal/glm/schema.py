@@ -34,8 +34,22 @@ def tool_index(tools: list[Mapping[str, Any]] | None) -> dict[str, Mapping[str, 
     return out
 
 
-def value_mode(schema: Any) -> ValueMode:
-    """How to read a value for this parameter schema."""
+def resolve_ref(schema: Any, root: Any, depth: int = 0) -> Any:
+    """Follow a local "$ref" ("#/$defs/Name") against `root`; anything unresolvable is returned unchanged."""
+    ref = schema.get("$ref") if isinstance(schema, Mapping) else None
+    if not isinstance(ref, str) or "#/" not in ref or depth > 16:
+        return schema
+    target = root
+    for part in ref.split("#", 1)[1][1:].split("/"):
+        if not isinstance(target, Mapping) or part not in target:
+            return schema
+        target = target[part]
+    return resolve_ref(target, root, depth + 1)
+
+
+def value_mode(schema: Any, root: Any = None) -> ValueMode:
+    """How to read a value for this parameter schema (`root`: the parameters schema, for local $refs)."""
+    schema = resolve_ref(schema, root)
     if not isinstance(schema, Mapping):
         return "guess"
     typ = schema.get("type")
@@ -50,7 +64,7 @@ def value_mode(schema: Any) -> ValueMode:
                 return "string" if any(isinstance(v, str) for v in values) else "json"
     branches = schema.get("anyOf") or schema.get("oneOf")
     if isinstance(branches, list) and branches:
-        modes = {value_mode(b) for b in branches}
+        modes = {value_mode(b, root) for b in branches}
         if "string" in modes:
             return "string"
         return "json" if modes == {"json"} else "guess"
@@ -66,7 +80,7 @@ def param_mode(params: Mapping[str, Any] | None, key: str) -> ValueMode:
     props = params.get("properties")
     if not isinstance(props, Mapping) or key not in props:
         return "guess"
-    return value_mode(props[key])
+    return value_mode(props[key], params)
 
 
 def convert_value(raw: str, mode: ValueMode) -> Any:

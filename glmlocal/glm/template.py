@@ -18,6 +18,18 @@ keeps all past reasoning (llama.cpp passes clear_thinking=false), GLM-4.5/4.6 dr
 user message (its template cannot keep it). True drops old reasoning for both. False keeps it for both; for
 GLM-4.5/4.6 that goes beyond the official template (native renderer only) and is what keeps its prompts
 prefix-stable across turns, so the KV cache is reused.
+
+Prefix stability (turn N+1's prompt starts with turn N's prompt + the reply as generated) holds when the reply
+is in the template's canonical form, which is how the models write. Where it cannot hold:
+- reasoning is dropped (GLM-4.5/4.6 by default, or clear_thinking=True): once a new user message arrives the
+  previous answer is re-rendered without its reasoning, so that one answer is re-read (everything before it is
+  still reused). Within a tool round-trip (no new user message) reasoning is kept and the prefix holds.
+  clear_thinking=False makes both families fully stable.
+- GLM-4.5/4.6 with enable_thinking toggled between turns: "/nothink" is added to or removed from every past
+  user message.
+- whitespace the templates strip (around reasoning and content) and non-canonical JSON in non-string tool
+  arguments (`{"a":1}` is re-rendered as `{"a": 1}`) are re-rendered differently; the parser already reports
+  them the way the template will render them.
 """
 
 from __future__ import annotations
@@ -108,10 +120,9 @@ class ChatTemplate:
                 raise TemplateError("the native renderer only reproduces the official templates")
             return native.render_native(msgs, tool_list, self.family, add_generation_prompt=add_generation_prompt,
                                         enable_thinking=enable_thinking, keep_reasoning=keep)
-        variables: dict[str, Any] = dict(messages=msgs, tools=tool_list or None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=enable_thinking, bos_token="[gMASK]",
-                                         eos_token="<|endoftext|>")
+        variables: dict[str, Any] = {
+            "messages": msgs, "tools": tool_list or None, "add_generation_prompt": add_generation_prompt,
+            "enable_thinking": enable_thinking, "bos_token": "[gMASK]", "eos_token": "<|endoftext|>"}
         if clear_thinking is not None or self.family == "glm47":
             variables["clear_thinking"] = not keep
         return render_template(self._compiled, variables)

@@ -67,13 +67,47 @@ class _Grammar:
         self.rules[name] = rule
         return name
 
-    def json_value(self, schema: Any, hint: str) -> str:
-        """Rule for a JSON value matching `schema` (via the converter)."""
+    def register_defs(self, root: Mapping[str, Any]) -> dict:
+        """A copy of `root` whose local $defs get names unique to it, registered with the converter.
+
+        The converter names a referenced rule after the last part of its $ref, so two tools that both define
+        "#/$defs/Item" would otherwise share one rule.
+        """
+        self._n += 1
+        prefix = f"d{self._n}"
+
+        def rename(node: Any, top: bool) -> Any:
+            if isinstance(node, list):
+                return [rename(x, False) for x in node]
+            if not isinstance(node, Mapping):
+                return node
+            out = {}
+            for key, value in node.items():
+                if top and key in ("$defs", "definitions") and isinstance(value, Mapping):
+                    out[key] = {f"{prefix}{name}": rename(sub, False) for name, sub in value.items()}
+                elif key == "$ref" and isinstance(value, str):
+                    head, _, name = value.rpartition("/")
+                    local = head in ("#/$defs", "#/definitions")
+                    out[key] = f"{head}/{prefix}{name}" if local else value
+                else:
+                    out[key] = rename(value, False)
+            return out
+
+        try:
+            return self.conv.resolve_refs(rename(json.loads(json.dumps(root)), True), f"tool{self._n}")
+        except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise InputError(f"unsupported JSON schema: {exc}") from None
+
+    def json_value(self, schema: Any, hint: str, *, resolved: bool = False) -> str:
+        """Rule for a JSON value matching `schema` (via the converter); `resolved`: refs already registered."""
         if not isinstance(schema, Mapping):
             schema = {}
         try:
-            resolved = self.conv.resolve_refs(json.loads(json.dumps(schema)), "tool")
-            return self.conv.visit(resolved, f"v{self._n}-{hint}"[:40])
+            if not resolved:
+                schema = self.register_defs(schema)
+            return self.conv.visit(schema, f"v{self._n}-{hint}"[:40])
+        except InputError:
+            raise
         except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
             raise InputError(f"unsupported JSON schema for {hint!r}: {exc}") from None
 
@@ -116,28 +150,28 @@ def _string_value(g: _Grammar, schema: Any, name: str) -> str:
     return g.excluding("</arg_value>")
 
 
-def _arg_rule(g: _Grammar, key: str, prop: Any, family: str, tool: str) -> str:
+def _arg_rule(g: _Grammar, key: str, prop: Any, family: str, tool: str, root: Mapping[str, Any]) -> str:
     nl = "\n" if family == "glm45" else ""
-    mode = sch.value_mode(prop)
+    mode = sch.value_mode(prop, root)
     if mode == "string":
-        value = _string_value(g, prop, f"{tool}-{key}")
+        value = _string_value(g, sch.resolve_ref(prop, root), f"{tool}-{key}")
     elif mode == "guess":  # no usable type: any text, typed by the parser's guess
         value = g.excluding("</arg_value>")
     else:
-        value = g.json_value(prop, f"{tool}-{key}")
+        value = g.json_value(prop, f"{tool}-{key}", resolved=True)
     seq = f"{gbnf_literal(f'<arg_key>{key}</arg_key>{nl}<arg_value>')} {value} {gbnf_literal('</arg_value>' + nl)}"
     return g.add(seq, "arg")
 
 
 def _call_rule(g: _Grammar, fn: Mapping[str, Any], family: str) -> str:
     name = fn["name"]
-    params = fn.get("parameters") if isinstance(fn.get("parameters"), Mapping) else {}
+    params = g.register_defs(fn["parameters"]) if isinstance(fn.get("parameters"), Mapping) else {}
     props = params.get("properties") if isinstance(params.get("properties"), Mapping) else {}
     required = [k for k in (params.get("required") or []) if k in props]
     optional = [k for k in props if k not in required]
     parts = [gbnf_literal("<tool_call>" + name + ("\n" if family == "glm45" else ""))]
-    parts += [_arg_rule(g, k, props[k], family, name) for k in required]
-    parts += [f"{_arg_rule(g, k, props[k], family, name)}?" for k in optional]
+    parts += [_arg_rule(g, k, props[k], family, name, params) for k in required]
+    parts += [f"{_arg_rule(g, k, props[k], family, name, params)}?" for k in optional]
     parts.append(gbnf_literal("</tool_call>"))
     return g.add(" ".join(parts), "call")
 
