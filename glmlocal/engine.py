@@ -383,8 +383,8 @@ class Engine:
         key, stash_n = self.state_cache.best(prompt)
         stash_n = min(stash_n, limit)
         if key is not None and stash_n > live_n:
+            tokens, data = self.state_cache.take(key)  # before stashing, which may evict it
             self._stash_live()
-            tokens, data = self.state_cache.take(key)
             self._restore(tokens, data)
             self._truncate(stash_n)
             source = "stash"

@@ -39,6 +39,8 @@ READ_CHUNK = 1 << 20
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_RETRIES = 3  # mid-file network failures survived per file within one run (linear backoff)
 DEFAULT_RETRY_WAIT = 1.0
+# Files fetched at once (split GGUF parts, safetensors shards): one HTTP stream rarely fills a fast line.
+DEFAULT_WORKERS = 4
 
 
 class TransientHTTPError(ConnectionError):
@@ -125,14 +127,16 @@ def hf_cache_dir() -> Path:
 
 
 class HubClient:
-    """One endpoint + token. `retries` is how many mid-file network failures one download survives."""
+    """One endpoint + token. `retries`: mid-file network failures one download survives; `workers`: files
+    of a set fetched in parallel."""
 
     def __init__(self, endpoint_url: str | None = None, token: str | None = None, retries: int | None = None,
-                 retry_wait: float | None = None):
+                 retry_wait: float | None = None, workers: int | None = None):
         self.endpoint = (endpoint_url or endpoint()).rstrip("/")
         self.token = token if token is not None else get_token()
         self.retries = DEFAULT_RETRIES if retries is None else retries
         self.retry_wait = DEFAULT_RETRY_WAIT if retry_wait is None else retry_wait
+        self.workers = DEFAULT_WORKERS if workers is None else workers
         self.api = HfApi(endpoint=self.endpoint, token=self.token or False)
 
     def listing(self, repo: str, revision: str | None = None) -> RepoListing:
@@ -141,8 +145,11 @@ class HubClient:
             raise HubError("HF_HUB_OFFLINE is set, cannot reach the hub", hint="unset HF_HUB_OFFLINE")
         try:
             info = self.api.model_info(repo, revision=revision, files_metadata=True)
-        except Exception as e:  # mapped to one line; anything unexpected re-raised inside
-            raise self.error(e, repo, revision=revision) from e
+        except Exception as e:  # mapped to one line; anything unexpected is re-raised as it is
+            mapped = self.error(e, repo, revision=revision)
+            if mapped is e:
+                raise
+            raise mapped from e
         files = [
             RemoteFile(s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0)),
                        s.lfs.sha256 if s.lfs else None, s.blob_id)
@@ -289,7 +296,10 @@ class HubClient:
         except DiskSpaceError:
             raise
         except Exception as e:
-            raise self.error(e, repo, revision=commit, path=rf.path) from e
+            mapped = self.error(e, repo, revision=commit, path=rf.path)
+            if mapped is e:
+                raise
+            raise mapped from e
 
 
 def _write(fh, chunk: bytes, part: Path) -> None:

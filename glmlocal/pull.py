@@ -10,7 +10,9 @@ far they got (a rerun resumes), and report progress as events from glmlocal.hub 
 from __future__ import annotations
 
 import fnmatch
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -194,37 +196,87 @@ def _preflight(store: Store, dest: Path, files: list[RemoteFile], m: Manifest, e
 
 def download_set(client: HubClient, listing: RepoListing, files: list[RemoteFile], dest: Path,
                  m: Manifest, store: Store, emit: Callback) -> int:
-    """Fetch every file of `m` into `dest`, one progress stream. Returns bytes fetched by this run."""
-    present = sum(_on_disk(dest, e, rf) for rf, e in zip(files, m.files))
-    total = sum(rf.size for rf in files)
-    emit(PullStarted(m.name, m.quant, m.method, listing.repo, listing.commit, len(files), total, present))
-    state = {"done": present, "fetched": 0, "last": 0.0}
-    meter = RateMeter(total, present)
-    for rf, entry in zip(files, m.files):
-        final = dest / entry.path
-        if _already_verified(final, entry, rf):
-            emit(FileDone(entry.path, rf.size, "present"))
-            store.write_manifest(m)
-            continue
-        resume_from = _on_disk(dest, entry, rf)
-        emit(FileStarted(entry.path, rf.size, resume_from))
-        file_state = {"done": resume_from}
+    """Fetch every file of `m` into `dest` (client.workers files at a time), one progress stream.
 
-        def on_bytes(n: int, rf=rf, entry=entry, file_state=file_state) -> None:
-            file_state["done"] += n
-            state["done"] += n
-            state["fetched"] += max(n, 0)
-            now = time.monotonic()
-            if now - state["last"] >= PROGRESS_EVERY_S or file_state["done"] >= rf.size:
-                state["last"] = now
-                rate, eta = meter.update(state["done"])
-                emit(FileProgress(entry.path, file_state["done"], rf.size, state["done"], total, rate, eta))
+    Returns the bytes fetched by this run. The manifest is rewritten after each file, so an interrupted pull
+    knows what is done; on the first failure the other transfers stop and keep their partial files.
+    """
+    return _SetDownload(client, listing, files, dest, m, store, emit).run()
 
-        how = client.download(listing.repo, listing.commit, rf, final, on_bytes=on_bytes, on_event=emit)
-        entry.verified = True
-        store.write_manifest(m)  # after each file, so an interrupted pull knows what is done
-        emit(FileDone(entry.path, rf.size, how))
-    return state["fetched"]
+
+class Cancelled(Exception):
+    """Another file of the set failed, or the user interrupted: stop this transfer, keep its partial file."""
+
+
+class _SetDownload:
+    def __init__(self, client: HubClient, listing: RepoListing, files: list[RemoteFile], dest: Path,
+                 m: Manifest, store: Store, emit: Callback):
+        self.client, self.listing, self.files, self.dest, self.m, self.store = client, listing, files, dest, m, store
+        self._emit = emit
+        self.lock = threading.RLock()  # events, counters and manifest writes come from worker threads
+        self.stop = threading.Event()
+        self.total = sum(rf.size for rf in files)
+        self.done = self.fetched = 0
+        self.last = 0.0
+        self.meter = RateMeter(self.total)
+
+    def emit(self, ev: object) -> None:
+        with self.lock:
+            self._emit(ev)
+
+    def run(self) -> int:
+        m = self.m
+        self.done = sum(_on_disk(self.dest, e, rf) for rf, e in zip(self.files, m.files))
+        self.meter = RateMeter(self.total, self.done)
+        self.emit(PullStarted(m.name, m.quant, m.method, self.listing.repo, self.listing.commit, len(self.files),
+                              self.total, self.done))
+        todo = []
+        for rf, entry in zip(self.files, m.files):
+            if _already_verified(self.dest / entry.path, entry, rf):
+                self.emit(FileDone(entry.path, rf.size, "present"))
+            else:
+                todo.append((rf, entry))
+        self.store.write_manifest(m)
+        workers = max(1, min(self.client.workers, len(todo)))
+        if workers == 1:
+            for rf, entry in todo:
+                self.one(rf, entry)
+            return self.fetched
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="glmlocal-pull") as pool:
+            futures = [pool.submit(self.one, rf, entry) for rf, entry in todo]
+            try:
+                for fut in as_completed(futures):
+                    fut.result()  # the first failure (or Ctrl-C) wins
+            finally:
+                self.stop.set()  # the others stop at their next chunk
+        return self.fetched
+
+    def one(self, rf: RemoteFile, entry: FileEntry) -> None:
+        if self.stop.is_set():
+            raise Cancelled(rf.path)
+        resume_from = _on_disk(self.dest, entry, rf)
+        self.emit(FileStarted(entry.path, rf.size, resume_from))
+        file_done = [resume_from]
+
+        def on_bytes(n: int) -> None:
+            if self.stop.is_set():
+                raise Cancelled(rf.path)
+            with self.lock:
+                file_done[0] += n
+                self.done += n
+                self.fetched += max(n, 0)
+                now = time.monotonic()
+                if now - self.last >= PROGRESS_EVERY_S or file_done[0] >= rf.size:
+                    self.last = now
+                    rate, eta = self.meter.update(self.done)
+                    self.emit(FileProgress(entry.path, file_done[0], rf.size, self.done, self.total, rate, eta))
+
+        how = self.client.download(self.listing.repo, self.listing.commit, rf, self.dest / entry.path,
+                                   on_bytes=on_bytes, on_event=self.emit)
+        with self.lock:
+            entry.verified = True
+            self.store.write_manifest(self.m)
+            self.emit(FileDone(entry.path, rf.size, how))
 
 
 def _already_verified(final: Path, entry: FileEntry, rf: RemoteFile) -> bool:

@@ -48,7 +48,7 @@ class PullView:
             TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), console=console, transient=True,
         )
         self.overall: TaskID | None = None
-        self.file: TaskID | None = None
+        self.files: dict[str, TaskID] = {}  # one bar per file in flight (several download at once)
         self.convert: TaskID | None = None
 
     def __enter__(self) -> PullView:
@@ -72,15 +72,13 @@ class PullView:
         self.overall = self.progress.add_task("total", total=ev.total, completed=ev.present, speed="")
 
     def _on_FileStarted(self, ev: hub.FileStarted) -> None:
-        if self.file is not None:
-            self.progress.remove_task(self.file)
         label = Path(ev.path).name + (f" (resuming at {human(ev.resume_from)})" if ev.resume_from else "")
-        self.file = self.progress.add_task(label, total=ev.size, completed=ev.resume_from, speed="")
+        self.files[ev.path] = self.progress.add_task(label, total=ev.size, completed=ev.resume_from, speed="")
 
     def _on_FileProgress(self, ev: hub.FileProgress) -> None:
         speed = f"{ev.rate / 1e6:.1f} MB/s ETA {_eta(ev.eta)}"
-        if self.file is not None:
-            self.progress.update(self.file, completed=ev.file_done)
+        if ev.path in self.files:
+            self.progress.update(self.files[ev.path], completed=ev.file_done)
         if self.overall is not None:
             self.progress.update(self.overall, completed=ev.done, speed=speed)
 
@@ -88,9 +86,9 @@ class PullView:
         self.console.print(f"[yellow]{ev.path}: {ev.reason}[/]")
 
     def _on_FileDone(self, ev: hub.FileDone) -> None:
-        if self.file is not None:
-            self.progress.remove_task(self.file)
-            self.file = None
+        task = self.files.pop(ev.path, None)
+        if task is not None:
+            self.progress.remove_task(task)
         note = {"present": "already here, verified", "hf-cache": "from the Hugging Face cache, verified"}
         self.console.print(f"  {ev.path}: {human(ev.size)} {note.get(ev.how, ev.how + ', verified')}")
 

@@ -69,8 +69,11 @@ class _Job:
     ggml_type: GGMLType
 
 
-def plan(src_dir: Path, quant: str, mtp: bool = True) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
-    """Validate the checkpoint and build a writer with all metadata and tensor infos declared."""
+def plan(src_dir: Path, quant: str, mtp: bool = True,
+         out_path: Path | None = None) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
+    """Validate the checkpoint and build a writer with all metadata and tensor infos declared.
+
+    Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise InputError(f"{src_dir} is not a directory", hint="pass a checkpoint directory")
@@ -89,7 +92,7 @@ def plan(src_dir: Path, quant: str, mtp: bool = True) -> tuple[Checkpoint, GGUFW
         n_layer_all = cfg.n_layer + (cfg.n_nextn if mtp else 0)
         types = recipe.plan_types([(t.name, t.shape) for t in planned], quant, n_layer_all, cfg.n_expert)
         planned = sorted(planned, key=lambda t: recipe.weight_order_key(t.name))
-    writer = GGUFWriter(Path("/dev/null"))  # path set by convert(); plan() is also used for dry runs
+    writer = GGUFWriter(out_path or src_dir / f"model-{quant}.gguf")
     _add_kv(writer, src_dir, cfg, planned, mtp, ftype, quantized=quant != "bf16")
     jobs = []
     for t in planned:
@@ -121,11 +124,10 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
     t0 = time.monotonic()
-    ckpt, writer, jobs = plan(Path(src_dir), quant, mtp)
     out = Path(out_path)
     if out.is_dir():
         raise InputError(f"output {out} is a directory", hint="give a file name ending in .gguf")
-    writer.path, writer.part = out, out.with_name(out.name + ".part")
+    ckpt, writer, jobs = plan(Path(src_dir), quant, mtp, out)
     total = writer.total_bytes
     with Quantizer(threads or os.cpu_count() or 1) as q:
         try:

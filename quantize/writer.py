@@ -184,6 +184,7 @@ class GGUFWriter:
         """Check that every tensor was fully written, flush, and rename `.part` to the final name."""
         if self._cursor != len(self._order):
             missing = self._order[self._cursor]
+            self.abort()
             raise RuntimeError(f"GGUF incomplete: tensor {missing} not fully written")
         try:
             self._f.flush()

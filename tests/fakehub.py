@@ -20,12 +20,13 @@ import json
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-CHUNK = 1 << 20
+CHUNK = 256 * 1024
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 
@@ -92,6 +93,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.allowed_tokens: set[str] = {"hf_good_token"}
+        self.stream_bps: float | None = None  # per-connection rate cap, like a CDN's per-stream limit
         self.bytes_sent: dict[tuple[str, str], int] = {}
         self.requests: list[dict] = []
         self._lock = threading.Lock()
@@ -359,6 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             self.fake.count(repo_id, path, len(data))
             pos += len(data)
+            if self.fake.stream_bps:
+                time.sleep(len(data) / self.fake.stream_bps)
         if stop < end:  # injected drop: cut the connection mid-body
             self.wfile.flush()
             self.close_connection = True

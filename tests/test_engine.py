@@ -86,8 +86,9 @@ def test_tensor_overrides_are_applied_per_tensor(gguf):
 
 
 def test_bad_overrides_are_refused(gguf):
-    with pytest.raises(EngineError, match="unknown buffer type 'NOPE'.*available: .*CPU"):
+    with pytest.raises(EngineError, match="unknown buffer type 'NOPE'") as err:
         Engine.load(gguf, _placement(tensor_overrides=[(EXPERTS, "NOPE")]))
+    assert "available: CPU" in err.value.one_line()
     with pytest.raises(EngineError, match="invalid tensor override pattern"):
         Engine.load(gguf, _placement(tensor_overrides=[("blk.(", "CPU")]))
 

@@ -154,6 +154,7 @@ def _parse(text, family, tools, starts_in_thinking, reason):
     return p.feed(text) + p.finish(reason)
 
 
+@pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
 @pytest.mark.parametrize("family,thinking", [("glm45", False), ("glm47", False), ("glm45", True), ("glm47", True)])
 def test_forced_tool_call_from_random_model(llm, family, thinking):
     tpl = ChatTemplate.builtin(family)
@@ -174,6 +175,7 @@ def test_forced_tool_call_from_random_model(llm, family, thinking):
         assert not any(isinstance(e, ContentDelta) for e in events), text
 
 
+@pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
 def test_without_grammar_the_random_model_emits_noise(llm):
     tpl = ChatTemplate.builtin("glm47")
     prompt = tpl.render([{"role": "user", "content": "Wake me at 7."}], TOOLS, enable_thinking=False)
@@ -183,6 +185,7 @@ def test_without_grammar_the_random_model_emits_noise(llm):
         assert not any(isinstance(e, ToolCallEnd) for e in events), text
 
 
+@pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
 @pytest.mark.parametrize("family", ["glm45", "glm47"])
 def test_forced_json_answer_from_random_model(llm, family):
     schema = {"type": "object", "properties": {

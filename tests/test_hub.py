@@ -89,8 +89,8 @@ def test_pull_published_split_gguf(fakehub, gguf_repo):
 def test_interrupted_pull_resumes_without_refetching(fakehub, gguf_repo):
     part2 = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
     fakehub.faults.append(Fault(path=part2, kind="drop", at=123_457))
-    with pytest.raises(HubError) as exc:
-        pull("glm-4.6", "q4_k_m", client=_client(retries=0))
+    with pytest.raises(HubError) as exc:  # one file at a time, so the server's byte counts are exact
+        pull("glm-4.6", "q4_k_m", client=_client(retries=0, workers=1))
     assert re.search(r"network failure.*123,457 of 300,000 bytes kept.*run the same command again to resume",
                      exc.value.one_line())
     store = Store()
@@ -103,7 +103,7 @@ def test_interrupted_pull_resumes_without_refetching(fakehub, gguf_repo):
     assert resolve_model("glm-4.6:q4_k_m").kind == "registry"
 
     events: list = []
-    m = pull("glm-4.6", "q4_k_m", client=_client(retries=0), progress=_events(events))
+    m = pull("glm-4.6", "q4_k_m", client=_client(retries=0, workers=1), progress=_events(events))
     assert m.state == "complete"
     assert (d / os.path.basename(part2)).read_bytes() == gguf_repo[part2]
     for path in gguf_repo:
@@ -141,7 +141,8 @@ def test_persistently_corrupt_file_fails_and_leaves_no_final_file(fakehub, gguf_
     with pytest.raises(HubError, match="failed verification twice"):
         pull("glm-4.6", "q4_k_m", client=_client())
     d = Store().model_dir("glm-4.6", "q4_k_m")
-    assert not list(d.glob("*.gguf")) and not list(d.glob("*.incomplete"))
+    assert not list(d.glob("*-00001-of-00003.gguf*"))  # neither a final file nor a partial one
+    assert Store().read_manifest("glm-4.6", "q4_k_m").state == "downloading"
 
 
 def test_corrupt_file_under_final_name_is_replaced(fakehub, gguf_repo):
@@ -282,7 +283,7 @@ def test_disk_full_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkey
 
     monkeypatch.setattr(hubmod, "open", full_open, raising=False)
     with pytest.raises(DiskSpaceError, match="not enough disk space for download"):
-        pull("glm-4.6", "q4_k_m", client=_client())
+        pull("glm-4.6", "q4_k_m", client=_client(workers=1))
     d = Store().model_dir("glm-4.6", "q4_k_m")
     assert not (d / "GLM-4.6-Q4_K_M-00002-of-00003.gguf").exists()
     (partial,) = d.glob("*-00002-of-00003.gguf.*.incomplete")
@@ -324,7 +325,7 @@ def test_ctrl_c_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkeypat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pull("glm-4.6", "q4_k_m", client=_client(), progress=interrupt)
+        pull("glm-4.6", "q4_k_m", client=_client(workers=1), progress=interrupt)
     d = Store().model_dir("glm-4.6", "q4_k_m")
     (partial,) = d.glob("*-00002-of-00003.gguf.*.incomplete")
     kept = partial.stat().st_size
@@ -366,3 +367,32 @@ def test_fakehub_speaks_the_hub_api_huggingface_hub_uses(fakehub, gguf_repo):
     meta = get_hf_file_metadata(hf_hub_url(REPO, part, endpoint=fakehub.url), token=False)
     assert meta.commit_hash == fakehub.repos[REPO].refs["main"] and meta.size == PART_SIZE
     assert meta.etag == tree[part].lfs.sha256
+
+
+def test_parallel_files_stop_together_and_all_resume(fakehub, gguf_repo):
+    """Three parts in flight at once; one fails for good: the others stop, keep their partial files, and the
+    next run asks each one only for its missing bytes."""
+    gguf_repo = dict(gguf_repo)
+    big = _split_parts(6)
+    big = {k: v * 20 for k, v in big.items()}  # 6 MB parts, so the others are still in flight
+    fakehub.add_repo(REPO, big)
+    part2 = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part2, kind="drop", at=2_000_000))
+    events: list = []
+    with pytest.raises(HubError, match="network failure"):
+        pull("glm-4.6", "q4_k_m", client=_client(retries=0, workers=3), progress=_events(events))
+    assert {e.path for e in events if isinstance(e, hubmod.FileStarted)} == {os.path.basename(p) for p in big}
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    kept = {p.name.split(".gguf")[0]: p.stat().st_size for p in d.glob("*.incomplete")}
+    done = {p.name for p in d.glob("*.gguf")}
+    assert kept or done
+    pull("glm-4.6", "q4_k_m", client=_client(workers=3))
+    for path, data in big.items():
+        name = os.path.basename(path)
+        assert (d / name).read_bytes() == data
+        gets = [r["range"] for r in fakehub.requests if r["path"].endswith(name) and r["method"] == "GET"]
+        stem = name.split(".gguf")[0]
+        if stem in kept:
+            assert gets[-1] == f"bytes={kept[stem]}-"
+        else:
+            assert name in done and len(gets) == 1

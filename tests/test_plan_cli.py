@@ -111,3 +111,10 @@ def _repo():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+def test_a_file_that_is_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 definitely a zip file")
+    r = CliRunner().invoke(app, ["plan", str(bad), "--cpu-only", "--ram", "8GiB"])
+    assert r.exit_code == 2 and "not a GGUF" in r.output and "Traceback" not in r.output
