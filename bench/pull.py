@@ -4,7 +4,8 @@ hf_hub_download, both fetching the same file from a local fake hub (tests/fakehu
     python bench/pull.py [--mb 256]
 
 Prints MB/s for both and the ratio (glmlocal / huggingface_hub). glmlocal also hashes every byte (sha256)
-while writing; hf_hub_download does not verify content hashes.
+while writing; hf_hub_download does not verify content hashes. Then a 4-part split GGUF behind a per-stream
+rate cap: one file at a time against 4 at once (ratio = speedup from parallel files).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from huggingface_hub import hf_hub_download  # noqa: E402
 
 from glmlocal.hub import HubClient  # noqa: E402
-from glmlocal.pull import select_gguf  # noqa: E402
+from glmlocal.pull import download_set, select_gguf  # noqa: E402
+from glmlocal.store import FileEntry, Manifest, Store  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 
 REPO = "bench/GLM-GGUF"
@@ -73,9 +75,6 @@ def parallel_files(hub: FakeHub, tmp: Path, mb: int) -> None:
             client = HubClient(endpoint_url=hub.url, token="", workers=workers)
             listing = client.listing("bench/GLM-split")
             files = select_gguf(listing, "Q4_K_M/*.gguf")
-            from glmlocal.pull import download_set
-            from glmlocal.store import Manifest, Store, FileEntry
-
             store = Store(tmp / f"store-{workers}")
             m = Manifest("bench", "q4_k_m", "gguf", listing.repo, listing.commit,
                          files=[FileEntry(Path(f.path).name, f.size, f.sha256) for f in files])

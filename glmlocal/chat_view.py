@@ -279,6 +279,8 @@ class TurnView:
         self.finished = True
         self._close_thinking()
         self._flush_content()
+        if self.open_call is not None:  # a call without its end is never run (see glm/events.py)
+            self.console.print(Text(f"tool call {self.open_call[0]} was cut off and is dropped", style="yellow"))
         self.open_call = None
         if reason == "cancelled":
             self.console.print(Text("⏹ stopped (Ctrl-C)", style="yellow"))

@@ -208,8 +208,14 @@ def serve(
 def doctor(
     smoke_only: Annotated[bool, typer.Option("--smoke-only", help="Only the tiny quantized-model generation test (exit 0/1)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    cmake_args: Annotated[bool, typer.Option("--cmake-args", help="Print the CMAKE_ARGS for a llama-cpp-python build matching this CPU")] = False,
 ) -> None:
     """Check the llama.cpp build (backends, CPU kernels), GPUs, RAM and disk, and run a tiny model end to end."""
+    if cmake_args:
+        from glmlocal.doctor import cpu_cmake_args
+
+        typer.echo(cpu_cmake_args())
+        raise typer.Exit(0)
     from glmlocal.doctor_view import run_doctor
 
     raise typer.Exit(run_doctor(smoke_only=smoke_only, as_json=as_json))

@@ -285,6 +285,11 @@ def run_checks(*, smoke: bool = True, on_check: Callable[[Check], None] | None =
 
 
 if __name__ == "__main__":
+    # `python -m glmlocal.doctor --cmake-args` needs only the standard library, so a CI script can call it
+    # before llama-cpp-python (or glmlocal's dependencies) are installed.
+    if sys.argv[1:2] == ["--cmake-args"]:
+        print(cpu_cmake_args())
+        sys.exit(0)
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(_child_main(sys.argv[2:]))
     sys.exit(2)

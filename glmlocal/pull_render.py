@@ -140,7 +140,7 @@ def run_list() -> None:
         else:
             total = m.total_bytes
             pct = f" {100 * on_disk / total:.0f}%" if total and m.state == "downloading" else ""
-            state = f"{m.state}{pct} (resume: glmlocal pull {m.name} --quant {_quant_of(m)})"
+            state = f"{m.state}{pct} ({_resume_hint(m)})"
             size, path = f"{human(on_disk)} of {human(total)}" if total else human(on_disk), str(d)
         table.add_row(m.name, m.quant, size, state, path)
     console.print(table)
@@ -150,8 +150,17 @@ def _size(p: Path) -> int:
     return p.stat().st_size if p.exists() else 0
 
 
-def _quant_of(m) -> str:
-    return m.quant if not m.quant.startswith("source-") else "<quant> --from-source --keep-source"
+def _resume_hint(m) -> str:
+    """The command that continues this half-finished pull."""
+    if m.method == "source":
+        return "source checkpoint for a conversion; resume with the same pull command"
+    cmd = f"resume: glmlocal pull {m.name} --quant {m.quant}"
+    if m.method == "convert":
+        src = m.source or {}
+        cmd += f" --from-source --source {src.get('dtype', 'bf16')}" + (" --keep-source" if src.get("kept") else "")
+    if m.requested_revision:
+        cmd += f" --revision {m.requested_revision}"
+    return cmd
 
 
 def run_rm(model: str, quant: str | None) -> None:

@@ -334,6 +334,13 @@ def test_tool_call_skipped_with_enter_and_stopped_with_ctrl_c():
     assert len(session.calls) == 3  # Enter skipped and continued; Ctrl-C stopped without a 4th turn
 
 
+def test_a_cut_off_tool_call_is_reported_not_run():
+    script = [ToolCallStart(0, "call_x", "get_weather"), ToolCallArgsDelta(0, '{"city": "Par'), Finish("length")]
+    repl, term = drive(FakeSession(script), "w?" + ENTER + CTRL_D, conv=Conversation(tools=WEATHER))
+    assert "tool call get_weather was cut off and is dropped" in term.text() and "result of" not in term.text()
+    assert "tool_calls" not in repl.conv.messages[-1]
+
+
 def test_tools_file_errors_are_typed(tmp_path):
     f = tmp_path / "t.json"
     f.write_text('[{"type": "function", "function": {}}]')

@@ -88,3 +88,11 @@ def test_cli_doctor(tmp_path):
     assert checks["smoke test"]["status"] == "ok" and checks["llama.cpp build"]["status"] == "ok"
     assert str(tmp_path) in checks["disk"]["detail"]
     assert full.returncode == 0
+
+
+def test_cmake_args_need_only_the_standard_library():
+    # .ci/run can ask for this CPU's flags before anything is installed: -S hides site-packages.
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-S", "-m", "glmlocal.doctor", "--cmake-args"], cwd=repo, check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == cpu_cmake_args()
