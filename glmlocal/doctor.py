@@ -226,7 +226,10 @@ def backend_check(info: ChildResult, gpus: list) -> Check:
                      f"llama-cpp-python was built with backends [{names}] only, but this machine has "
                      f"{len(gpus)} NVIDIA GPU(s): nothing will be offloaded",
                      fix=rebuild_command(f"{CUDA_CMAKE_ARGS} {cpu_cmake_args()}"), data=info.result)
-    return Check("llama.cpp build", "ok", f"backends: {names}", data=info.result)
+    sysinfo = info.result.get("system_info", "").replace("CPU :", "")
+    kernels = [p.split("=")[0].strip() for p in sysinfo.split("|") if p.strip().endswith("= 1")]
+    return Check("llama.cpp build", "ok", f"backends: {names}; CPU kernels: {' '.join(kernels) or 'baseline'}",
+                 data=info.result)
 
 
 def gpu_check(gpus: list, notes: Sequence[str]) -> Check:
@@ -241,10 +244,15 @@ def gpu_check(gpus: list, notes: Sequence[str]) -> Check:
     return Check("GPUs", "ok", desc)
 
 
-def ram_check(total: int, available: int) -> Check:
+SMALLEST_MODEL = 72 * 10**9  # GLM-4.5-Air Q4_K_M weights (~68 GB) plus a small KV cache
+
+
+def ram_check(total: int, available: int, vram: int = 0) -> Check:
+    """RAM, judged together with VRAM against the smallest GLM-4.x model."""
     detail = f"{available / GIB:.1f} of {total / GIB:.1f} GiB available"
-    if total < 32 * GIB:
-        return Check("RAM", "warn", detail + ": even GLM-4.5-Air at Q4_K_M (~68 GB) needs RAM + VRAM ≥ 72 GB",
+    if total + vram < SMALLEST_MODEL:
+        return Check("RAM", "warn", detail + f" (+ {vram / GIB:.0f} GiB VRAM): the smallest GLM-4.x model "
+                     "(GLM-4.5-Air Q4_K_M, ~68 GB) needs about 72 GB of RAM + VRAM",
                      fix="run `glmlocal plan glm-4.5-air` to see what fits")
     return Check("RAM", "ok", detail)
 
@@ -277,7 +285,7 @@ def run_checks(*, smoke: bool = True, on_check: Callable[[Check], None] | None =
 
     add(backend_check(run_child(_child_argv("info"), 120), gpus))
     add(gpu_check(gpus, notes))
-    add(ram_check(int(vm.total), int(vm.available)))
+    add(ram_check(int(vm.total), int(vm.available), sum(g.total for g in gpus)))
     add(disk_check(store.home()))
     if smoke:
         add(smoke_check())

@@ -57,12 +57,15 @@ class LoadReport:
 
 
 def _check_fits(placement: Any) -> None:
-    # The planner marks an infeasible plan; refuse before touching llama.cpp.
-    fits = getattr(placement, "fits", True)
-    if fits is False:
-        notes = "; ".join(getattr(placement, "notes", []) or [])
-        raise PlanError("the model does not fit this machine with the chosen placement" + (f": {notes}" if notes else ""),
-                        hint="run `glmlocal plan MODEL` to see what fits (smaller context, quant or KV type)")
+    """Refuse, before touching llama.cpp, a placement its own prediction says cannot load: a GPU whose
+    weights + KV + compute exceed its free memory (a certain out-of-memory), or a CPU without room for
+    KV + compute (weights are memory-mapped and may page)."""
+    hint = "run `glmlocal plan MODEL` to see what fits (smaller context, KV type or quant)"
+    for dev in getattr(placement, "devices", None) or []:
+        need = dev.total if dev.name != "CPU" else dev.kv + dev.compute
+        if dev.capacity and need > dev.capacity:
+            raise PlanError(f"the placement needs {need / 2**30:.1f} GiB on {dev.name}, which has "
+                            f"{dev.capacity / 2**30:.1f} GiB free", hint=hint)
 
 
 def _plan_for(path: Path, n_ctx: int | None, hw: Any) -> Any:

@@ -122,28 +122,35 @@ def run_pull(model: str, quant: str, *, from_source: bool, revision: str | None,
 
 
 def run_list() -> None:
+    """Print every manifest in the store as a table (half-finished pulls with the command that resumes them)."""
     store = Store()
     manifests = store.manifests()
     console = Console()
-    if not console.is_terminal:  # piped or captured: do not fold paths at 80 columns
-        console = Console(width=240)
+    if not console.is_terminal:  # piped or captured: one line per model, never folded
+        console = Console(width=10_000)
     if not manifests:
         console.print(f"no models in {store.models_root} (run: glmlocal pull MODEL --quant Q)")
         return
     table = Table("model", "quant", "size", "state", "path")
     for m in manifests:
-        d = store.model_dir(m.name, m.quant)
-        on_disk = dir_size(d) - sum(p.stat().st_size for p in d.glob("manifest.json")) - _size(d / ".lock")
-        if m.state == "complete":
-            state = "complete, verified" if m.verified else "complete, not verified"
-            size, path = human(m.total_bytes), str(store.gguf_path(m) or d)
-        else:
-            total = m.total_bytes
-            pct = f" {100 * on_disk / total:.0f}%" if total and m.state == "downloading" else ""
-            state = f"{m.state}{pct} ({_resume_hint(m)})"
-            size, path = f"{human(on_disk)} of {human(total)}" if total else human(on_disk), str(d)
-        table.add_row(m.name, m.quant, size, state, path)
+        table.add_row(m.name, m.quant, *_row(store, m))
     console.print(table)
+
+
+def _row(store: Store, m) -> tuple[str, str, str]:
+    """(size, state, path) of one manifest."""
+    if m.state == "complete":
+        state = "complete, verified" if m.verified else "complete, not verified"
+        return human(m.total_bytes), state, str(store.gguf_path(m) or store.model_dir(m.name, m.quant))
+    progress_of = m
+    if m.method == "convert" and m.state == "downloading" and m.source:  # bytes arrive in the source's dir
+        progress_of = store.read_manifest(m.name, f"source-{m.source['dtype']}") or m
+    d = store.model_dir(progress_of.name, progress_of.quant)
+    on_disk = dir_size(d) - _size(d / "manifest.json") - _size(d / ".lock")
+    total = progress_of.total_bytes
+    pct = f" {100 * on_disk / total:.0f}%" if total and m.state == "downloading" else ""
+    size = f"{human(on_disk)} of {human(total)}" if total else human(on_disk)
+    return size, f"{m.state}{pct} ({_resume_hint(m)})", str(store.model_dir(m.name, m.quant))
 
 
 def _size(p: Path) -> int:

@@ -91,6 +91,20 @@ def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[bool, M
     raise InputError(f"unsupported response_format type {kind!r}", hint="use text, json_object or json_schema")
 
 
+def _normalize_tool_choice(choice: Any) -> Any:
+    """OpenAI or Anthropic tool_choice -> "auto" | "none" | "required" | {"type": "function", ...}."""
+    if not isinstance(choice, Mapping):
+        return choice or "auto"
+    kind = choice.get("type")
+    if kind in ("auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str):  # Anthropic's named tool
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
 class Session:
     """Binds an Engine to a GLM chat template and family ("glm45" or "glm47")."""
 
@@ -105,8 +119,9 @@ class Session:
                 response_format: Mapping[str, Any] | None = None) -> PreparedTurn:
         """Render and tokenize a request and pick its grammar (no generation)."""
         tools = list(tools) if tools else None
-        if tool_choice == "none" or (isinstance(tool_choice, Mapping) and tool_choice.get("type") == "none"):
-            tools, tool_choice = None, "none"
+        tool_choice = _normalize_tool_choice(tool_choice)
+        if tool_choice == "none":
+            tools = None
         prompt = self.template.render(messages, tools, add_generation_prompt=True,
                                       enable_thinking=enable_thinking, clear_thinking=clear_thinking)
         grammar = tool_call_grammar(tools, self.family, tool_choice, enable_thinking=enable_thinking,

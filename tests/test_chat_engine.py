@@ -214,7 +214,8 @@ def test_piped_chat_show_thinking_and_errors(gguf_factory, tmp_path):
 def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     """A person at a terminal: type, watch it stream, Ctrl-C mid-answer, ask again, /exit."""
     gguf = str(gguf_factory("tiny", "q4_k_m"))
-    env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
+    env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color",
+           "PROMPT_TOOLKIT_NO_CPR": "1"}  # pyte does not answer cursor-position requests
     child = pexpect.spawn(sys.executable, ["-m", "glmlocal", "chat", gguf, "--ctx", "2048", "--no-think"],
                           env=env, cwd=str(tmp_path), dimensions=(40, 100), encoding="utf-8", timeout=120)  # fmt: skip
     screen = pyte.Screen(100, 40)
@@ -227,7 +228,7 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
                 stream.feed(child.read_nonblocking(65536, timeout=0.2))
             except pexpect.TIMEOUT:
                 pass
-            if re.search(pattern, "\n".join(screen.display)):
+            if re.search(pattern, "\n".join(screen.display), re.M):
                 return
         raise AssertionError(f"{pattern!r} never appeared:\n" + "\n".join(screen.display))
 

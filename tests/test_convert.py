@@ -108,3 +108,18 @@ def test_progress_events_and_result(tiny_ckpt, tmp_path):
     assert all(a.bytes_done < b.bytes_done for a, b in zip(events, events[1:]))
     assert events[-1].mb_per_s > 0 and events[-1].eta_s == 0
     assert not (tmp_path / "o.gguf.part").exists()
+
+
+def test_cli_convert_writes_file_and_summary(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([sys.executable, "-m", "glmlocal", "convert", str(tiny_ckpt), "--quant", "q6_k",
+                           "-o", str(out), "--threads", "2", "--no-mtp"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stderr and "Q6_K" in proc.stderr
+    g = read_gguf(out)
+    assert g.metadata["general.file_type"] == 18 and g.metadata["glm4moe.block_count"] == 3

@@ -96,3 +96,10 @@ def test_cmake_args_need_only_the_standard_library():
     out = subprocess.run([sys.executable, "-S", "-m", "glmlocal.doctor", "--cmake-args"], cwd=repo, check=False,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == cpu_cmake_args()
+
+
+def test_ram_is_judged_with_vram():
+    gib = 1 << 30
+    assert doctor.ram_check(24 * gib, 20 * gib).status == "warn"
+    assert doctor.ram_check(64 * gib, 60 * gib, vram=24 * gib).status == "ok"
+    assert doctor.ram_check(128 * gib, 100 * gib).status == "ok"

@@ -93,12 +93,36 @@ def test_bad_overrides_are_refused(gguf):
         Engine.load(gguf, _placement(tensor_overrides=[("blk.(", "CPU")]))
 
 
+def test_kv_cache_types(gguf):
+    with Engine.load(gguf, _placement(type_k="q8_0", type_v="q8_0", flash_attn=True)) as eng:
+        q8 = sum(eng.report.buffers["kv"].values())
+        assert _run(eng, _prompt(eng, "hi"), max_tokens=3)[0][-1].finish_reason
+    with Engine.load(gguf, _placement()) as eng:
+        f16 = sum(eng.report.buffers["kv"].values())
+    assert q8 == pytest.approx(f16 * 34 / 64, rel=0.01)  # q8_0: 34 bytes per 32 values, f16: 64
+    with pytest.raises(EngineError, match="quantized V cache requires flash_attn"):
+        Engine.load(gguf, _placement(type_v="q8_0", flash_attn=False))
+    with pytest.raises(InputError, match="unknown KV cache type"):
+        Engine.load(gguf, _placement(type_k="q3_x"))
+
+
 def test_plan_that_does_not_fit_is_refused_before_loading(gguf):
     from glmlocal import hardware
 
     tiny_machine = hardware.probe(hardware.Overrides(cpu_only=True, ram="1MiB", cpu_bw_gbs=10))
     with pytest.raises(PlanError):
         Engine.load(gguf, None, n_ctx=1024, hardware=tiny_machine)
+
+
+def test_placement_predicted_not_to_fit_is_refused(gguf):
+    from glmlocal.planner import DevicePlan
+
+    full_gpu = DevicePlan("CUDA0", weights=20 << 30, kv=4 << 30, compute=1 << 30, capacity=24 << 30)
+    with pytest.raises(PlanError, match="25.0 GiB on CUDA0, which has 24.0 GiB free"):
+        Engine.load(gguf, _placement(n_gpu_layers=99, devices=[full_gpu]))
+    fine = DevicePlan("CPU", weights=64 << 30, kv=1 << 20, compute=1 << 20, capacity=8 << 30)  # mmap pages weights
+    with Engine.load(gguf, _placement(devices=[fine])) as eng:
+        assert eng.n_ctx == 1024
 
 
 def test_planned_load_on_this_machine_and_progress(gguf):

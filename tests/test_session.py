@@ -135,3 +135,17 @@ def test_cancel_and_early_close(session):
     stream.close()  # releases the engine: the next turn runs
     _, res = run(session, USER, enable_thinking=False, max_tokens=2)
     assert res.completion_tokens <= 2 and res.ttft_s > 0
+
+
+@pytest.mark.parametrize("choice,forced", [
+    ({"type": "auto"}, False), ({"type": "none"}, False), ({"type": "any"}, True),
+    ({"type": "tool", "name": "weather"}, True), ("required", True), (None, False),
+])
+def test_openai_and_anthropic_tool_choice_forms(session, choice, forced):
+    prep = session.prepare(USER, [LIGHTS, WEATHER], tool_choice=choice, enable_thinking=False)
+    assert (prep.grammar is not None) == forced
+    if choice == {"type": "none"}:
+        assert prep.tools is None and "weather" not in prep.prompt
+    if choice == {"type": "tool", "name": "weather"}:
+        _, res = run(session, USER, [LIGHTS, WEATHER], tool_choice=choice, enable_thinking=False, max_tokens=100)
+        assert [c["name"] for c in res.tool_calls] == ["weather"]
