@@ -159,7 +159,8 @@ def run_chat(args: ChatArgs, stdin: TextIO | None = None, stdout: TextIO | None 
     if piped and not prompts:
         sys.stderr.write("error: no prompt on standard input\n")
         return 2
-    console = Console(stderr=True) if piped else Console(file=stdout)
+    # Piped: the plan and load progress go to stderr, and only when a person is watching it.
+    console = Console(stderr=True, quiet=not sys.stderr.isatty()) if piped else Console(file=stdout)
     model = open_chat_model(args.model, args.plan, console, quant=args.quant, template=args.template,
                             family=args.family)  # fmt: skip
     try:

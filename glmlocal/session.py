@@ -14,6 +14,7 @@ returned iterator holds the engine lock while it runs: exhaust it or call `.clos
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +52,6 @@ class TurnResult:
 
     def message(self) -> dict:
         """The assistant message in OpenAI chat format, ready to append to the history."""
-        import json
-
         msg: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.reasoning:
             msg["reasoning_content"] = self.reasoning

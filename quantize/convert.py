@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,12 +135,11 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
             writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
             _preflight(out, total)
             start = time.monotonic()
-            for job in jobs:
-                for chunk in _tensor_chunks(ckpt, job, q):
-                    writer.write_tensor_data(job.planned.name, chunk)
-                    if progress:
-                        progress(ConvertProgress(writer.bytes_written, total, job.planned.name,
-                                                 time.monotonic() - start))
+            for job, x in _read_ahead(ckpt, jobs):
+                writer.write_tensor_data(job.planned.name, _encode(x, job.ggml_type, q))
+                if progress:
+                    progress(ConvertProgress(writer.bytes_written, total, job.planned.name,
+                                             time.monotonic() - start))
             path = writer.finish()
         except BaseException:
             writer.abort()
@@ -157,16 +157,31 @@ def _preflight(out: Path, total: int) -> None:
         raise DiskSpaceError(str(out), total, free)
 
 
-def _tensor_chunks(ckpt: Checkpoint, job: _Job, q: Quantizer):
-    """Yield the output bytes of one tensor in bounded pieces (one expert / one row slab at a time)."""
-    t, gt = job.planned, job.ggml_type
-    for src in t.sources:
-        n_rows = ckpt.n_rows(src)
-        ncols = t.shape[0]
-        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)
-        for r0 in range(0, n_rows, step):
-            x = ckpt.read_rows_f32(src, r0, min(n_rows, r0 + step))
-            yield _encode(x, gt, q)
+def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
+    """(job, source tensor, first row, end row) for every bounded piece, in output order: one expert
+    matrix at a time, and large 2-D tensors in row blocks of at most SLAB_BYTES as F32."""
+    for job in jobs:
+        ncols = job.planned.shape[0]
+        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)  # multiple of the FP8 128-row scale block
+        for src in job.planned.sources:
+            n_rows = ckpt.n_rows(src)
+            for r0 in range(0, n_rows, step):
+                yield job, src, r0, min(n_rows, r0 + step)
+
+
+def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
+    """Yield (job, F32 slab) while a helper thread already reads and decodes the next slab, so the
+    quantizer threads are not idle during I/O. At most two slabs are alive at once."""
+    with ThreadPoolExecutor(1) as pool:
+        it = _slabs(ckpt, jobs)
+        nxt = next(it, None)
+        fut = pool.submit(ckpt.read_rows_f32, *nxt[1:]) if nxt else None
+        while fut is not None:
+            job, x = nxt[0], fut.result()
+            nxt = next(it, None)
+            fut = pool.submit(ckpt.read_rows_f32, *nxt[1:]) if nxt else None
+            yield job, x
+            del x
 
 
 def _encode(x: np.ndarray, gt: GGMLType, q: Quantizer) -> np.ndarray:

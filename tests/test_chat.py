@@ -393,3 +393,11 @@ def test_piped_show_thinking_and_errors():
     code = PipedChat(FakeSession(answer("x"), max_messages=0), Conversation(), out=out, err=err).run(["q"])
     assert code == 1 and err.getvalue().startswith("error: prompt of 100 tokens") and out.getvalue() == ""
     assert PipedChat(FakeSession(), Conversation(), out=out, err=err).run([]) == 2
+
+
+def test_piped_tool_call_needs_a_terminal():
+    out, err = io.StringIO(), io.StringIO()
+    conv = Conversation(tools=WEATHER)
+    code = PipedChat(FakeSession(tool_call_turn()), conv, out=out, err=err).run(["weather?"])
+    assert code == 3 and out.getvalue() == "Let me check.\n"
+    assert err.getvalue() == 'tool call get_weather({"city": "Paris"}) needs a terminal to answer; stopping\n'

@@ -23,7 +23,9 @@ MEASURE = """
 import json, resource, sys
 from quantize.convert import convert
 r = convert(sys.argv[1], sys.argv[2], quant=sys.argv[3])
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bytes": r.bytes_written}))
+# VmHWM: this process's own peak RSS (ru_maxrss would include the parent's RSS, kept across execve)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": hwm, "bytes": r.bytes_written}))
 """
 
 
