@@ -40,6 +40,7 @@ class ChatREPL:
         max_tokens: int | None = None,
         info: list[tuple[str, str]] | None = None,
         turn_kwargs: dict[str, Any] | None = None,
+        autosave: Path | None = None,
     ):
         self.conv = conversation
         self.runner = TurnRunner(session, conversation, max_tokens, turn_kwargs)
@@ -49,6 +50,7 @@ class ChatREPL:
         self.count_tokens = count_tokens
         self.show_thinking = show_thinking
         self.info = info or []
+        self.autosave = autosave  # the conversation is written here after every command and turn
         self.last_reasoning = ""
         self.last_usage: Any = None
         self.pending: str | None = None  # a message that did not fit, kept for /retry
@@ -64,6 +66,9 @@ class ChatREPL:
     def run(self) -> int:
         """Read and answer until /exit or Ctrl-D. Returns the process exit code."""
         self.console.print(Text(f"glmlocal chat · {self.conv.model} · /help for commands · Ctrl-D quits", "dim"))
+        if self.conv.messages:
+            self.console.print(Text(f"resumed a conversation of {self.conv.n_turns} turn(s)", "dim"))
+            self.show_last_answer()
         while True:
             try:
                 line = self.reader.read(self.prompt_status())
@@ -76,7 +81,20 @@ class ChatREPL:
                     break
             except KeyboardInterrupt:  # Ctrl-C outside a generation (e.g. during /load): back to the prompt
                 self.console.print(Text("interrupted", style="yellow"))
+            self.save_auto()
+        if self.autosave is not None and self.conv.messages:
+            self.console.print(Text(f"conversation saved to {self.autosave} (--resume continues it)", "dim"))
         return 0
+
+    def save_auto(self) -> None:
+        """Keep the on-disk copy current, so no crash or closed terminal loses the conversation."""
+        if self.autosave is None or not (self.conv.messages or self.conv.system):
+            return
+        try:
+            self.conv.save(self.autosave)
+        except GlmlocalError as e:
+            self.console.print(Text(f"warning: autosave off: {e.one_line()}", style="yellow"))
+            self.autosave = None
 
     def prompt_status(self) -> str:
         think = "think on" if self.conv.enable_thinking else "think off"
@@ -96,12 +114,18 @@ class ChatREPL:
 
     def command(self, text: str) -> bool:
         name, _, arg = text[1:].partition(" ")
-        fn = self.commands.get(name.lower())
-        if fn is None:
-            self.console.print(Text(f"unknown command /{name}", style="yellow"))
+        name = name.lower()
+        if not name:  # a lone "/"
+            self.cmd_help("")
+            return True
+        # An unambiguous prefix works too: /sta is /stats, /sh is /show-thinking.
+        matches = [name] if name in self.commands else [c for c in self.commands if c.startswith(name)]
+        if len({self.commands[c] for c in matches}) != 1:
+            what = "ambiguous" if matches else "unknown"
+            self.console.print(Text(f"{what} command /{name}", style="yellow"))
             self.console.print(help_table())
             return True
-        return fn(arg.strip()) is not False
+        return self.commands[matches[0]](arg.strip()) is not False
 
     # -- turns ------------------------------------------------------------------------------------
     def send(self, text: str) -> None:
@@ -289,7 +313,13 @@ class ChatREPL:
         self.show_last_answer()
 
     def show_last_answer(self) -> None:
-        for msg in reversed(self.conv.messages):
+        """After /load or --resume: the last question and answer, so the user knows where they are."""
+        starts = self.conv.turn_starts()
+        if not starts:
+            return
+        question = str(self.conv.messages[starts[-1]].get("content") or "")
+        self.console.print(Text(f"› {question[:300]}" + ("…" if len(question) > 300 else ""), style="dim"))
+        for msg in reversed(self.conv.messages[starts[-1]:]):
             if msg.get("role") == "assistant" and msg.get("content"):
                 self.console.print(Panel(Markdown(msg["content"]), title="last answer", title_align="left"))
                 return

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
@@ -38,6 +41,21 @@ def _history(path: Path | None) -> History:
         return InMemoryHistory()
 
 
+class SlashCompleter(Completer):
+    """Completes command names after a leading "/"; ordinary messages get no completion menu."""
+
+    def __init__(self, commands: list[str]):
+        self.commands = commands
+
+    def get_completions(self, document: Document, complete_event: Any):
+        text = document.text_before_cursor
+        if not text.startswith("/") or " " in text or "\n" in text:
+            return
+        for cmd in self.commands:
+            if cmd.startswith(text):
+                yield Completion(cmd, start_position=-len(text))
+
+
 def _bindings() -> KeyBindings:
     kb = KeyBindings()
 
@@ -51,10 +69,15 @@ def _bindings() -> KeyBindings:
 class PromptReader:
     """Reads user lines with prompt_toolkit. Pass `input`/`output` (e.g. a pipe input) to drive it in tests."""
 
-    def __init__(self, history_path: Path | None = None, *, input: Any = None, output: Any = None):
+    def __init__(self, history_path: Path | None = None, *, input: Any = None, output: Any = None,
+                 commands: list[str] | None = None):  # fmt: skip
+        from glmlocal.chat_view import HELP
+
+        names = commands or [cmd.split()[0] for cmd, _ in HELP]
         self.session: PromptSession[str] = PromptSession(
-            history=_history(history_path), key_bindings=_bindings(), input=input, output=output
-        )
+            history=_history(history_path), key_bindings=_bindings(), input=input, output=output,
+            completer=SlashCompleter(names), complete_while_typing=True, auto_suggest=AutoSuggestFromHistory(),
+        )  # fmt: skip
         # Tool results and confirmations get their own session so they stay out of the chat history.
         self.questions: PromptSession[str] = PromptSession(
             history=InMemoryHistory(), key_bindings=_bindings(), input=input, output=output

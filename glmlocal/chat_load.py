@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from glmlocal.chat_view import placement_table
+from glmlocal.errors import InputError
 
 
 @dataclass
@@ -132,6 +133,7 @@ class ChatArgs:
     template: Path | None = None
     family: str | None = None
     each_line: bool = False
+    resume: bool = False
 
 
 def turn_options(args: ChatArgs) -> dict[str, Any]:
@@ -145,35 +147,67 @@ def turn_options(args: ChatArgs) -> dict[str, Any]:
     return {"sampling": replace(sampling, **changes)}
 
 
+def chats_dir() -> Path:
+    """Autosaved chats live in the store directory ($GLMLOCAL_HOME/chats)."""
+    from glmlocal.store import home
+
+    return home() / "chats"
+
+
+def start_conversation(args: ChatArgs, tools: list | None) -> tuple[Any, Path]:
+    """A new conversation and its autosave file, or with --resume the latest saved one (flags still win)."""
+    from glmlocal.chat_transcript import Conversation, latest_chat, new_chat_path
+
+    if not args.resume:
+        conv = Conversation(system=args.system, tools=tools, enable_thinking=args.think)
+        return conv, new_chat_path(chats_dir())
+    path = latest_chat(chats_dir())
+    if path is None:
+        raise InputError(f"no saved chat to resume in {chats_dir()}", hint="start one with: glmlocal chat MODEL")
+    conv = Conversation.load(path)
+    conv.system = args.system if args.system is not None else conv.system
+    conv.tools = tools or conv.tools
+    conv.enable_thinking = conv.enable_thinking and args.think
+    return conv, path
+
+
 def run_chat(args: ChatArgs, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """The `glmlocal chat` command: interactive when stdin is a terminal, else piped. Returns the exit code."""
-    from glmlocal.chat import ChatREPL
     from glmlocal.chat_piped import PipedChat, split_prompts
-    from glmlocal.chat_input import PromptReader, default_history_path
-    from glmlocal.chat_transcript import Conversation, load_tools
+    from glmlocal.chat_transcript import load_tools
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the slow load
+    tools = load_tools(args.tools) if args.tools else None  # bad input fails before the slow load
     piped = not stdin.isatty()
     prompts = split_prompts(stdin.read(), args.each_line) if piped else []
     if piped and not prompts:
         sys.stderr.write("error: no prompt on standard input\n")
         return 2
+    conv, autosave = start_conversation(args, tools)
     # Piped: the plan and load progress go to stderr, and only when a person is watching it.
     console = Console(stderr=True, quiet=not sys.stderr.isatty()) if piped else Console(file=stdout)
     model = open_chat_model(args.model, args.plan, console, quant=args.quant, template=args.template,
                             family=args.family)  # fmt: skip
+    conv.model = model.name
     try:
-        conv = Conversation(model=model.name, system=args.system, tools=tools, enable_thinking=args.think)
-        extra = turn_options(args)
         if piped:
             chat = PipedChat(model.session, conv, out=stdout, err=sys.stderr, show_thinking=args.show_thinking,
-                             max_tokens=args.max_tokens, turn_kwargs=extra)  # fmt: skip
-            return chat.run(prompts)
-        reader = PromptReader(default_history_path())
-        repl = ChatREPL(model.session, conv, console=console, reader=reader, n_ctx=model.n_ctx,
-                        count_tokens=model.count_tokens, show_thinking=args.show_thinking,
-                        max_tokens=args.max_tokens, info=model.info, turn_kwargs=extra)  # fmt: skip
-        return repl.run()
+                             max_tokens=args.max_tokens, turn_kwargs=turn_options(args))  # fmt: skip
+            code = chat.run(prompts)
+            if args.resume:  # `echo "and then?" | glmlocal chat M --resume` extends the saved chat
+                conv.save(autosave)
+            return code
+        return interactive(model, conv, args, console, autosave)
     finally:
         model.close()
+
+
+def interactive(model: ChatModel, conv: Any, args: ChatArgs, console: Console, autosave: Path) -> int:
+    from glmlocal.chat import ChatREPL
+    from glmlocal.chat_input import PromptReader, default_history_path
+
+    repl = ChatREPL(model.session, conv, console=console, reader=PromptReader(default_history_path()),
+                    n_ctx=model.n_ctx, count_tokens=model.count_tokens, show_thinking=args.show_thinking,
+                    max_tokens=args.max_tokens, info=model.info, turn_kwargs=turn_options(args),
+                    autosave=autosave)  # fmt: skip
+    return repl.run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,21 @@ def tool_call_message(call_id: str, name: str, arguments: dict[str, Any]) -> dic
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
     }
+
+
+def new_chat_path(folder: Path) -> Path:
+    """Where a new chat autosaves: `<folder>/<YYYYmmdd-HHMMSS>.json` (a suffix keeps names unique)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = folder / f"{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stamp}-{n}.json"
+    return path
+
+
+def latest_chat(folder: Path) -> Path | None:
+    """The most recently written autosaved chat in `folder`, if any."""
+    chats = [p for p in folder.glob("*.json") if p.is_file()] if folder.is_dir() else []
+    return max(chats, key=lambda p: p.stat().st_mtime_ns, default=None)
+

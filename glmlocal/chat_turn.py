@@ -62,13 +62,6 @@ def quiet_tty(stream: Any = None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
-def iter_turn(items: Any) -> Iterator[Any]:
-    """Yield a turn's events, then its usage, whether the session yields the usage or returns it."""
-    result = yield from items
-    if result is not None:
-        yield result
-
-
 @dataclass
 class TurnRecord:
     """The assistant message being built from one turn's events."""
@@ -121,7 +114,8 @@ class TurnRunner:
         kwargs: dict[str, Any] = {**self.turn_kwargs, "enable_thinking": conv.enable_thinking, "cancel": cancel}
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
-        return iter_turn(self.session.turn(conv.request_messages(), conv.tools, **kwargs))
+        # Session.turn yields glm events, then one TurnResult (the usage); see glmlocal/session.py.
+        return self.session.turn(conv.request_messages(), conv.tools, **kwargs)
 
     def run(self, cancel: threading.Event, on_event: Callable[[Any], None]) -> TurnRecord:
         """Stream one turn, feeding each event to `on_event`; the record holds message, reason and usage."""
@@ -135,7 +129,7 @@ class TurnRunner:
                 else:
                     record.usage = item
         finally:
-            items.close()  # releases the engine even when rendering failed mid-turn
+            getattr(items, "close", lambda: None)()  # releases the engine even when rendering failed mid-turn
         if cancel.is_set() and record.reason != "cancelled":
             record.reason = "cancelled"
         return record

@@ -147,6 +147,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed")] = None,
     template: Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")] = None,
     each_line: Annotated[bool, typer.Option("--each-line", help="Piped: each stdin line is a turn (default: all of stdin is one prompt)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue the last chat (chats autosave to $GLMLOCAL_HOME/chats)")] = False,
 ) -> None:
     """Chat in the terminal (streamed Markdown, thinking, tool calls, speed). Piped stdin: plain-text answers."""
     from glmlocal.chat_load import ChatArgs, PlanOptions, run_chat
@@ -154,7 +155,7 @@ def chat(
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads)
     args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
-                    each_line=each_line)
+                    each_line=each_line, resume=resume)
     try:
         code = run_chat(args)
     except GlmlocalError as e:

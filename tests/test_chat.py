@@ -19,15 +19,16 @@ from pathlib import Path
 import pyte
 import pytest
 from prompt_toolkit.data_structures import Size
+from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.vt100 import Vt100_Output
 from rich.console import Console
 
 from glmlocal.chat import ChatREPL
 from glmlocal.chat_piped import PipedChat, split_prompts
-from glmlocal.chat_input import PromptReader
-from glmlocal.chat_transcript import Conversation, load_tools
-from glmlocal.chat_view import TrimmedMarkdown, stable_split
+from glmlocal.chat_input import PromptReader, SlashCompleter
+from glmlocal.chat_transcript import Conversation, latest_chat, load_tools, new_chat_path
+from glmlocal.chat_view import HELP, TrimmedMarkdown, stable_split
 from glmlocal.errors import ContextOverflowError, InputError
 from glmlocal.glm.events import (
     ContentDelta,
@@ -114,10 +115,11 @@ class FakeSession:
                 continue
             if cancel is not None and cancel.is_set():
                 yield Finish("cancelled")
-                return Usage(len(messages) * 10, 0, n, 0.05, 50.0)
+                yield Usage(len(messages) * 10, 0, n, 0.05, 50.0)
+                return
             n += 1
             yield ev
-        return Usage(len(messages) * 10, 5, n, 0.25, 42.5)
+        yield Usage(len(messages) * 10, 5, n, 0.25, 42.5)  # like Session: events, then the usage
 
 
 def answer(text: str, thinking: str = "") -> list:
@@ -236,6 +238,18 @@ def test_unknown_command_gets_help_not_a_crash():
     assert "unknown command /frobnicate" in text and "/save FILE" in text and "still here" in text
 
 
+def test_command_prefixes_and_tab_completion():
+    session = FakeSession(answer("a"))
+    repl, term = drive(session, "hi" + ENTER + "/sta" + ENTER + "/s" + ENTER + "/t off" + ENTER + CTRL_D)
+    text = term.text()
+    assert "1 generated this run" in text and "ambiguous command /s" in text and "thinking is off" in text
+    names = [c.split()[0] for c, _ in HELP]
+    complete = SlashCompleter(names).get_completions
+    assert [c.text for c in complete(Document("/sh"), None)] == ["/show-thinking"]
+    assert [c.text for c in complete(Document("/s"), None)] == ["/show-thinking", "/system", "/save", "/stats"]
+    assert list(complete(Document("hello /s"), None)) == [] and list(complete(Document("/save x"), None)) == []
+
+
 def test_double_slash_sends_a_message_starting_with_slash():
     session = FakeSession(answer("a path"))
     repl, _ = drive(session, "//etc/hosts is what?" + ENTER + CTRL_D)
@@ -262,11 +276,37 @@ def test_save_then_load_round_trip(tmp_path):
     assert repl2.conv.system == "Be brief."
 
 
+def test_autosave_after_every_turn_and_resume(tmp_path):
+    path = tmp_path / "chats" / "c.json"
+    path.parent.mkdir()
+    session = FakeSession(answer("first answer"), answer("second answer"))
+    _, term = drive(session, "/system Terse." + ENTER + "q1" + ENTER + CTRL_D, autosave=path)
+    assert "conversation saved to" in term.flat() and "--resume continues it" in term.flat()
+    saved = json.loads(path.read_text())
+    assert [m["content"] for m in saved["messages"]] == ["Terse.", "q1", "first answer"]
+    repl, term2 = drive(session, "q2" + ENTER + CTRL_D, conv=Conversation.load(path), autosave=path)
+    assert "resumed a conversation of 1 turn(s)" in term2.text() and "first answer" in term2.text()
+    assert [m["content"] for m in session.calls[1]["messages"]] == ["Terse.", "q1", "first answer", "q2"]
+    assert len(json.loads(path.read_text())["messages"]) == 5
+
+
+def test_chat_files_are_unique_and_the_latest_is_found(tmp_path):
+    assert latest_chat(tmp_path / "none") is None
+    a = new_chat_path(tmp_path)
+    a.write_text("{}")
+    b = new_chat_path(tmp_path)
+    assert a != b and b.parent == tmp_path
+    b.write_text("{}")
+    os.utime(a, ns=(1, 1))
+    assert latest_chat(tmp_path) == b
+
+
 def test_load_of_a_bad_file_is_one_line_and_the_chat_goes_on(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
     session = FakeSession(answer("fine"))
-    _, term = drive(session, f"/load {bad}" + ENTER + f"/load {tmp_path / 'missing.json'}" + ENTER + "q" + ENTER + CTRL_D)
+    keys = f"/load {bad}" + ENTER + f"/load {tmp_path / 'missing.json'}" + ENTER + "q" + ENTER + CTRL_D
+    _, term = drive(session, keys)
     text = term.flat()
     assert "message 0 needs a role" in text and "cannot read" in text and "fine" in text
 
@@ -302,7 +342,8 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "description
 
 def tool_call_turn(city: str = "Paris") -> list:
     args = json.dumps({"city": city})
-    return [ReasoningDelta("need weather"), ContentDelta("\nLet me check."), ToolCallStart(0, "call_abc", "get_weather"),
+    return [ReasoningDelta("need weather"), ContentDelta("\nLet me check."),
+            ToolCallStart(0, "call_abc", "get_weather"),
             ToolCallArgsDelta(0, args[:5]), ToolCallArgsDelta(0, args[5:]),
             ToolCallEnd(0, "get_weather", {"city": city}, "call_abc"), Finish("tool_calls")]  # fmt: skip
 

@@ -76,10 +76,12 @@ def test_load_shows_placement(glm45):
 
 def test_streamed_answer_and_status_line_match_the_engine(glm45):
     model, _ = glm45
-    repl, term = drive(model.session, "Hello there" + ENTER + CTRL_D, conv=Conversation(enable_thinking=False),
-                       n_ctx=model.n_ctx, count_tokens=model.count_tokens, max_tokens=48, turn_kwargs=GREEDY)
+    keys = "/bogus" + ENTER + "Hello there" + ENTER + CTRL_D
+    repl, term = drive(model.session, keys, conv=Conversation(enable_thinking=False), n_ctx=model.n_ctx,
+                       count_tokens=model.count_tokens, max_tokens=48, turn_kwargs=GREEDY)  # fmt: skip
     answer = repl.conv.messages[-1]
     assert answer["role"] == "assistant" and repl.last_usage is not None
+    assert "unknown command /bogus" in term.text() and "/save FILE" in term.text()  # help, not a crash
     usage = repl.last_usage
     m = STATUS.search(term.text())
     assert m, term.text()
@@ -123,15 +125,18 @@ def test_ctrl_c_interrupts_a_real_generation_and_the_repl_continues(glm45):
 
     def press_ctrl_c_once_streaming():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "answering" not in term.buf.getvalue():
+        while time.monotonic() < deadline:
+            if "answering" in term.buf.getvalue():  # only while a turn runs: then SIGINT is the REPL's
+                os.kill(os.getpid(), signal.SIGINT)
+                return
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
 
+    no_end = Sampling(seed=1, logit_bias={t: float("-inf") for t in model.engine.eog_ids})  # runs until stopped
     presser = threading.Thread(target=press_ctrl_c_once_streaming, daemon=True)
     presser.start()
     repl, term = drive(model.session, "Tell me everything" + ENTER + "/stats" + ENTER + CTRL_D, term=term,
                        conv=Conversation(enable_thinking=False), n_ctx=model.n_ctx,
-                       turn_kwargs={"sampling": Sampling(seed=1, logit_bias={t: float("-inf") for t in model.engine.eog_ids})})  # fmt: skip
+                       turn_kwargs={"sampling": no_end})  # fmt: skip
     presser.join(5)
     usage = repl.last_usage
     assert "stopped (Ctrl-C)" in term.text() and "› /stats" in term.text()
@@ -227,6 +232,8 @@ def test_piped_chat_show_thinking_and_errors(gguf_factory, tmp_path):
     (tmp_path / "tools.json").write_text('{"tools": [{"type": "function"}]}')
     badtools = run_cli([gguf47, "--tools", str(tmp_path / "tools.json")], "hi", tmp_path)
     assert badtools.returncode == 2 and "tool 0 needs" in badtools.stderr
+    nothing = run_cli([gguf47, "--resume"], "hi", tmp_path)
+    assert nothing.returncode == 2 and "no saved chat to resume" in nothing.stderr
     empty = run_cli([gguf47], "", tmp_path)
     assert empty.returncode == 2 and "no prompt" in empty.stderr
     long = run_cli([gguf47, "--ctx", "256"], "word " * 400, tmp_path)
@@ -274,3 +281,11 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
         child.close()
     assert child.exitstatus == 0
     assert (tmp_path / "home" / "chat_history").read_text().count("Tell me a long story") == attempt + 1
+    # the chat autosaved; a script can continue it
+    (saved,) = (tmp_path / "home" / "chats").glob("*.json")
+    before = json.loads(saved.read_text())["messages"]
+    assert before[0] == {"role": "user", "content": "Tell me a long story"}
+    more = run_cli([gguf, "--ctx", "2048", "--max-tokens", "4", "--resume"], "And then?", tmp_path)
+    assert more.returncode == 0, more.stderr
+    after = json.loads(saved.read_text())["messages"]
+    assert after[: len(before)] == before and after[len(before)] == {"role": "user", "content": "And then?"}

@@ -4,7 +4,8 @@ The event loop never runs model code. A request first `reserve()`s a `Ticket` (s
 queue is answered with 429 before any response starts), then `Ticket.stream(fn)` waits for its turn and runs
 `fn(cancel)` - a blocking iterator - on the single generation thread, handing items back to the loop in
 batches. Closing the ticket (client gone, handler cancelled) sets `cancel` so the engine stops at its next
-token; the engine is handed to the next ticket only once the worker thread has really finished.
+token. The worker thread itself hands the engine to the next ticket when its job has really finished, so
+the hand-over never depends on a request's event loop still being alive.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 from glmlocal.server.errors import QueueFullError
 
+
 class ClientGone(Exception):
     """The ticket was closed (its client went away) before the request got its turn."""
 
@@ -27,10 +29,13 @@ _WAITING, _GRANTED, _RUNNING, _CLOSED = "waiting", "granted", "running", "closed
 
 
 class Scheduler:
-    """FIFO admission for a single engine. `max_queue` bounds the requests waiting behind the running one."""
+    """FIFO admission for a single engine. `max_queue` bounds the requests waiting behind the running one.
+
+    Thread-safe: tickets are granted from whichever thread frees the engine (via their loop)."""
 
     def __init__(self, max_queue: int = 16):
         self.max_queue = max_queue
+        self._lock = threading.Lock()
         self._queue: deque[Ticket] = deque()
         self._busy = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmlocal-generate")
@@ -47,12 +52,13 @@ class Scheduler:
 
     def reserve(self) -> "Ticket":
         """Take a place in the queue or raise QueueFullError (429 with Retry-After). Call on the event loop."""
-        if self._busy and len(self._queue) >= self.max_queue:
-            retry = math.ceil(self._avg_seconds * (len(self._queue) + 1) / 2)
-            raise QueueFullError(len(self._queue), max(1, min(retry, 120)))
         ticket = Ticket(self, asyncio.get_running_loop())
-        self._queue.append(ticket)
-        self._dispatch()
+        with self._lock:
+            if self._busy and len(self._queue) >= self.max_queue:
+                retry = math.ceil(self._avg_seconds * (len(self._queue) + 1))
+                raise QueueFullError(len(self._queue), max(1, min(retry, 300)))
+            self._queue.append(ticket)
+            self._dispatch()
         return ticket
 
     def shutdown(self) -> None:
@@ -61,20 +67,26 @@ class Scheduler:
             ticket.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> None:  # caller holds the lock
         while not self._busy and self._queue:
             ticket = self._queue.popleft()
             if ticket.state != _WAITING:
                 continue
+            try:
+                ticket._loop.call_soon_threadsafe(ticket._wake)
+            except RuntimeError:  # its event loop is gone: nobody will ever run it
+                ticket.state = _CLOSED
+                continue
+            ticket.state = _GRANTED
             self._busy = True
-            ticket._grant()
 
     def _release(self, seconds: Optional[float] = None) -> None:
-        if seconds is not None:
-            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
-            self.completed += 1
-        self._busy = False
-        self._dispatch()
+        with self._lock:
+            if seconds is not None:
+                self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
+                self.completed += 1
+            self._busy = False
+            self._dispatch()
 
 
 class Ticket:
@@ -86,8 +98,7 @@ class Ticket:
         self.state = _WAITING
         self.cancel = threading.Event()
 
-    def _grant(self) -> None:
-        self.state = _GRANTED
+    def _wake(self) -> None:
         if not self._turn.done():
             self._turn.set_result(None)
 
@@ -102,13 +113,12 @@ class Ticket:
             await asyncio.wait([self._turn], timeout=heartbeat)
             if not self._turn.done():
                 yield []
-        if self.state != _GRANTED:
-            raise ClientGone()
-        self.state = _RUNNING
+        with self._sched._lock:
+            if self.state != _GRANTED:
+                raise ClientGone()
+            self.state = _RUNNING
         pipe = _Pipe(self._loop)
-        started = time.monotonic()
-        future = self._loop.run_in_executor(self._sched._executor, pipe.pump, fn, self.cancel)
-        future.add_done_callback(lambda _f: self._sched._release(time.monotonic() - started))
+        self._loop.run_in_executor(self._sched._executor, self._job, pipe, fn)
         try:
             while True:
                 batch, done, error = await pipe.take(heartbeat)
@@ -121,16 +131,25 @@ class Ticket:
         finally:
             self.cancel.set()
 
+    def _job(self, pipe: "_Pipe", fn: Callable[[threading.Event], Iterator]) -> None:
+        started = time.monotonic()
+        try:
+            pipe.pump(fn, self.cancel)
+        finally:
+            self._sched._release(time.monotonic() - started)  # before `done` reaches the client
+            pipe.close()
+
     def close(self) -> None:
         """Leave the queue, or cancel our running job. Idempotent."""
-        state, self.state = self.state, _CLOSED
         self.cancel.set()
-        if state == _WAITING:
-            try:
-                self._sched._queue.remove(self)
-            except ValueError:
-                pass
-        elif state == _GRANTED:
+        with self._sched._lock:
+            state, self.state = self.state, _CLOSED
+            if state == _WAITING:
+                try:
+                    self._sched._queue.remove(self)
+                except ValueError:
+                    pass
+        if state == _GRANTED:
             self._sched._release()  # turn given but no job started: pass the engine on
         if not self._turn.done():
             self._turn.cancel()
@@ -154,6 +173,8 @@ class _Pipe:
         except BaseException as exc:  # handed to the request; never kills the worker thread
             with self._lock:
                 self._error = exc
+
+    def close(self) -> None:
         with self._lock:
             self._done = True
         self._notify()
