@@ -255,6 +255,46 @@ def _cpu_bandwidth(ov: Overrides, cores: int, cpu_bw_probe, notes: list[str]) ->
     if ov.ram:  # planning for another machine: our own RAM speed says nothing about it
         notes.append("CPU memory bandwidth assumed 89.6 GB/s (dual-channel DDR5-5600); set --cpu-bw")
         return DEFAULT_CPU_BW
-    bw = (cpu_bw_probe or measure_cpu_bandwidth)(cores)
+    if cpu_bw_probe is not None:
+        bw = cpu_bw_probe(cores)
+    else:
+        bw = cached_cpu_bandwidth(cores)
     notes.append(f"CPU memory bandwidth measured: {bw / 1e9:.0f} GB/s ({cores}-thread copy)")
+    return bw
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cached_cpu_bandwidth(cores: int) -> float:
+    """measure_cpu_bandwidth, remembered per CPU model and thread count in the store directory.
+
+    Measuring takes a quarter of a second on an idle machine but several seconds on a busy one, and
+    every `plan`/`chat`/`serve` start needs the figure; the hardware doesn't change between runs.
+    """
+    import json
+
+    from glmlocal.store import atomic_write_text, home
+
+    path = home() / "hardware-cache.json"
+    key = f"{_cpu_model()}|{cores}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        return float(cache[key])
+    bw = measure_cpu_bandwidth(cores)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**cache, key: bw}))
+    except OSError:
+        pass  # a read-only store only costs the next run another measurement
     return bw

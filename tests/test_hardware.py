@@ -71,6 +71,21 @@ def test_cpu_bandwidth_measurement_is_plausible():
     assert 1e9 < bw < 2e12  # any machine from a laptop to a 12-channel server
 
 
+def test_cpu_bandwidth_is_measured_once_and_remembered(tmp_path, monkeypatch):
+    import glmlocal.hardware as hardware
+
+    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "measure_cpu_bandwidth", lambda cores: calls.append(cores) or 42e9)
+    assert hardware.cached_cpu_bandwidth(2) == 42e9
+    assert hardware.cached_cpu_bandwidth(2) == 42e9  # second start reads the file
+    assert calls == [2]
+    assert hardware.cached_cpu_bandwidth(3) == 42e9  # another thread count is measured anew
+    assert calls == [2, 3]
+    (tmp_path / "hardware-cache.json").write_text("not json")
+    assert hardware.cached_cpu_bandwidth(2) == 42e9 and calls == [2, 3, 2]  # corrupt cache: re-measure
+
+
 def test_gpu_bandwidth_table_and_nvml_formula():
     assert gpu_bandwidth("NVIDIA GeForce RTX 4090") == 1008e9
     assert gpu_bandwidth("NVIDIA GeForce RTX 3090 Ti") == 1008e9  # longest name wins over "RTX 3090"
