@@ -31,7 +31,7 @@ from quantize.safetensors_io import SUPPORTED, Checkpoint, UnsupportedDtypeError
 from quantize.writer import GGUFWriter
 
 QUANTS = tuple(recipe.FTYPES)
-SLAB_BYTES = 64 * 2**20  # F32 bytes per streamed slab of a large 2-D tensor
+SLAB_BYTES = 16 * 2**20  # F32 bytes per streamed slab (bounds peak memory; see tests/test_convert_memory.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def plan(src_dir: Path, quant: str, mtp: bool = True,
     """Validate the checkpoint and build a writer with all metadata and tensor infos declared.
 
     Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size."""
+    if quant not in QUANTS:
+        raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise InputError(f"{src_dir} is not a directory", hint="pass a checkpoint directory")
@@ -124,6 +126,8 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
     quant = quant.lower()
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     t0 = time.monotonic()
     out = Path(out_path)
     if out.is_dir():
@@ -158,15 +162,34 @@ def _preflight(out: Path, total: int) -> None:
 
 
 def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
-    """(job, source tensor, first row, end row) for every bounded piece, in output order: one expert
-    matrix at a time, and large 2-D tensors in row blocks of at most SLAB_BYTES as F32."""
+    """(job, [(source tensor, first row, end row), ...]) for every bounded piece, in output order.
+
+    A piece holds at most SLAB_BYTES of F32: several whole experts of a merged expert tensor (fewer
+    barriers between quantizer calls), or a row block of one large 2-D tensor (row counts are multiples
+    of 128, the FP8 scale block)."""
     for job in jobs:
         ncols = job.planned.shape[0]
-        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)  # multiple of the FP8 128-row scale block
+        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)
+        group: list[tuple[str, int, int]] = []
+        rows = 0
         for src in job.planned.sources:
             n_rows = ckpt.n_rows(src)
+            if group and rows + n_rows > step:
+                yield job, group
+                group, rows = [], 0
+            if n_rows <= step:
+                group.append((src, 0, n_rows))
+                rows += n_rows
+                continue
             for r0 in range(0, n_rows, step):
-                yield job, src, r0, min(n_rows, r0 + step)
+                yield job, [(src, r0, min(n_rows, r0 + step))]
+        if group:
+            yield job, group
+
+
+def _read_slab(ckpt: Checkpoint, parts: list[tuple[str, int, int]]) -> np.ndarray:
+    xs = [ckpt.read_rows_f32(*p) for p in parts]
+    return xs[0] if len(xs) == 1 else np.concatenate(xs)
 
 
 def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
@@ -175,11 +198,11 @@ def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
     with ThreadPoolExecutor(1) as pool:
         it = _slabs(ckpt, jobs)
         nxt = next(it, None)
-        fut = pool.submit(ckpt.read_rows_f32, *nxt[1:]) if nxt else None
+        fut = pool.submit(_read_slab, ckpt, nxt[1]) if nxt else None
         while fut is not None:
             job, x = nxt[0], fut.result()
             nxt = next(it, None)
-            fut = pool.submit(ckpt.read_rows_f32, *nxt[1:]) if nxt else None
+            fut = pool.submit(_read_slab, ckpt, nxt[1]) if nxt else None
             yield job, x
             del x
 

@@ -195,7 +195,8 @@ class Quantizer:
         if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
             raise ValueError(f"{GGMLType(ggml_type).name} requires an importance matrix")
         lib.ggml_quantize_init(int(ggml_type))
-        rows_per_chunk = max(1, -(-MIN_CHUNK_ELEMENTS // n_per_row))
+        # whole rows, at least MIN_CHUNK_ELEMENTS, about 8 tasks per thread (few Python round trips, balanced)
+        rows_per_chunk = max(-(-MIN_CHUNK_ELEMENTS // n_per_row), -(-n_rows // (self.threads * 8)))
         starts = list(range(0, n_rows, rows_per_chunk))
 
         def work(start: int) -> int:

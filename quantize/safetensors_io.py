@@ -83,8 +83,11 @@ def index_shard(path: Path) -> dict[str, TensorEntry]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape = meta["dtype"], tuple(meta["shape"])
-        begin, end = meta["data_offsets"]
+        try:
+            dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
+            begin, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{path}: malformed safetensors header entry for {name}") from e
         n = int(np.prod(shape, dtype=np.int64)) * _ELEM_SIZE.get(dtype, 0)
         if dtype not in _ELEM_SIZE:
             raise UnsupportedDtypeError(name, dtype)

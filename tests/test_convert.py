@@ -67,13 +67,15 @@ print(llm.metadata["general.architecture"], out["choices"][0]["finish_reason"], 
 """
 
 
-@pytest.mark.parametrize("preset,quant", [("tiny", "q4_k_m"), ("air", "q8_0"), ("tiny45", "bf16"), ("air", "q6_k")])
-def test_loads_and_generates_in_llama_cpp_as_glm4moe(gguf_factory, preset, quant):
+@pytest.mark.parametrize("preset,quant,mtp", [("tiny", "q4_k_m", True), ("air", "q8_0", True),
+                                             ("tiny45", "bf16", True), ("air", "q6_k", True),
+                                             ("tiny45", "q4_k_m", False)])
+def test_loads_and_generates_in_llama_cpp_as_glm4moe(gguf_factory, preset, quant, mtp):
     """In a child process, so a crashing llama.cpp build fails this test instead of the whole session."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", LOAD, str(gguf_factory(preset, quant))], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", LOAD, str(gguf_factory(preset, quant, mtp=mtp))], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"llama.cpp crashed (rc {proc.returncode}): {proc.stderr[-1500:]}"
     arch, finish, n = proc.stdout.split()

@@ -51,7 +51,8 @@ def named_like_upstream(ckpt, tmp_path, name: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,fp8,mtp", [("tiny", None, True), ("air", None, True), ("tiny45", None, True),
-                                            ("tiny45", None, False), ("tiny", "block", True)])
+                                            ("tiny45", None, False), ("tiny", "block", True),
+                                            ("tiny", "compressed-tensors", True)])
 def test_bf16_byte_identical_to_convert_hf_to_gguf(ckpt_factory, tmp_path, preset, fp8, mtp):
     src = named_like_upstream(ckpt_factory(preset, fp8), tmp_path, preset)
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
