@@ -173,7 +173,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one)")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GLMLOCAL_API_KEY", help="Require this key (x-api-key or Authorization: Bearer)")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key")] = False,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait behind the running one; more get 429")] = 16,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running one; more get 429")] = 16,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,
     no_think: Annotated[bool, typer.Option("--no-think", help="Thinking off unless a request turns it on")] = False,

@@ -139,8 +139,8 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
             writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
             _preflight(out, total)
             start = time.monotonic()
-            for job, x in _read_ahead(ckpt, jobs):
-                writer.write_tensor_data(job.planned.name, _encode(x, job.ggml_type, q))
+            for job, (x, per) in _read_ahead(ckpt, jobs):
+                writer.write_tensor_data(job.planned.name, _encode(x, per, job.ggml_type, q))
                 if progress:
                     progress(ConvertProgress(writer.bytes_written, total, job.planned.name,
                                              time.monotonic() - start))
@@ -187,9 +187,10 @@ def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
             yield job, group
 
 
-def _read_slab(ckpt: Checkpoint, parts: list[tuple[str, int, int]]) -> np.ndarray:
+def _read_slab(ckpt: Checkpoint, parts: list[tuple[str, int, int]]) -> tuple[np.ndarray, int]:
+    """F32 rows of a slab and the rows per matrix in it (experts are never split across chunks)."""
     xs = [ckpt.read_rows_f32(*p) for p in parts]
-    return xs[0] if len(xs) == 1 else np.concatenate(xs)
+    return (xs[0], len(xs[0])) if len(xs) == 1 else (np.concatenate(xs), len(xs[0]))
 
 
 def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
@@ -207,12 +208,12 @@ def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
             del x
 
 
-def _encode(x: np.ndarray, gt: GGMLType, q: Quantizer) -> np.ndarray:
+def _encode(x: np.ndarray, rows_per_matrix: int, gt: GGMLType, q: Quantizer) -> np.ndarray:
     if gt == GGMLType.F32:
         return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).reshape(-1)
     if gt == GGMLType.BF16:
         # exact: values are already BF16-representable (BF16 sources, or FP8 rounded to BF16)
         return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
     if gt == GGMLType.F16 or is_quantized(gt):
-        return q.quantize(gt, x)
+        return q.quantize(gt, x, rows_per_matrix)
     raise ValueError(f"cannot encode to {gt.name}")

@@ -185,8 +185,11 @@ class Quantizer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def quantize(self, ggml_type: int, x: np.ndarray) -> np.ndarray:
-        """Quantize a 2-D f32 array (rows, n_per_row) to a uint8 array of row_size*rows bytes."""
+    def quantize(self, ggml_type: int, x: np.ndarray, rows_per_matrix: int | None = None) -> np.ndarray:
+        """Quantize a 2-D f32 array (rows, n_per_row) to a uint8 array of row_size*rows bytes.
+
+        rows_per_matrix: x stacks several matrices (experts) of this many rows; no chunk crosses one
+        (as in llama.cpp, where each expert may have its own imatrix slice)."""
         lib = _lib()
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_rows, n_per_row = x.shape
@@ -195,12 +198,15 @@ class Quantizer:
         if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
             raise ValueError(f"{GGMLType(ggml_type).name} requires an importance matrix")
         lib.ggml_quantize_init(int(ggml_type))
+        per = rows_per_matrix or n_rows
+        if n_rows % per:
+            raise ValueError(f"{n_rows} rows is not a whole number of {per}-row matrices")
         # whole rows, at least MIN_CHUNK_ELEMENTS, about 8 tasks per thread (few Python round trips, balanced)
-        rows_per_chunk = max(-(-MIN_CHUNK_ELEMENTS // n_per_row), -(-n_rows // (self.threads * 8)))
-        starts = list(range(0, n_rows, rows_per_chunk))
+        step = max(-(-MIN_CHUNK_ELEMENTS // n_per_row), -(-n_rows // (self.threads * 8)))
+        chunks = [(s, min(step, m + per - s)) for m in range(0, n_rows, per) for s in range(m, m + per, step)]
 
-        def work(start: int) -> int:
-            nrows = min(rows_per_chunk, n_rows - start)
+        def work(chunk: tuple[int, int]) -> int:
+            start, nrows = chunk
             src = x.ctypes.data + start * n_per_row * 4
             dst = out.ctypes.data + start * rsize
             # ggml_quantize_chunk's `start` is an element offset into src/dst; we pass pre-offset pointers.
@@ -209,9 +215,9 @@ class Quantizer:
                 raise ValueError(f"quantized {GGMLType(ggml_type).name} data failed validation")
             return n
 
-        if self._pool is None or len(starts) == 1:
-            for s in starts:
-                work(s)
+        if self._pool is None or len(chunks) == 1:
+            for c in chunks:
+                work(c)
         else:
-            list(self._pool.map(work, starts))
+            list(self._pool.map(work, chunks))
         return out

@@ -58,3 +58,29 @@ def test_row_size_rejects_partial_blocks():
     with pytest.raises(ValueError):
         ggml.row_size(T.Q4_K, 352)
     assert ctypes.sizeof(ctypes.c_size_t) == 8
+
+
+def test_chunks_never_cross_a_matrix_boundary(monkeypatch):
+    """With stacked experts, every ggml_quantize_chunk call stays inside one expert's rows."""
+    x = np.random.default_rng(1).standard_normal((3 * 100, 256), dtype=np.float32)
+    with ggml.Quantizer(threads=1) as q:
+        whole = q.quantize(T.Q4_K, x)
+    calls = []
+    lib = ggml._lib()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def ggml_quantize_chunk(self, t, src, dst, start, nrows, n_per_row, imatrix):
+            calls.append(((src - x.ctypes.data) // (256 * 4), nrows))
+            return lib.ggml_quantize_chunk(t, src, dst, start, nrows, n_per_row, imatrix)
+
+    monkeypatch.setattr(ggml, "_lib", lambda: Spy())
+    with ggml.Quantizer(threads=2) as q:
+        stacked = q.quantize(T.Q4_K, x, rows_per_matrix=100)
+    assert stacked.tobytes() == whole.tobytes()
+    assert sum(n for _, n in calls) == 300
+    assert all(start // 100 == (start + n - 1) // 100 for start, n in calls), calls
+    with pytest.raises(ValueError):
+        ggml.Quantizer(threads=1).quantize(T.Q4_K, x, rows_per_matrix=128)

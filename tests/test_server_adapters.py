@@ -223,3 +223,60 @@ def test_anthropic_aggregate_blocks():
     blocks = agg.response()["content"]
     assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use"]
     assert blocks[0]["signature"] and blocks[2]["input"] == {"city": "Paris"}
+
+
+# ---------------------------------------------------------------------------------------------
+# stop sequences (backend.StopScanner / SessionBackend._drive)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunks, stops, emitted, hit", [
+    (["Hello wor", "ld END tail"], ["END"], "Hello world ", "END"),
+    (["ab", "c"], ["abd"], "abc", None),  # "ab" held back until it cannot start "abd"
+    (["x<", "/s", "top>y"], ["</stop>", "zz"], "x", "</stop>"),
+    (["nothing here"], ["STOP"], "nothing here", None),
+])
+def test_stop_scanner(chunks, stops, emitted, hit):
+    from glmlocal.server.backend import StopScanner
+
+    scanner, out, found = StopScanner(stops), [], None
+    for c in chunks:
+        text, found = scanner.push(c)
+        out.append(text)
+        if found:
+            break
+    if not found:
+        out.append(scanner.flush())
+    assert "".join(out) == emitted
+    assert found == hit
+
+
+def test_backend_cuts_content_at_a_stop_sequence_and_reports_it():
+    from types import SimpleNamespace
+
+    from glmlocal.server.backend import SessionBackend
+    from glmlocal.session import TurnResult
+
+    closed = []
+
+    def fake_turn(*a, **k):
+        def gen():
+            try:
+                yield ReasoningDelta("think STOP inside reasoning is fine")
+                yield ContentDelta("answer ST")
+                yield ContentDelta("OP and more")
+                yield Finish("stop")
+                yield TurnResult("stop", 9, 4, 20, 0.1, 10.0)
+            finally:
+                closed.append(True)
+        return gen()
+
+    stats = SimpleNamespace(prompt_tokens=9, completion_tokens=5, cached_tokens=4)
+    engine = SimpleNamespace(n_ctx=100, last_stats=stats)
+    from glmlocal.generation import Sampling
+
+    backend = SessionBackend(SimpleNamespace(engine=engine, turn=fake_turn, default_sampling=Sampling()))
+    from glmlocal.server.types import TurnRequest
+
+    items = list(backend.chat(TurnRequest(messages=[], stop=["STOP"]), None))
+    assert items[0] == ReasoningDelta("think STOP inside reasoning is fine")
+    assert "".join(i.text for i in items if isinstance(i, ContentDelta)) == "answer "
+    assert items[-2] == Finish("stop") and items[-1] == Usage(9, 5, 4, stop_sequence="STOP") and closed

@@ -16,7 +16,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(FakeBackend(
 
 
 @schema.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_server_errors(case):
     response = case.call()
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"

@@ -302,6 +302,7 @@ class MessageAggregate:
     def __init__(self, model: str):
         self.model = model
         self.blocks: list[dict] = []
+        self.ids: dict[int, str] = {}
         self.reason: Optional[str] = None
         self.usage = Usage()
 
@@ -316,8 +317,11 @@ class MessageAggregate:
             self._append_text("thinking", "thinking", item.text)
         elif isinstance(item, ContentDelta) and item.text:
             self._append_text("text", "text", item.text)
+        elif isinstance(item, ToolCallStart):
+            self.ids[item.index] = item.id
         elif isinstance(item, ToolCallEnd):
-            self.blocks.append({"type": "tool_use", "id": item.id or f"toolu_{uuid.uuid4().hex[:24]}",
+            call_id = item.id or self.ids.get(item.index) or f"toolu_{uuid.uuid4().hex[:24]}"
+            self.blocks.append({"type": "tool_use", "id": call_id,
                                 "name": item.name, "input": item.arguments})
         elif isinstance(item, Finish):
             self.reason = item.reason

@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmlocal.errors import ContextOverflowError
+from glmlocal.errors import ContextOverflowError, GlmlocalError
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
 from glmlocal.server.errors import APIError, from_exception
@@ -104,6 +104,10 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):
         return _error_response(request.url.path, exc)
+
+    @app.exception_handler(GlmlocalError)
+    async def _typed(request: Request, exc: GlmlocalError):
+        return _error_response(request.url.path, from_exception(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

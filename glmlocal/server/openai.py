@@ -313,16 +313,20 @@ class ChatAggregate:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.calls: list[dict] = []
+        self.ids: dict[int, str] = {}
         self.reason: Optional[str] = None
         self.usage = Usage()
 
     def feed(self, item: Any) -> None:
-        if isinstance(item, ContentDelta):
+        if isinstance(item, ToolCallStart):
+            self.ids[item.index] = item.id
+        elif isinstance(item, ContentDelta):
             self.content.append(item.text)
         elif isinstance(item, ReasoningDelta):
             self.reasoning.append(item.text)
         elif isinstance(item, ToolCallEnd):  # only completed calls count (see glm/events.py)
-            self.calls.append({"id": item.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            call_id = item.id or self.ids.get(item.index) or f"call_{uuid.uuid4().hex[:24]}"
+            self.calls.append({"id": call_id, "type": "function",
                                "function": {"name": item.name,
                                             "arguments": json.dumps(item.arguments, ensure_ascii=False)}})
         elif isinstance(item, Finish):

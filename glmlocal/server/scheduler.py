@@ -38,6 +38,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._queue: deque[Ticket] = deque()
         self._busy = False
+        self._running: set[Ticket] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmlocal-generate")
         self._avg_seconds = 5.0  # running mean of job durations, for Retry-After
         self.completed = 0
@@ -62,10 +63,10 @@ class Scheduler:
         return ticket
 
     def shutdown(self) -> None:
-        """Cancel everything queued and stop the worker thread (after its current job)."""
-        for ticket in list(self._queue):
+        """Server stopping: cancel everything queued or running (the worker thread stays usable, because
+        an ASGI host may run lifespan shutdown and keep serving, as test clients do)."""
+        for ticket in list(self._queue) + list(self._running):
             ticket.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _dispatch(self) -> None:  # caller holds the lock
         while not self._busy and self._queue:
@@ -118,7 +119,11 @@ class Ticket:
                 raise ClientGone()
             self.state = _RUNNING
         pipe = _Pipe(self._loop)
-        self._loop.run_in_executor(self._sched._executor, self._job, pipe, fn)
+        try:
+            self._sched._executor.submit(self._job, pipe, fn)
+        except BaseException:
+            self._sched._release()
+            raise
         try:
             while True:
                 batch, done, error = await pipe.take(heartbeat)
@@ -133,9 +138,11 @@ class Ticket:
 
     def _job(self, pipe: "_Pipe", fn: Callable[[threading.Event], Iterator]) -> None:
         started = time.monotonic()
+        self._sched._running.add(self)
         try:
             pipe.pump(fn, self.cancel)
         finally:
+            self._sched._running.discard(self)
             self._sched._release(time.monotonic() - started)  # before `done` reaches the client
             pipe.close()
 

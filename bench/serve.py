@@ -1,0 +1,184 @@
+"""Benchmark `glmlocal serve` against the engine called in-process.
+
+1. Streamed decode speed: tokens/s of a greedy completion read through the server's SSE stream vs the same
+   request run by Session in this process (target ratio >= 0.97).
+2. Prompt-cache reuse: time to first token of turn 10 of an agent loop sharing an ~8K-token prefix, vs the
+   same turn-10 prompt sent to a freshly started server (cold) (target ratio <= 0.15).
+
+    python bench/serve.py [--model PATH.gguf] [--tokens 128] [--prefix 8000] [--reps 3]
+
+Without --model it uses the test fixture "bench1g" Q4_K_M GGUF (built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.server_live import ServeProcess  # noqa: E402
+
+NO_THINK = {"enable_thinking": False, "clear_thinking": False}
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean "
+         "compile module function variable pointer memory buffer socket thread kernel").split()
+
+
+def default_model() -> Path:
+    from tests.conftest import build_cached_gguf
+
+    return build_cached_gguf("bench1g", "q4_k_m")
+
+
+def stream_chat(url: str, body: dict) -> dict:
+    """One streamed chat completion; returns ttft (first generated text), decode time and token count."""
+    t0 = time.perf_counter()
+    first = last = None
+    usage = {}
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                last = time.perf_counter()
+                first = first or last
+    return {"ttft": (first or time.perf_counter()) - t0, "decode_s": (last or 0) - (first or 0),
+            "tokens": usage.get("completion_tokens", 0), "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+            "prompt": usage.get("prompt_tokens", 0)}
+
+
+def engine_decode(model, messages: list, tokens: int) -> dict:
+    """The same request through Session in this process, timed the same way (first to last text event)."""
+    from glmlocal.generation import Sampling
+    from glmlocal.session import TurnResult
+
+    first = last = None
+    result = None
+    for item in model.session.turn(messages, enable_thinking=False, clear_thinking=False,
+                                   sampling=Sampling(temperature=0, seed=1), max_tokens=tokens,
+                                   cancel=threading.Event()):
+        if isinstance(item, TurnResult):
+            result = item
+        elif getattr(item, "text", None):
+            last = time.perf_counter()
+            first = first or last
+    return {"decode_s": (last or 0) - (first or 0), "tokens": result.completion_tokens}
+
+
+def tps(run: dict) -> float:
+    # The first generated token's time belongs to the prompt; decode speed counts the rest.
+    return (run["tokens"] - 1) / run["decode_s"] if run["decode_s"] > 0 else 0.0
+
+
+def bench_decode(path: Path, ctx: int, tokens: int, reps: int) -> tuple[float, float]:
+    """Best-of-`reps` decode tok/s in-process and through the server, runs interleaved so that load from
+    other processes on a shared machine hits both sides alike."""
+    from rich.console import Console
+
+    from glmlocal.chat_load import PlanOptions, open_chat_model
+
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    body = {"model": "bench", "messages": messages, "max_tokens": tokens, "temperature": 0, "seed": 1,
+            "chat_template_kwargs": NO_THINK}
+    engine_runs, server_runs = [], []
+    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench")
+    model = open_chat_model(str(path), PlanOptions(ctx=ctx), Console(file=open("/dev/null", "w")))
+    try:
+        stream_chat(srv.url, body), engine_decode(model, messages, tokens)  # warm-up both
+        for _ in range(reps):
+            run = stream_chat(srv.url, body)
+            server_runs.append(tps(run))
+            mine = engine_decode(model, messages, tokens)
+            engine_runs.append(tps(mine))
+            print(f"  server {run['tokens']} tokens in {run['decode_s']:.3f} s | "
+                  f"engine {mine['tokens']} tokens in {mine['decode_s']:.3f} s")
+    finally:
+        model.close()
+        srv.stop()
+    return max(engine_runs), max(server_runs)
+
+
+def agent_prefix(n_words: int) -> str:
+    """Deterministic project-notes text of `n_words` words."""
+    words = [WORDS[(i * 7 + i // 13) % len(WORDS)] for i in range(n_words)]
+    lines = [" ".join(words[i:i + 16]) for i in range(0, len(words), 16)]
+    return "You are a coding agent. Project notes follow.\n" + "\n".join(lines)
+
+
+def count_tokens(url: str, system: str) -> int:
+    body = {"model": "bench", "system": system, "messages": [{"role": "user", "content": "x"}]}
+    return httpx.post(url + "/v1/messages/count_tokens", json=body, timeout=60).json()["input_tokens"]
+
+
+def agent_loop(url: str, system: str, turns: int) -> tuple[list[dict], dict]:
+    """Run `turns` agent turns; return (the last turn's messages, its timing)."""
+    messages = [{"role": "system", "content": system}]
+    timing = {}
+    for turn in range(1, turns + 1):
+        messages.append({"role": "user", "content": f"Step {turn}: read file src/module_{turn}.py and summarise it."})
+        body = {"model": "bench", "messages": messages, "max_tokens": 16, "temperature": 0, "seed": turn,
+                "chat_template_kwargs": NO_THINK}
+        if turn == turns:
+            return messages, stream_chat(url, body)
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()
+        if "choices" not in reply:
+            raise SystemExit(f"turn {turn} failed: {reply}")
+        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"] or "ok"})
+    return messages, timing
+
+
+def bench_ttft(path: Path, ctx: int, prefix_tokens: int, turns: int) -> tuple[dict, dict]:
+    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench")
+    try:
+        per_word = count_tokens(srv.url, agent_prefix(1000)) / 1000  # tokenizers differ: calibrate
+        system = agent_prefix(int(prefix_tokens / per_word))
+        print(f"shared prefix: {count_tokens(srv.url, system)} tokens")
+        messages, warm = agent_loop(srv.url, system, turns)
+    finally:
+        srv.stop()
+    cold_srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench")
+    try:
+        body = {"model": "bench", "messages": messages, "max_tokens": 16, "temperature": 0, "seed": turns,
+                "chat_template_kwargs": NO_THINK}
+        cold = stream_chat(cold_srv.url, body)
+    finally:
+        cold_srv.stop()
+    return warm, cold
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="GGUF to serve (default: the bench1g test fixture)")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens to decode per speed run")
+    ap.add_argument("--prefix", type=int, default=8000, help="approximate shared prefix in tokens")
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    path = args.model or default_model()
+    ctx = max(4096, args.prefix + 2048)
+    print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB), ctx {ctx}")
+    engine_tps, server_tps = bench_decode(path, ctx, args.tokens, args.reps)
+    print(f"decode: engine in-process {engine_tps:.1f} tok/s, through server (SSE) {server_tps:.1f} tok/s, "
+          f"ratio {server_tps / engine_tps:.3f} (best of {args.reps}; target >= 0.97)")
+    warm, cold = bench_ttft(path, ctx, args.prefix, args.turns)
+    print(f"TTFT turn {args.turns}: {warm['ttft'] * 1000:.0f} ms with cache ({warm['cached']}/{warm['prompt']} prompt "
+          f"tokens reused) vs {cold['ttft'] * 1000:.0f} ms cold ({cold['cached']} reused), "
+          f"ratio {warm['ttft'] / cold['ttft']:.3f} (target <= 0.15)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
