@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -54,4 +55,13 @@ def cached_dir(name: str, depends_on: Iterable[str], build: Callable[[Path], Non
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _prune_other_revisions(root, name, keep=final)
     return final
+
+
+def _prune_other_revisions(root: Path, name: str, keep: Path) -> None:
+    """Drop builds of `name` made from older sources, so the cache does not grow with every edit."""
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}")
+    for old in root.iterdir():
+        if old != keep and pattern.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
