@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmlocal.compute_graph import KV_PAD, GraphShape, reserve_bytes
 from glmlocal.errors import InputError
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 from quantize.recipe import plan_types
@@ -23,6 +24,7 @@ from quantize.recipe import plan_types
 GROUPS = ("attention", "dense_ffn", "shared_expert", "router", "experts", "nextn")
 KV_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+STEADY_LAYERS = 4  # MoE layers after which ggml-alloc's state repeats (3 measured; one spare)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class Footprint:
     file_bytes: int  # every tensor in the file, MTP block included
     source: str = "spec"  # "gguf" or "spec"
     tensor_types: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # What else shapes the compute graph (defaults: GLM-4.5/4.6's)
+    n_ff_dense: int = 0  # dense-layer FFN width (0: n_ff_exp * n_expert_used)
+    n_ff_shexp: int = -1  # shared-expert FFN width (-1: n_ff_exp)
+    n_dense_lead: int = 1
+    attn_bias: bool = True
+    qk_norm: bool = False
+    expert_norm: bool = True
+    expert_scale: float = 2.5
 
     @property
     def n_layer_all(self) -> int:
@@ -110,33 +120,39 @@ class Footprint:
 # Compute buffers (what llama.cpp reserves for the worst-case graph)
 # --------------------------------------------------------------------------------------------
 def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn: bool = True,
-                         output: bool = True) -> int:
+                         output: bool = True, type_k: str = "f16", type_v: str | None = None,
+                         n_layer: int | None = None) -> int:
     """Bytes of the compute buffer llama.cpp reserves on one backend for the worst-case graph.
 
     llama.cpp reserves the prompt graph with T = min(n_ubatch, n_ctx) tokens, all of them outputs,
-    attending over the whole cache (n_kv = n_ctx). ggml-alloc reuses memory, so the buffer is the
-    peak of the live tensors, which is the larger of
-    - inside a layer: the F16 attention mask [n_ctx, T] (live through every layer) plus the MoE
-      intermediates: 3 f32 [n_ff_exp, n_used, T] (gate, up, activation), 1.5 [n_embd, n_used, T]
-      (expert outputs) and the router's few [n_expert, T] (bytes/token 12*U*F + 6*U*E + 16*X);
-    - at the output: f32 logits for every token plus 3 hidden-state rows (4*(V + 3E) per token).
-    Fitted and checked on three fixture shapes (different U, F, E, X) against the "compute buffer
-    size" llama.cpp logs: exact to 0.1% where the layer term wins (tests/test_memory_prediction.py).
-    Where the output term wins, ggml-alloc's free-block fragmentation can add up to 4 more hidden rows
-    per token (+41 MB on GLM-4.6 at T=512); the per-device safety margin absorbs that. The
-    flash_attn=False branch is a rough upper estimate, not validated (glmlocal always enables it).
+    attending over the whole (256-padded) cache, then the one-token graph, and keeps the larger.
+    glmlocal.compute_graph rebuilds that graph and replays ggml-alloc over it, so fragmentation is
+    counted exactly. `output=False` drops the output norm and logits (a GPU without the output layer).
+    Quantized K/V types add llama.cpp's Hadamard rotation of Q/K/V.
+
+    The layers are identical, so the allocator's free list reaches a fixed point after the dense
+    layers plus a few MoE layers and every later layer repeats it: replaying `n_layer` layers
+    (default: the dense ones + STEADY_LAYERS) gives the same bytes as all 92 of GLM-4.6, ~20x faster
+    (tests/test_memory_prediction.py checks that equality on the registry's shapes).
     """
-    t = min(n_ubatch, n_ctx)
-    u, f, e, x = fp.n_expert_used, fp.n_ff_exp, fp.n_embd, fp.n_expert
-    if flash_attn:
-        mask = n_ctx * t * 2
-        attn = 0
-    else:  # F32 mask plus KQ scores and softmax for every head: the multi-GB buffers of long contexts
-        mask = n_ctx * t * 4
-        attn = 2 * n_ctx * t * fp.n_head * 4
-    layer = t * (12 * u * f + 6 * u * e + 16 * x) + attn
-    out = t * 4 * (fp.n_vocab + 3 * e) if output else 0
-    return max(mask + layer, out)
+    n_kv = -(-n_ctx // KV_PAD) * KV_PAD
+    n_layer = min(fp.n_dense_lead + STEADY_LAYERS, fp.n_layer) if n_layer is None else n_layer
+    n_layer = max(1, min(n_layer, fp.n_layer))
+    base = dict(
+        n_layer=n_layer, n_embd=fp.n_embd, n_head=fp.n_head, n_head_kv=fp.n_head_kv, head_dim=fp.head_dim,
+        n_vocab=fp.n_vocab, n_expert=fp.n_expert, n_expert_used=fp.n_expert_used, n_ff_exp=fp.n_ff_exp,
+        n_ff_dense=fp.n_ff_dense or fp.n_ff_exp * fp.n_expert_used,
+        n_ff_shexp=fp.n_ff_exp if fp.n_ff_shexp < 0 else fp.n_ff_shexp,
+        n_dense_lead=fp.n_dense_lead, attn_bias=fp.attn_bias, qk_norm=fp.qk_norm, expert_norm=fp.expert_norm,
+        expert_scale=fp.expert_scale, n_kv=n_kv, flash_attn=flash_attn, output=output,
+        rot_k=_quantized(type_k), rot_v=_quantized(type_v or type_k))
+    # prompt graph, then the one-token graph: the buffer only ever grows
+    return max(reserve_bytes(GraphShape(n_tokens=min(n_ubatch, n_kv), **base)),
+               reserve_bytes(GraphShape(n_tokens=1, **base)))
+
+
+def _quantized(type_name: str) -> bool:
+    return type_name.lower() not in ("f16", "bf16", "f32")
 
 
 def kv_row_bytes(type_name: str, n: int) -> int:
@@ -230,6 +246,9 @@ def _gguf_meta(md: dict, path: Path) -> dict:
         "n_vocab": int(key("vocab_size", len(vocab) if vocab else 0)),
         "n_ctx_train": int(key("context_length")), "n_expert": int(key("expert_count")),
         "n_expert_used": int(key("expert_used_count")), "n_ff_exp": int(key("expert_feed_forward_length")),
+        "n_ff_dense": int(key("feed_forward_length", 0)), "n_dense_lead": int(key("leading_dense_block_count", 0)),
+        "n_ff_shexp": int(key("expert_feed_forward_length")) * int(key("expert_shared_count", 0)),
+        "expert_norm": bool(key("expert_weights_norm", False)), "expert_scale": float(key("expert_weights_scale", 0.0)),
     }
 
 
@@ -250,6 +269,8 @@ def footprint_from_gguf(path: str | Path) -> Footprint:
     parts = [read_gguf(p) for p in _split_paths(path)]
     meta = _gguf_meta(parts[0].metadata, path)
     tensors = [(t.name, tuple(t.shape), t.ggml_type) for part in parts for t in part.tensors]
+    names = {t[0] for t in tensors}
+    meta.update(attn_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names)
     ftype = parts[0].metadata.get("general.file_type")
     label = parts[0].metadata.get("general.name") or path.stem
     return build_footprint(tensors, meta, label=str(label), quant=_ftype_name(ftype), source="gguf")
@@ -318,6 +339,9 @@ def footprint_from_spec(spec, quant: str, *, mtp: bool = True) -> Footprint:
             "n_embd": hp.hidden_size, "n_head": hp.num_attention_heads, "n_head_kv": hp.num_key_value_heads,
             "head_dim": hp.head_dim, "n_vocab": hp.vocab_size, "n_ctx_train": hp.max_position_embeddings,
             "n_expert": hp.n_routed_experts, "n_expert_used": hp.num_experts_per_tok,
-            "n_ff_exp": hp.moe_intermediate_size}
+            "n_ff_exp": hp.moe_intermediate_size, "n_ff_dense": hp.intermediate_size,
+            "n_ff_shexp": hp.moe_intermediate_size * hp.n_shared_experts, "n_dense_lead": hp.first_k_dense_replace,
+            "attn_bias": hp.attention_bias, "qk_norm": hp.use_qk_norm, "expert_norm": hp.norm_topk_prob,
+            "expert_scale": hp.routed_scaling_factor}
     triples = [(name, shape, int(types[name])) for name, shape in tensors]
     return build_footprint(triples, meta, label=spec.display, quant=quant, source="spec")

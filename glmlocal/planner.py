@@ -158,6 +158,11 @@ def _kv_layer_bytes(b: _Budget, ctx: int) -> int:
     return (kv_row_bytes(b.type_k, kv_dim) + kv_row_bytes(b.type_v, kv_dim)) * ctx
 
 
+def _compute(b: _Budget, ctx: int, *, output: bool = True) -> int:
+    """llama.cpp's compute buffer for this budget (flash attention on, as every Placement has it)."""
+    return compute_buffer_bytes(b.fp, ctx, b.n_ubatch, output=output, type_k=b.type_k, type_v=b.type_v)
+
+
 def _split_layers(layers: list[int], weights: list[float]) -> list[list[int]]:
     """Contiguous runs of `layers`, sized proportionally to `weights` (one run per GPU)."""
     total, out, start, acc = sum(weights), [], 0, 0.0
@@ -209,11 +214,11 @@ def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _La
     capacities = [max(g.free - b.margin, 0) for g in gpus]
     runs = _split_layers(on_gpu, capacities) if gpus else []
     kv_layer = _kv_layer_bytes(b, ctx)
-    compute = compute_buffer_bytes(fp, ctx, b.n_ubatch, output=False)
+    compute = _compute(b, ctx, output=False)
     fixed, kv, comp, experts, need = [], [], [], [], []
     for d, run in enumerate(runs):  # the output layer (and the unloaded NextN slot) go to the last GPU
         last = d == len(runs) - 1
-        c = compute + (compute_buffer_bytes(fp, ctx, b.n_ubatch) - compute if last else 0) + (copy if d == 0 else 0)
+        c = compute + (_compute(b, ctx) - compute if last else 0) + (copy if d == 0 else 0)
         f = sum(fp.layers[i].non_expert for i in run) + (fp.output if last else 0)
         k = kv_layer * len(run)
         chosen = _fill_experts(fp, run, capacities[d] - f - k - c)
@@ -229,11 +234,11 @@ def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _La
     # keeps the token embeddings, plus the attention (mask, activations) of layers whose KV is in RAM;
     # the output buffer holds one row of logits.
     if not gpus:
-        host_compute = compute_buffer_bytes(fp, ctx, b.n_ubatch)
+        host_compute = _compute(b, ctx)
     else:
         host_compute = 2 * fp.n_embd * 4 * min(b.n_ubatch, ctx)
         if len(on_gpu) < len(trunk):
-            host_compute += compute_buffer_bytes(fp, ctx, b.n_ubatch, output=False)
+            host_compute += _compute(b, ctx, output=False)
     host_compute += fp.n_vocab * 4
     ngl = (len(on_gpu) + fp.n_nextn + 1) if on_gpu else 0
     return _Layout(ctx, ngl, runs, experts, need, fixed, kv, comp,

@@ -1,9 +1,17 @@
 """GLM-4.x safetensors checkpoint -> GGUF (BF16, Q8_0, Q6_K, Q4_K_M) in one streamed pass.
 
 Plan every tensor (name, shape, type) from the shard headers, write the GGUF header, then stream each
-tensor in bounded slabs (one expert, or at most SLAB_BYTES of F32 rows) through ggml's quantizer into the
-writer. Peak memory is O(largest slab), independent of model size; the output appears under its final
-name only when complete.
+tensor in bounded slabs (whole experts, or at most SLAB_BYTES of F32 rows) into the writer. Worker threads
+(one per core) read, decode and quantize row chunks of several slabs at once with ggml's quantizer, while
+the calling thread writes finished slabs in order; the output appears under its final name only when
+complete.
+
+Memory bound, independent of model size: the slabs queued ahead of the write, at most
+IN_FLIGHT_BYTES + SLAB_BYTES (48 MiB) of F32 rows, whose encoded bytes are held (at most 48 MiB, for F32
+outputs; a sixth of that for Q4_K), plus one chunk per worker (raw rows and their F32 decode, at most
+1.5 x CHUNK_BYTES; about 6 MiB over all workers up to 64 threads, since chunks shrink as threads grow;
+FP8 decoding adds a few temporaries of chunk size), on top of the interpreter and the GGUF header (~10 MB for GLM's 151k-token vocabulary).
+See tests/test_convert_memory.py.
 
 Layout choices, so files are byte-identical to llama.cpp's own tools:
 - BF16: tensor and key order of convert_hf_to_gguf.py.
@@ -15,7 +23,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +35,16 @@ import numpy as np
 
 from glmlocal.errors import DiskSpaceError, InputError
 from quantize import glm4moe, recipe, vocab
-from quantize.ggml import GGMLType, Quantizer, is_quantized
+from quantize.ggml import MIN_CHUNK_ELEMENTS, GGMLType, is_quantized, prepare, quantize_into, row_size
 from quantize.gguf_reader import GGUFValueType as VT
-from quantize.safetensors_io import SUPPORTED, Checkpoint, UnsupportedDtypeError
+from quantize.safetensors_io import SUPPORTED, Checkpoint, UnsupportedDtypeError, bf16_bits_to_f32
 from quantize.writer import GGUFWriter
 
 QUANTS = tuple(recipe.FTYPES)
 SLAB_BYTES = 16 * 2**20  # F32 bytes per streamed slab (bounds peak memory; see tests/test_convert_memory.py)
+IN_FLIGHT_BYTES = 2 * SLAB_BYTES  # F32 bytes of slabs queued ahead of the one being written
+MAX_IN_FLIGHT = 256  # slabs queued ahead (bounds the bookkeeping for runs of tiny tensors)
+CHUNK_BYTES = 2 * 2**20  # largest F32 rows per worker task (bounds per-thread buffers)
 
 
 @dataclass(frozen=True)
@@ -134,20 +147,20 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
         raise InputError(f"output {out} is a directory", hint="give a file name ending in .gguf")
     ckpt, writer, jobs = plan(Path(src_dir), quant, mtp, out)
     total = writer.total_bytes
-    with Quantizer(threads or os.cpu_count() or 1) as q:
-        try:
-            writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
-            _preflight(out, total)
-            start = time.monotonic()
-            for job, (x, per) in _read_ahead(ckpt, jobs):
-                writer.write_tensor_data(job.planned.name, _encode(x, per, job.ggml_type, q))
-                if progress:
-                    progress(ConvertProgress(writer.bytes_written, total, job.planned.name,
-                                             time.monotonic() - start))
-            path = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+    try:
+        writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks
+        _preflight(out, total)
+        start = time.monotonic()
+
+        def on_write(name: str) -> None:
+            if progress:
+                progress(ConvertProgress(writer.bytes_written, total, name, time.monotonic() - start))
+
+        _stream(ckpt, jobs, writer, threads or os.cpu_count() or 1, on_write)
+        path = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.ggml_type.name] = counts.get(j.ggml_type.name, 0) + 1
@@ -164,9 +177,8 @@ def _preflight(out: Path, total: int) -> None:
 def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
     """(job, [(source tensor, first row, end row), ...]) for every bounded piece, in output order.
 
-    A piece holds at most SLAB_BYTES of F32: several whole experts of a merged expert tensor (fewer
-    barriers between quantizer calls), or a row block of one large 2-D tensor (row counts are multiples
-    of 128, the FP8 scale block)."""
+    A piece holds at most SLAB_BYTES of F32: several whole experts of a merged expert tensor, or a row
+    block of one large 2-D tensor (row counts are multiples of 128, the FP8 scale block)."""
     for job in jobs:
         ncols = job.planned.shape[0]
         step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)
@@ -187,33 +199,109 @@ def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
             yield job, group
 
 
-def _read_slab(ckpt: Checkpoint, parts: list[tuple[str, int, int]]) -> tuple[np.ndarray, int]:
-    """F32 rows of a slab and the rows per matrix in it (experts are never split across chunks)."""
-    xs = [ckpt.read_rows_f32(*p) for p in parts]
-    return (xs[0], len(xs[0])) if len(xs) == 1 else (np.concatenate(xs), len(xs[0]))
+@dataclass
+class _Slab:
+    """One slab in flight: its encoded bytes, filled by chunk tasks on the worker pool."""
+
+    job: _Job
+    out: np.ndarray
+    f32_bytes: int
+    futures: list = field(default_factory=list)
 
 
-def _read_ahead(ckpt: Checkpoint, jobs: list[_Job]):
-    """Yield (job, F32 slab) while a helper thread already reads and decodes the next slab, so the
-    quantizer threads are not idle during I/O. At most two slabs are alive at once."""
-    with ThreadPoolExecutor(1) as pool:
-        it = _slabs(ckpt, jobs)
-        nxt = next(it, None)
-        fut = pool.submit(_read_slab, ckpt, nxt[1]) if nxt else None
-        while fut is not None:
-            job, x = nxt[0], fut.result()
-            nxt = next(it, None)
-            fut = pool.submit(_read_slab, ckpt, nxt[1]) if nxt else None
-            yield job, x
-            del x
+class _Encoder:
+    """Read, decode and encode slabs on a pool of `threads` workers, in chunks of whole rows.
+
+    Each task reads its rows straight from the shard (positioned read), decodes BF16 into a reused
+    per-thread F32 buffer and quantizes into its place in the slab's output buffer, so decoding and
+    quantizing both run on every core and nothing is copied twice. Bytes equal ggml's for any chunking:
+    every type here is quantized row by row, without an importance matrix."""
+
+    def __init__(self, ckpt: Checkpoint, threads: int):
+        self.ckpt, self.threads = ckpt, threads
+        self.pool = ThreadPoolExecutor(threads)
+        self._local = threading.local()
+        # a few chunks per thread per slab balances load; at least MIN_CHUNK_ELEMENTS as llama.cpp does
+        self.chunk_bytes = min(CHUNK_BYTES, max(MIN_CHUNK_ELEMENTS * 4, SLAB_BYTES // (4 * threads)))
+
+    def submit(self, job: _Job, parts: list[tuple[str, int, int]]) -> _Slab:
+        gt, ncols = job.ggml_type, job.planned.shape[0]
+        if gt not in (GGMLType.F32, GGMLType.BF16):
+            prepare(gt)
+        n_rows = sum(r1 - r0 for _, r0, r1 in parts)
+        rsize = row_size(gt, ncols)
+        slab = _Slab(job, np.empty(n_rows * rsize, dtype=np.uint8), n_rows * ncols * 4)
+        step = max(1, self.chunk_bytes // (ncols * 4))
+        row = 0
+        for src, r0, r1 in parts:  # chunks never cross a source tensor (one expert)
+            for c0 in range(r0, r1, step):
+                c1 = min(r1, c0 + step)
+                dst = slab.out[(row + c0 - r0) * rsize:(row + c1 - r0) * rsize]
+                slab.futures.append(self.pool.submit(self._chunk, src, c0, c1, gt, ncols, dst))
+            row += r1 - r0
+        return slab
+
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's raw BF16 and F32 buffers, grown to n elements (reused across tasks)."""
+        loc = self._local
+        if getattr(loc, "n", 0) < n:
+            loc.raw, loc.f32, loc.n = np.empty(n, np.uint16), np.empty(n, np.float32), n
+        return loc.raw[:n], loc.f32[:n]
+
+    def _chunk(self, src: str, r0: int, r1: int, gt: GGMLType, ncols: int, dst: np.ndarray) -> None:
+        dtype, n = self.ckpt.entries[src].dtype, (r1 - r0) * ncols
+        if dtype == "BF16" and gt == GGMLType.BF16:
+            self.ckpt.read_rows_into(src, r0, r1, dst)  # BF16 -> BF16 is a copy
+            return
+        if dtype == "BF16":
+            raw, f32 = self._buffers(n)
+            self.ckpt.read_rows_into(src, r0, r1, raw)
+            if gt == GGMLType.F32:
+                bf16_bits_to_f32(raw, dst.view(np.float32))
+                return
+            x = bf16_bits_to_f32(raw, f32).reshape(-1, ncols)
+        else:  # F16, F32, FP8: the general reader (FP8 is dequantized and rounded to BF16)
+            x = self.ckpt.read_rows_f32(src, r0, r1)
+        if gt == GGMLType.F32:
+            dst.view(np.float32)[:] = x.reshape(-1)
+        elif gt == GGMLType.BF16:
+            # exact: values are BF16-representable (BF16 sources, or FP8 rounded to BF16); the high
+            # halves of the little-endian F32 words are the BF16 bits
+            dst.view(np.uint16)[:] = x.reshape(-1).view(np.uint16)[1::2]
+        elif gt == GGMLType.F16 or is_quantized(gt):
+            quantize_into(gt, np.ascontiguousarray(x, dtype=np.float32), dst)
+        else:
+            raise ValueError(f"cannot encode to {gt.name}")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _encode(x: np.ndarray, rows_per_matrix: int, gt: GGMLType, q: Quantizer) -> np.ndarray:
-    if gt == GGMLType.F32:
-        return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).reshape(-1)
-    if gt == GGMLType.BF16:
-        # exact: values are already BF16-representable (BF16 sources, or FP8 rounded to BF16)
-        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
-    if gt == GGMLType.F16 or is_quantized(gt):
-        return q.quantize(gt, x, rows_per_matrix)
-    raise ValueError(f"cannot encode to {gt.name}")
+def _stream(ckpt: Checkpoint, jobs: list[_Job], writer: GGUFWriter, threads: int,
+            on_write: Callable[[str], None]) -> None:
+    """Encode every slab on the worker pool and write them in order from this thread.
+
+    Slabs are submitted ahead while up to IN_FLIGHT_BYTES of F32 rows are queued, so workers never wait
+    for a write or for the slowest chunk of a slab (no barrier between slabs); writes release the GIL and
+    overlap with encoding. Memory: the in-flight slabs' encoded bytes plus one chunk per worker."""
+    enc = _Encoder(ckpt, threads)
+    pending: deque[_Slab] = deque()
+    queued = 0
+    try:
+        for job, parts in _slabs(ckpt, jobs):
+            pending.append(enc.submit(job, parts))
+            queued += pending[-1].f32_bytes
+            while queued > IN_FLIGHT_BYTES or len(pending) > MAX_IN_FLIGHT:
+                queued -= _write(pending.popleft(), writer, on_write)
+        while pending:
+            _write(pending.popleft(), writer, on_write)
+    finally:
+        enc.close()
+
+
+def _write(slab: _Slab, writer: GGUFWriter, on_write: Callable[[str], None]) -> int:
+    for f in slab.futures:
+        f.result()
+    writer.write_tensor_data(slab.job.planned.name, slab.out)
+    on_write(slab.job.planned.name)
+    return slab.f32_bytes

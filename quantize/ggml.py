@@ -190,30 +190,21 @@ class Quantizer:
 
         rows_per_matrix: x stacks several matrices (experts) of this many rows; no chunk crosses one
         (as in llama.cpp, where each expert may have its own imatrix slice)."""
-        lib = _lib()
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_rows, n_per_row = x.shape
-        rsize = row_size(ggml_type, n_per_row)
-        out = np.empty(n_rows * rsize, dtype=np.uint8)
-        if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
-            raise ValueError(f"{GGMLType(ggml_type).name} requires an importance matrix")
-        lib.ggml_quantize_init(int(ggml_type))
+        out = np.empty(n_rows * row_size(ggml_type, n_per_row), dtype=np.uint8)
+        prepare(ggml_type)
         per = rows_per_matrix or n_rows
         if n_rows % per:
             raise ValueError(f"{n_rows} rows is not a whole number of {per}-row matrices")
         # whole rows, at least MIN_CHUNK_ELEMENTS, about 8 tasks per thread (few Python round trips, balanced)
         step = max(-(-MIN_CHUNK_ELEMENTS // n_per_row), -(-n_rows // (self.threads * 8)))
         chunks = [(s, min(step, m + per - s)) for m in range(0, n_rows, per) for s in range(m, m + per, step)]
+        rsize = row_size(ggml_type, n_per_row)
 
-        def work(chunk: tuple[int, int]) -> int:
+        def work(chunk: tuple[int, int]) -> None:
             start, nrows = chunk
-            src = x.ctypes.data + start * n_per_row * 4
-            dst = out.ctypes.data + start * rsize
-            # ggml_quantize_chunk's `start` is an element offset into src/dst; we pass pre-offset pointers.
-            n = lib.ggml_quantize_chunk(int(ggml_type), src, dst, 0, nrows, n_per_row, None)
-            if not lib.ggml_validate_row_data(int(ggml_type), dst, n):
-                raise ValueError(f"quantized {GGMLType(ggml_type).name} data failed validation")
-            return n
+            quantize_into(ggml_type, x[start:start + nrows], out[start * rsize:(start + nrows) * rsize])
 
         if self._pool is None or len(chunks) == 1:
             for c in chunks:
@@ -221,3 +212,31 @@ class Quantizer:
         else:
             list(self._pool.map(work, chunks))
         return out
+
+
+def prepare(ggml_type: int) -> None:
+    """Check that `ggml_type` needs no importance matrix and run ggml_quantize_init for it (once per type,
+    before worker threads call quantize_into)."""
+    lib = _lib()
+    if lib.ggml_quantize_requires_imatrix(int(ggml_type)):
+        raise ValueError(f"{GGMLType(ggml_type).name} requires an importance matrix")
+    lib.ggml_quantize_init(int(ggml_type))
+
+
+def quantize_into(ggml_type: int, x: np.ndarray, out: np.ndarray) -> None:
+    """Quantize the rows of a C-contiguous f32 array (rows, n_per_row) into `out` (uint8, exactly
+    rows * row_size bytes) in the calling thread, then validate them as llama_model_quantize does.
+
+    ctypes releases the GIL for the call, so several threads can quantize disjoint row ranges at once.
+    Call prepare(ggml_type) first."""
+    lib = _lib()
+    n_rows, n_per_row = x.shape
+    if x.dtype != np.float32 or not x.flags.c_contiguous or not out.flags.c_contiguous:
+        raise ValueError("quantize_into needs C-contiguous float32 rows and a contiguous output")
+    if out.nbytes != n_rows * row_size(ggml_type, n_per_row):
+        raise ValueError(f"output holds {out.nbytes} bytes, {GGMLType(ggml_type).name} rows need "
+                         f"{n_rows * row_size(ggml_type, n_per_row)}")
+    # ggml_quantize_chunk's `start` is an element offset into src/dst; we pass pre-offset pointers.
+    n = lib.ggml_quantize_chunk(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+    if not lib.ggml_validate_row_data(int(ggml_type), out.ctypes.data, n):
+        raise ValueError(f"quantized {GGMLType(ggml_type).name} data failed validation")

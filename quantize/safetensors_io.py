@@ -169,12 +169,8 @@ class Checkpoint:
         if e.dtype not in SUPPORTED:
             raise UnsupportedDtypeError(name, e.dtype)
         ncols = e.shape[-1] if e.shape else 1
-        esize = _ELEM_SIZE[e.dtype]
-        buf = np.empty((r1 - r0) * ncols * esize, dtype=np.uint8)
-        with open(e.path, "rb") as f:
-            f.seek(e.start + r0 * ncols * esize)
-            if f.readinto(memoryview(buf)) != buf.nbytes:
-                raise TruncatedFileError(e.path, e.start + e.nbytes, os.path.getsize(e.path))
+        buf = np.empty((r1 - r0) * ncols * _ELEM_SIZE[e.dtype], dtype=np.uint8)
+        self.read_rows_into(name, r0, r1, buf)
         if e.dtype == "BF16":
             return bf16_bits_to_f32(buf.view(np.uint16)).reshape(-1, ncols)
         if e.dtype == "F16":
@@ -182,6 +178,26 @@ class Checkpoint:
         if e.dtype == "F32":
             return buf.view(np.float32).reshape(-1, ncols)
         return self._dequant_fp8(name, buf.reshape(-1, ncols), r0)
+
+    def read_rows_into(self, name: str, r0: int, r1: int, out: np.ndarray) -> None:
+        """Stored bytes of rows [r0, r1) into `out`, a contiguous array of exactly that many bytes.
+
+        One unbuffered positioned read that releases the GIL, so worker threads can read in parallel
+        into buffers they reuse."""
+        e = self.entries[name]
+        ncols = e.shape[-1] if e.shape else 1
+        row_bytes = ncols * _ELEM_SIZE[e.dtype]
+        if out.nbytes != (r1 - r0) * row_bytes:
+            raise ValueError(f"buffer of {out.nbytes} bytes for {r1 - r0} rows of {row_bytes} bytes")
+        view = memoryview(out).cast("B")
+        with open(e.path, "rb", buffering=0) as f:
+            f.seek(e.start + r0 * row_bytes)
+            got = 0
+            while got < out.nbytes:  # a raw read may return less than asked
+                n = f.readinto(view[got:])
+                if not n:
+                    raise TruncatedFileError(e.path, e.start + e.nbytes, os.path.getsize(e.path))
+                got += n
 
     def read_bf16_bits(self, name: str) -> np.ndarray:
         """A tensor as BF16 bit patterns (uint16, torch shape): what llama.cpp's converter stores for a
@@ -221,8 +237,13 @@ class Checkpoint:
         return bf16_bits_to_f32(f32_to_bf16_bits(x))
 
 
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact BF16 -> F32: the bits shifted into the high half (one pass, no uint32 temporary).
+    `out`: optional float32 array of bits' size to decode into."""
+    if out is None:
+        return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

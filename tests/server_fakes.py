@@ -11,8 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from glmlocal.glm.events import (ContentDelta, Finish, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd,
-                                 ToolCallStart)
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
 
 
@@ -98,7 +104,7 @@ class ThreadServer:
                                                     timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ThreadServer":
+    def __enter__(self) -> ThreadServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

@@ -33,7 +33,7 @@ class ServeProcess:
             argv += ["--api-key", api_key]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("GLMLOCAL_API_KEY", None)
-        self.out = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
+        self.out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self._wait(startup_s)
 

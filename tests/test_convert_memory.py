@@ -1,9 +1,9 @@
 """Peak memory of a streamed conversion does not grow with model size.
 
-Bound (see quantize/convert.py): the converter holds one slab being quantized and one being read ahead,
-each at most SLAB_BYTES (16 MiB) of F32 rows (whole experts, or a row block of a large tensor), plus their
-raw bytes, decode temporaries and quantized output -- under 8 x 16 MiB -- on top of the interpreter and
-the GGUF header (~10 MB for GLM's 151k-token vocabulary). The test converts the tiny (~15 MB) and bench1g
+Bound (see quantize/convert.py): the converter holds the encoded bytes of the slabs queued ahead of the
+write (at most 48 MiB of F32 rows: whole experts, or row blocks of a large tensor) and one row chunk per
+worker thread (a few MiB in all) -- well under 128 MiB -- on top of the interpreter and the GGUF header
+(~10 MB for GLM's 151k-token vocabulary). The test converts the tiny (~15 MB) and bench1g
 (~1 GB) fixtures in fresh processes and requires their peak RSS to differ by less than 128 MiB while the
 checkpoint grows about 70x.
 """

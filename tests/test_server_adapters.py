@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from glmlocal.glm.events import (ContentDelta, Finish, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd,
-                                 ToolCallStart)
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
 from glmlocal.server.errors import APIError
@@ -156,7 +162,7 @@ def test_anthropic_tool_results_and_assistant_blocks_translate():
               {"type": "web_search_20250305", "name": "web_search"}],
         tool_choice={"type": "any"}, thinking={"type": "disabled"}, stop_sequences=["STOP"], temperature=0.5,
         metadata={"user_id": "u"})
-    user, assistant, r1, r2, user2 = turn.messages
+    _user, assistant, r1, r2, user2 = turn.messages
     assert assistant == {"role": "assistant", "content": "Checking.", "reasoning_content": "need tool",
                          "tool_calls": [{"id": "toolu_1", "type": "function",
                                          "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}

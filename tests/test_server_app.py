@@ -199,7 +199,7 @@ def test_full_queue_answers_429_with_retry_after():
         rs = asyncio.run(fire())
         codes = sorted(r.status_code for r in rs)
         assert codes.count(200) == 2 and codes.count(429) == 3
-        busy = [r for r in rs if r.status_code == 429][0]
+        busy = next(r for r in rs if r.status_code == 429)
         assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"]["code"] == "queue_full"
 
 
@@ -238,3 +238,14 @@ def test_bind_policy():
     check_bind("0.0.0.0", None, True)
     with pytest.raises(InputError):
         check_bind("0.0.0.0", None, False)
+
+
+def test_busy_port_is_one_clear_error_before_any_model_load():
+    from glmlocal.server.run import open_socket
+
+    first = open_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(InputError, match="cannot listen on 127.0.0.1"):
+            open_socket("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()

@@ -131,7 +131,7 @@ def test_anthropic_streamed_and_forced_tool_use(server):
         kinds = [ev.type for ev in stream]
         msg = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    use = [b for b in msg.content if b.type == "tool_use"][0]
+    use = next(b for b in msg.content if b.type == "tool_use")
     assert msg.stop_reason == "tool_use" and use.name == "weather"
     jsonschema.validate(use.input, SCHEMA)
     history = user("Weather in Oslo, 2 days") + [{"role": "assistant", "content": msg.content},
@@ -156,6 +156,19 @@ def test_thinking_on_and_off(server47):
     amsg = an(server47, key=None).messages.create(model="model.gguf", max_tokens=20, messages=user("Think"),
                                                   thinking={"type": "disabled"})
     assert all(b.type != "thinking" for b in amsg.content)
+
+
+def test_stop_sequences_cut_the_answer(server):
+    kwargs = dict(model="model.gguf", messages=user("Count please"), max_tokens=40, extra_body=NO_THINK, **GREEDY)
+    full = oa(server).chat.completions.create(**kwargs).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = oa(server).chat.completions.create(stop=[stop], **kwargs).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
+    msg = an(server).messages.create(model="model.gguf", max_tokens=40, messages=user("Count please"),
+                                     stop_sequences=[stop], thinking={"type": "disabled"},
+                                     extra_body={"temperature": 0, "seed": 1})
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
+    assert msg.content[0].text == full[:full.index(stop)]
 
 
 def test_auth_failures_and_errors(server):
@@ -239,7 +252,7 @@ def test_load_32_streaming_clients_some_disconnecting(server):
     assert not httpx.get(server.url + "/health").json()["busy"]
     growth = (rss_after - rss_warm) / 2**20
     print(f"RSS after warm-up {rss_warm / 2**20:.1f} MiB, after 64 more requests {rss_after / 2**20:.1f} MiB "
-          f"(+{growth:.1f} MiB); results {dict((k, all_results.count(k)) for k in set(all_results))}")
+          f"(+{growth:.1f} MiB); results { {k: all_results.count(k) for k in set(all_results)} }")
     assert growth < 30
     r = oa(server).chat.completions.create(model="model.gguf", messages=user("still there?"), max_tokens=4)
     assert r.choices[0].finish_reason in ("stop", "length")

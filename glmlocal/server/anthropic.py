@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,46 +37,46 @@ class _Body(BaseModel):
 
 class Message(_Body):
     role: Literal["user", "assistant"]
-    content: Union[str, list[dict[str, Any]]]
+    content: str | list[dict[str, Any]]
 
 
 class ToolDef(_Body):
     name: str = Field(min_length=1)
-    description: Optional[str] = None
-    input_schema: Optional[dict[str, Any]] = None
-    type: Optional[str] = None
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
 
 
 class ToolChoice(_Body):
     type: Literal["auto", "any", "tool", "none"]
-    name: Optional[str] = None
+    name: str | None = None
 
 
 class ThinkingConfig(_Body):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: Optional[int] = None
+    budget_tokens: int | None = None
 
 
 class CountTokensRequest(_Body):
     """POST /v1/messages/count_tokens body."""
 
-    model: Optional[str] = None
+    model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    system: Union[str, list[dict[str, Any]], None] = None
-    tools: Optional[list[ToolDef]] = None
-    tool_choice: Optional[ToolChoice] = None
-    thinking: Optional[ThinkingConfig] = None
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):
     """POST /v1/messages body (the fields glmlocal honours; others are ignored)."""
 
     max_tokens: int = Field(4096, ge=1)
-    stop_sequences: Optional[list[str]] = None
-    stream: Optional[bool] = False
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    top_k: Optional[int] = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _block_text(block: dict) -> str:
     return ""
 
 
-def _blocks_text(content: Union[str, list, None]) -> str:
+def _blocks_text(content: str | list | None) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -107,7 +107,7 @@ def _blocks_text(content: Union[str, list, None]) -> str:
     return "\n".join(t for t in (_block_text(b) for b in content if isinstance(b, dict)) if t)
 
 
-def _system(system: Union[str, list[dict], None]) -> Optional[dict]:
+def _system(system: str | list[dict] | None) -> dict | None:
     if system is None:
         return None
     if isinstance(system, str):
@@ -118,7 +118,7 @@ def _system(system: Union[str, list[dict], None]) -> Optional[dict]:
     return {"role": "system", "content": text} if text.strip() else None
 
 
-def _user(content: Union[str, list[dict]]) -> list[dict]:
+def _user(content: str | list[dict]) -> list[dict]:
     """One Anthropic user turn -> tool messages (for tool_result blocks, in order) and user text."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
@@ -140,7 +140,7 @@ def _user(content: Union[str, list[dict]]) -> list[dict]:
     return out
 
 
-def _assistant(content: Union[str, list[dict]]) -> dict:
+def _assistant(content: str | list[dict]) -> dict:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts, thinking, calls = [], [], []
@@ -163,7 +163,7 @@ def _assistant(content: Union[str, list[dict]]) -> dict:
     return out
 
 
-def _tools(tools: Optional[list[ToolDef]]) -> Optional[list[dict]]:
+def _tools(tools: list[ToolDef] | None) -> list[dict] | None:
     # Server tools (web_search_..., with a `type` and no input_schema) run on Anthropic's side; we cannot.
     out = []
     for t in tools or []:
@@ -176,7 +176,7 @@ def _tools(tools: Optional[list[ToolDef]]) -> Optional[list[dict]]:
     return out or None
 
 
-def _tool_choice(choice: Optional[ToolChoice], tools: Optional[list[dict]]) -> Any:
+def _tool_choice(choice: ToolChoice | None, tools: list[dict] | None) -> Any:
     if choice is None or choice.type == "auto":
         return "auto"
     if choice.type == "none":
@@ -215,7 +215,7 @@ def usage_json(u: Usage) -> dict:
             "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def stop_reason(reason: Optional[str], usage: Usage) -> str:
+def stop_reason(reason: str | None, usage: Usage) -> str:
     if usage.stop_sequence is not None:
         return "stop_sequence"
     return {"length": "max_tokens", "tool_calls": "tool_use"}.get(reason or "stop", "end_turn")
@@ -233,11 +233,11 @@ class MessageStream:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.model, self.prompt_tokens = model, prompt_tokens
         self._index = -1
-        self._open: Optional[str] = None  # "thinking" | "text" | "tool_use"
-        self._call_index: Optional[int] = None
+        self._open: str | None = None  # "thinking" | "text" | "tool_use"
+        self._call_index: int | None = None
         self._args_sent = False
         self._thinking: list[str] = []
-        self._reason: Optional[str] = None
+        self._reason: str | None = None
 
     def start(self) -> list[tuple[str, dict]]:
         message = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
@@ -303,7 +303,7 @@ class MessageAggregate:
         self.model = model
         self.blocks: list[dict] = []
         self.ids: dict[int, str] = {}
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
         self.usage = Usage()
 
     def _append_text(self, kind: str, key: str, text: str) -> None:

@@ -12,8 +12,9 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -27,7 +28,11 @@ from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
 from glmlocal.server.errors import APIError, from_exception
 from glmlocal.server.scheduler import ClientGone, Scheduler, Ticket
-from glmlocal.server.security import AuthMiddleware, BodyLimitMiddleware, is_anthropic_path
+from glmlocal.server.security import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    is_anthropic_path,
+)
 from glmlocal.server.types import CompletionRequest, TurnRequest
 
 
@@ -52,15 +57,16 @@ class ServerConfig:
 
     model_id: str = "glm"
     aliases: tuple[str, ...] = ()
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_queue: int = 16
     max_body_bytes: int = 32 << 20
     cors_origins: tuple[str, ...] = ()
     default_thinking: bool = True
     heartbeat_s: float = 10.0
+    coalesce_s: float = 0.02  # gather tokens this long between stream writes (0 = write each token)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def accepts(self, name: Optional[str], *, anthropic: bool = False) -> bool:
+    def accepts(self, name: str | None, *, anthropic: bool = False) -> bool:
         """The served id, an alias (with or without a `:quant` tag), or - for Claude Code, which asks for
         claude-* models unless ANTHROPIC_MODEL is set - any claude-* name on the Anthropic route."""
         if not name:
@@ -148,7 +154,7 @@ def _fit(backend: Backend, prompt_tokens: int, req: Any) -> None:
     req.max_tokens = min(req.max_tokens or room, room)
 
 
-def _check_model(config: ServerConfig, name: Optional[str], *, anthropic: bool = False) -> None:
+def _check_model(config: ServerConfig, name: str | None, *, anthropic: bool = False) -> None:
     if not config.accepts(name, anthropic=anthropic):
         raise APIError(404, f"model {name!r} not found; this server serves {config.model_id!r}",
                        param="model", code="model_not_found")
@@ -222,16 +228,16 @@ def _sse_data(obj: dict) -> bytes:
 # OpenAI
 # ---------------------------------------------------------------------------------------------
 async def _openai_events(ticket: Ticket, run: Callable, feed: Callable, first: list[dict],
-                         heartbeat: float) -> AsyncIterator[bytes]:
+                         config: ServerConfig) -> AsyncIterator[bytes]:
     yield b"".join(_sse_data(c) for c in first)
     try:
-        async for batch in ticket.stream(run, heartbeat=heartbeat):
+        async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
             out = b"".join(_sse_data(c) for item in batch for c in feed(item))
             yield out or (b"" if batch else b": ping\n\n")
         yield b"data: [DONE]\n\n"
     except ClientGone:
         return
-    except Exception as exc:  # after the 200 went out, errors travel in the stream (the SDK raises them)
+    except Exception as exc:  # noqa: BLE001 - after the 200 went out, errors travel in the stream (the SDK raises them)
         yield _sse_data(from_exception(exc).openai_body())
     finally:
         ticket.close()
@@ -247,11 +253,11 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
         turn = oa.to_turn(body, default_thinking=config.default_thinking)
         await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.chat(turn, cancel)  # noqa: E731
+        run = lambda cancel: backend.chat(turn, cancel)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             stream = oa.ChatStream(config.model_id, include_usage=include)
-            return EventStream(_openai_events(ticket, run, stream.feed, [stream.start()], config.heartbeat_s), ticket)
+            return EventStream(_openai_events(ticket, run, stream.feed, [stream.start()], config), ticket)
         sink = oa.ChatAggregate(config.model_id)
         await _collect(request, ticket, run, sink)
         return sink.response()
@@ -263,10 +269,10 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
         req = oa.to_completion(body)
         _fit(backend, await asyncio.to_thread(backend.count_text, req.prompt), req)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.complete(req, cancel)  # noqa: E731
+        run = lambda cancel: backend.complete(req, cancel)
         stream = oa.CompletionStream(config.model_id)
         if body.stream:
-            return EventStream(_openai_events(ticket, run, stream.feed, [], config.heartbeat_s), ticket)
+            return EventStream(_openai_events(ticket, run, stream.feed, [], config), ticket)
         await _collect(request, ticket, run, stream)
         return stream.response()
 
@@ -275,15 +281,15 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
 # Anthropic
 # ---------------------------------------------------------------------------------------------
 async def _anthropic_events(ticket: Ticket, run: Callable, stream: an.MessageStream,
-                            heartbeat: float) -> AsyncIterator[bytes]:
+                            config: ServerConfig) -> AsyncIterator[bytes]:
     yield b"".join(an.sse(name, data) for name, data in stream.start())
     try:
-        async for batch in ticket.stream(run, heartbeat=heartbeat):
+        async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
             out = b"".join(an.sse(name, data) for item in batch for name, data in stream.feed(item))
             yield out or (b"" if batch else an.sse("ping", {"type": "ping"}))
     except ClientGone:
         return
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
         yield an.sse("error", from_exception(exc).anthropic_body())
     finally:
         ticket.close()
@@ -299,10 +305,10 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         turn = an.to_turn(body, default_thinking=config.default_thinking)
         prompt_tokens = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.chat(turn, cancel)  # noqa: E731
+        run = lambda cancel: backend.chat(turn, cancel)
         if body.stream:
             stream = an.MessageStream(config.model_id, prompt_tokens)
-            return EventStream(_anthropic_events(ticket, run, stream, config.heartbeat_s), ticket)
+            return EventStream(_anthropic_events(ticket, run, stream, config), ticket)
         sink = an.MessageAggregate(config.model_id)
         await _collect(request, ticket, run, sink)
         return sink.response()

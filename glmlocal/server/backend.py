@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from glmlocal.generation import Sampling
 from glmlocal.glm.events import ContentDelta, Finish
@@ -27,7 +28,7 @@ class StopScanner:
         self.stops = [s for s in stops if s]
         self.pending = ""
 
-    def push(self, text: str) -> tuple[str, Optional[str]]:
+    def push(self, text: str) -> tuple[str, str | None]:
         """Add text; return (text safe to emit, the stop string hit or None)."""
         buf = self.pending + text
         hits = [(buf.find(s), s) for s in self.stops if s in buf]
@@ -76,7 +77,7 @@ class SessionBackend:
                                    max_tokens=turn.max_tokens, cancel=cancel)
         return self._drive(stream, StopScanner(turn.stop) if turn.stop else None)
 
-    def _drive(self, stream: Iterator[Any], scanner: Optional[StopScanner]) -> Iterator[Any]:
+    def _drive(self, stream: Iterator[Any], scanner: StopScanner | None) -> Iterator[Any]:
         try:
             for item in stream:
                 if isinstance(item, TurnResult):

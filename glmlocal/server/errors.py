@@ -6,8 +6,6 @@ the request was addressed to, so each SDK raises its own typed exception.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from glmlocal.errors import ContextOverflowError, EngineError, GlmlocalError, InputError
 
 # Anthropic error types by status (https://docs.anthropic.com/en/api/errors).
@@ -42,9 +40,9 @@ class APIError(Exception):
         status: int,
         message: str,
         *,
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-        headers: Optional[dict[str, str]] = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,29 +33,29 @@ class _Body(BaseModel):
 
 class FunctionCall(_Body):
     name: str
-    arguments: Union[str, dict[str, Any], None] = None
+    arguments: str | dict[str, Any] | None = None
 
 
 class ToolCall(_Body):
-    id: Optional[str] = None
-    type: Optional[str] = "function"
+    id: str | None = None
+    type: str | None = "function"
     function: FunctionCall
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[Union[dict[str, Any], str]], None] = None
-    name: Optional[str] = None
-    tool_calls: Optional[list[ToolCall]] = None
-    tool_call_id: Optional[str] = None
-    reasoning_content: Optional[str] = None
-    reasoning: Optional[str] = None
+    content: str | list[dict[str, Any] | str] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDef(_Body):
     name: str = Field(min_length=1)
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class Tool(_Body):
@@ -73,50 +73,50 @@ class NamedToolChoice(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: Optional[bool] = False
+    include_usage: bool | None = False
 
 
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: dict[str, Any] | None = None
 
 
 class _Sampling(_Body):
-    model: Optional[str] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    top_k: Optional[int] = None
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
-    stop: Union[str, list[str], None] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(1, ge=1, le=1)
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1, le=1)
 
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions body (the fields glmlocal honours; others are ignored)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: Optional[list[Tool]] = None
-    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    response_format: Optional[ResponseFormat] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
-    thinking: Optional[dict[str, Any]] = None  # z.ai style {"type": "enabled" | "disabled"}
-    reasoning_effort: Optional[str] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # z.ai style {"type": "enabled" | "disabled"}
+    reasoning_effort: str | None = None
 
 
 class CompletionBody(_Sampling):
     """POST /v1/completions body."""
 
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    echo: Optional[bool] = False
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def sampling_of(body: _Sampling) -> dict:
     return out
 
 
-def stop_list(stop: Union[str, list[str], None]) -> list[str]:
+def stop_list(stop: str | list[str] | None) -> list[str]:
     items = [stop] if isinstance(stop, str) else list(stop or [])
     return [s for s in items if s]
 
@@ -155,7 +155,7 @@ def text_of(content: Any) -> str:
     return "\n".join(parts)
 
 
-def arguments_dict(arguments: Union[str, dict, None]) -> dict:
+def arguments_dict(arguments: str | dict | None) -> dict:
     """Tool-call arguments as the template needs them (a mapping); tolerant of what clients send back."""
     if isinstance(arguments, dict):
         return arguments
@@ -186,7 +186,7 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple[bool, Optional[bool]]:
+def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple[bool, bool | None]:
     kwargs = req.chat_template_kwargs or {}
     enable = default_thinking
     if req.thinking and req.thinking.get("type") in ("enabled", "disabled"):
@@ -199,7 +199,7 @@ def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple
     return enable, (None if clear is None else bool(clear))
 
 
-def _tool_choice(req: ChatCompletionRequest, tools: Optional[list[dict]]) -> Any:
+def _tool_choice(req: ChatCompletionRequest, tools: list[dict] | None) -> Any:
     choice = req.tool_choice
     if isinstance(choice, NamedToolChoice):
         names = {t["function"]["name"] for t in tools or []}
@@ -212,7 +212,7 @@ def _tool_choice(req: ChatCompletionRequest, tools: Optional[list[dict]]) -> Any
     return choice or "auto"
 
 
-def _response_format(rf: Optional[ResponseFormat]) -> Optional[dict]:
+def _response_format(rf: ResponseFormat | None) -> dict | None:
     if rf is None or rf.type == "text":
         return None
     if rf.type == "json_schema":
@@ -259,7 +259,7 @@ def usage_json(u: Usage) -> dict:
     }
 
 
-def _finish_reason(reason: Optional[str]) -> str:
+def _finish_reason(reason: str | None) -> str:
     return {"length": "length", "tool_calls": "tool_calls"}.get(reason or "stop", "stop")
 
 
@@ -269,10 +269,10 @@ class ChatStream:
     def __init__(self, model: str, *, include_usage: bool = False):
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.model, self.created, self.include_usage = model, int(time.time()), include_usage
-        self._reason: Optional[str] = None
+        self._reason: str | None = None
         self._args_sent: set[int] = set()
 
-    def _chunk(self, delta: dict, finish: Optional[str] = None) -> dict:
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
@@ -314,7 +314,7 @@ class ChatAggregate:
         self.content: list[str] = []
         self.calls: list[dict] = []
         self.ids: dict[int, str] = {}
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
         self.usage = Usage()
 
     def feed(self, item: Any) -> None:
@@ -358,10 +358,10 @@ class CompletionStream:
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.model, self.created = model, int(time.time())
         self.text: list[str] = []
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
         self.usage = Usage()
 
-    def _obj(self, text: str, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+    def _obj(self, text: str, finish: str | None, usage: Usage | None = None) -> dict:
         obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
         if usage is not None:

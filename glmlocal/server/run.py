@@ -11,7 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 from glmlocal.errors import InputError
 from glmlocal.server.app import ServerConfig, create_app
@@ -26,13 +26,13 @@ class ServeArgs:
     model: str
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: Optional[str] = None
+    api_key: str | None = None
     insecure: bool = False
     max_queue: int = 16
     cors: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
-    quant: Optional[str] = None
-    template: Optional[Path] = None
+    quant: str | None = None
+    template: Path | None = None
     no_think: bool = False
     log_level: str = "warning"
     plan: object = None

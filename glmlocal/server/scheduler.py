@@ -15,8 +15,8 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Iterator, Optional
 
 from glmlocal.server.errors import QueueFullError
 
@@ -51,7 +51,7 @@ class Scheduler:
     def busy(self) -> bool:
         return self._busy
 
-    def reserve(self) -> "Ticket":
+    def reserve(self) -> Ticket:
         """Take a place in the queue or raise QueueFullError (429 with Retry-After). Call on the event loop."""
         ticket = Ticket(self, asyncio.get_running_loop())
         with self._lock:
@@ -81,7 +81,7 @@ class Scheduler:
             ticket.state = _GRANTED
             self._busy = True
 
-    def _release(self, seconds: Optional[float] = None) -> None:
+    def _release(self, seconds: float | None = None) -> None:
         with self._lock:
             if seconds is not None:
                 self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
@@ -103,12 +103,14 @@ class Ticket:
         if not self._turn.done():
             self._turn.set_result(None)
 
-    async def stream(self, fn: Callable[[threading.Event], Iterator], *,
-                     heartbeat: Optional[float] = None) -> AsyncIterator[list]:
+    async def stream(self, fn: Callable[[threading.Event], Iterator], *, heartbeat: float | None = None,
+                     coalesce: float = 0.0) -> AsyncIterator[list]:
         """Wait for our turn, run `fn(cancel)` on the generation thread; yield its items in batches.
 
         With `heartbeat`, an empty batch is yielded whenever that many seconds pass with nothing to report
-        (queued, or the prompt is being processed), so callers can keep the connection alive.
+        (queued, or the prompt is being processed), so callers can keep the connection alive. With
+        `coalesce`, batches after the first are gathered for that many seconds: fewer, larger writes keep
+        the event loop from taking CPU from llama.cpp's threads token by token on small machines.
         """
         while not self._turn.done():
             await asyncio.wait([self._turn], timeout=heartbeat)
@@ -129,6 +131,8 @@ class Ticket:
                 batch, done, error = await pipe.take(heartbeat)
                 if batch or not done:
                     yield batch
+                if batch and coalesce and not done:
+                    await asyncio.sleep(coalesce)
                 if error is not None:
                     raise error
                 if done:
@@ -136,7 +140,7 @@ class Ticket:
         finally:
             self.cancel.set()
 
-    def _job(self, pipe: "_Pipe", fn: Callable[[threading.Event], Iterator]) -> None:
+    def _job(self, pipe: _Pipe, fn: Callable[[threading.Event], Iterator]) -> None:
         started = time.monotonic()
         self._sched._running.add(self)
         try:
@@ -170,14 +174,14 @@ class _Pipe:
         self._lock = threading.Lock()
         self._items: list = []
         self._done = False
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._wake = asyncio.Event()
 
     def pump(self, fn: Callable[[threading.Event], Iterator], cancel: threading.Event) -> None:
         try:
             for item in fn(cancel):
                 self._put(item)
-        except BaseException as exc:  # handed to the request; never kills the worker thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the request; never kills the worker thread
             with self._lock:
                 self._error = exc
 
@@ -199,7 +203,7 @@ class _Pipe:
         except RuntimeError:
             pass  # the loop is closed (server shutting down); nobody is listening any more
 
-    async def take(self, timeout: Optional[float] = None) -> tuple[list, bool, Optional[BaseException]]:
+    async def take(self, timeout: float | None = None) -> tuple[list, bool, BaseException | None]:
         """Everything produced so far; ([], False, None) if `timeout` passes with nothing new."""
         while True:
             with self._lock:

@@ -6,7 +6,7 @@ import hmac
 import ipaddress
 import json
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from glmlocal.errors import InputError
 from glmlocal.server.errors import APIError
@@ -27,7 +27,7 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def check_bind(host: str, api_key: Optional[str], insecure: bool) -> None:
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
     """Refuse to expose the model to the network without a key unless the user said --insecure."""
     if is_loopback(host) or api_key or insecure:
         return
@@ -50,7 +50,7 @@ async def send_error(send, path: str, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def presented_key(headers: dict[bytes, bytes]) -> Optional[bytes]:
+def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
     """The key from `x-api-key` (Anthropic SDK) or `Authorization: Bearer` (OpenAI SDK, Claude Code's AUTH_TOKEN)."""
     if b"x-api-key" in headers:
         return headers[b"x-api-key"].strip()

@@ -9,7 +9,7 @@ tool_call_id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -17,13 +17,13 @@ class TurnRequest:
     """One chat turn to run, independent of the wire API it came from."""
 
     messages: list[dict]
-    tools: Optional[list[dict]] = None  # OpenAI function-tool dicts
+    tools: list[dict] | None = None  # OpenAI function-tool dicts
     tool_choice: Any = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
     enable_thinking: bool = True
-    clear_thinking: Optional[bool] = None
-    response_format: Optional[dict] = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    clear_thinking: bool | None = None
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, seed, penalties
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
 
 
@@ -51,7 +51,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    stop_sequence: Optional[str] = None  # which stop string ended the turn, if any
+    stop_sequence: str | None = None  # which stop string ended the turn, if any
 
     @property
     def total_tokens(self) -> int:
