@@ -30,7 +30,7 @@ _INPUT, _OUTPUT = 1, 2
 class _T:
     """A graph tensor reduced to what ggml-alloc looks at."""
 
-    __slots__ = ("op", "src", "ne", "esize", "contig", "view_src", "view_offs", "flags", "external")
+    __slots__ = ("contig", "esize", "external", "flags", "ne", "op", "src", "view_offs", "view_src")
 
     def __init__(self, op, src, ne, esize=4, *, view_of=None, offs=0, contig=True, flags=0, external=False):
         self.op, self.src, self.ne, self.esize = op, tuple(src), tuple(ne), esize
@@ -310,7 +310,7 @@ class _Alloc:
 
 
 class _Node:
-    __slots__ = ("n_children", "n_views", "allocated", "addr")
+    __slots__ = ("addr", "allocated", "n_children", "n_views")
 
     def __init__(self):
         self.n_children = self.n_views = 0

@@ -86,8 +86,8 @@ def test_prediction_matches_llama_cpp(gguf_factory, preset, quant):
         got = load_and_measure(path, n_ctx, n_ubatch, kv, n_batch=n_batch, flash_attn=fa)
         real = {"weights": got["CPU_Mapped model"], "kv": got["CPU KV"], "compute": got["CPU compute"]}
         pred = _predict(fp, *cfg)
-        for part in real:
-            assert close(pred[part], real[part]), (cfg, part, pred[part] / MiB, real[part] / MiB)
+        for part, measured in real.items():
+            assert close(pred[part], measured), (cfg, part, pred[part] / MiB, measured / MiB)
         assert close(sum(pred.values()), sum(real.values())), (cfg, pred, real)
 
 
