@@ -23,6 +23,16 @@ app = typer.Typer(
 )
 
 
+# Planner options shared by plan, chat and serve (one definition, one help text).
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16 (registry models)")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")]
+GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
+RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM instead of the probed amount, e.g. 128GiB")]
+CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores)")]
+TemplateOpt = Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")]
+
+
 def _fail(err: GlmlocalError) -> None:
     typer.secho(f"error: {err.one_line()}", fg=typer.colors.RED, err=True)
     raise typer.Exit(err.exit_code)
@@ -103,13 +113,13 @@ def rm(
 @app.command()
 def plan(
     model: Annotated[str, typer.Argument(help="Registry name (works before download), pulled model, .gguf or checkpoint dir")],
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16 (registry models)")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")] = None,
+    quant: QuantOpt = None,
+    ctx: CtxOpt = None,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0")] = "f16",
-    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead, e.g. 24GiB,24GiB")] = None,
-    ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM, e.g. 128GiB")] = None,
-    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores)")] = None,
+    gpu_mem: GpuMemOpt = None,
+    ram: RamOpt = None,
+    cpu_only: CpuOnlyOpt = False,
+    threads: ThreadsOpt = None,
     gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
     cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", help="RAM bandwidth in GB/s (speed estimate)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
@@ -135,17 +145,17 @@ def chat(
     no_think: Annotated[bool, typer.Option("--no-think", help="Start with thinking off (/think on|off)")] = False,
     show_thinking: Annotated[bool, typer.Option("--show-thinking", help="Keep thinking expanded (piped: print it in <think>...</think>)")] = False,
     tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of OpenAI-format tool definitions")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of a registry model")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: what the planner fits)")] = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0, ...")] = None,
-    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Override GPU memory, e.g. 24GiB,24GiB")] = None,
-    ram: Annotated[Optional[str], typer.Option("--ram", help="Override usable RAM, e.g. 128GiB")] = None,
-    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads")] = None,
+    quant: QuantOpt = None,
+    ctx: CtxOpt = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")] = None,
+    gpu_mem: GpuMemOpt = None,
+    ram: RamOpt = None,
+    cpu_only: CpuOnlyOpt = False,
+    threads: ThreadsOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Limit per reply (default: the rest of the context)")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (0 = greedy)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed")] = None,
-    template: Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")] = None,
+    template: TemplateOpt = None,
     each_line: Annotated[bool, typer.Option("--each-line", help="Piped: each stdin line is a turn (default: all of stdin is one prompt)")] = False,
     resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue the last chat (chats autosave to $GLMLOCAL_HOME/chats)")] = False,
 ) -> None:
@@ -177,14 +187,14 @@ def serve(
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,
     no_think: Annotated[bool, typer.Option("--no-think", help="Thinking off unless a request turns it on")] = False,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of a registry model")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: what the planner fits)")] = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0, ...")] = None,
-    gpu_mem: Annotated[Optional[str], typer.Option("--gpu-mem", help="Override GPU memory, e.g. 24GiB,24GiB")] = None,
-    ram: Annotated[Optional[str], typer.Option("--ram", help="Override usable RAM, e.g. 128GiB")] = None,
-    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads")] = None,
-    template: Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")] = None,
+    quant: QuantOpt = None,
+    ctx: CtxOpt = None,
+    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")] = None,
+    gpu_mem: GpuMemOpt = None,
+    ram: RamOpt = None,
+    cpu_only: CpuOnlyOpt = False,
+    threads: ThreadsOpt = None,
+    template: TemplateOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info shows each request)")] = "warning",
 ) -> None:
     """Serve the model to IDE agents: OpenAI /v1/chat/completions and Anthropic /v1/messages on one port."""
