@@ -66,15 +66,6 @@ def plan_for(path: Path, opts: PlanOptions) -> Any:
     return planner.plan(planner.footprint_from_gguf(path), hw, ctx=opts.ctx, **kwargs)
 
 
-def detect_family(resolved_family: str | None, chat_template: str | None) -> str:
-    """GLM-4.7's template opens the think block in the generation prompt; 4.5/4.6/Air's does not."""
-    if resolved_family:
-        return resolved_family
-    if chat_template and "clear_thinking" in chat_template:
-        return "glm47"
-    return "glm45"
-
-
 def load_with_progress(path: Path, placement: Any, console: Console) -> Any:
     """Engine.load with a Rich progress bar fed by llama.cpp's load callback."""
     from glmlocal.engine import Engine
@@ -90,7 +81,7 @@ def load_with_progress(path: Path, placement: Any, console: Console) -> Any:
 def open_chat_model(spec: str, opts: PlanOptions, console: Console, *, quant: str | None = None,
                     template: Path | None = None, family: str | None = None) -> ChatModel:  # fmt: skip
     """Resolve, plan, load and wrap MODEL in a Session; the console shows placement and progress."""
-    from glmlocal.glm.template import ChatTemplate
+    from glmlocal.glm.template import ChatTemplate, family_from_template
     from glmlocal.session import Session
     from glmlocal.store import resolve_model
 
@@ -102,7 +93,7 @@ def open_chat_model(spec: str, opts: PlanOptions, console: Console, *, quant: st
     engine = load_with_progress(path, placement, console)
     try:
         embedded = engine.metadata("tokenizer.chat_template")
-        fam = family or detect_family(resolved.family, embedded)
+        fam = family or resolved.family or family_from_template(embedded)
         tmpl = ChatTemplate.for_model({"tokenizer.chat_template": embedded} if embedded else None, fam, template)
         session = Session(engine, tmpl, fam)
     except BaseException:

@@ -287,3 +287,11 @@ def test_prefix_stable_at_token_level(gguf_factory, family, thinking, clear):
     for prompt, reply, nxt in _conversation_prompts(family, thinking, clear):
         before = toks(prompt) + toks(reply)
         assert toks(nxt)[: len(before)] == before
+
+
+def test_family_is_detected_from_the_official_templates():
+    from glmlocal.glm.template import builtin_source, family_from_template
+
+    assert family_from_template(builtin_source("glm47")) == "glm47"
+    assert family_from_template(builtin_source("glm45")) == "glm45"
+    assert family_from_template(None) == "glm45"

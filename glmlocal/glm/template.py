@@ -61,6 +61,12 @@ def is_glm_template(source: str | None) -> bool:
     return bool(source) and "<|assistant|>" in source and "<arg_key>" in source
 
 
+def family_from_template(source: str | None) -> str:
+    """The chat family a GLM template belongs to: GLM-4.7's knows `clear_thinking` (preserved thinking)
+    and opens the think block in its generation prompt; GLM-4.5/4.5-Air/4.6's does neither."""
+    return "glm47" if source and "clear_thinking" in source else "glm45"
+
+
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise TemplateError(f"unknown GLM chat family {family!r}", hint=f"use one of {', '.join(FAMILIES)}")
