@@ -8,7 +8,7 @@ complete.
 
 Memory bound, independent of model size: the slabs queued ahead of the write, at most
 IN_FLIGHT_BYTES + SLAB_BYTES (48 MiB) of F32 rows, whose encoded bytes are held (at most 48 MiB, for F32
-outputs; a sixth of that for Q4_K), plus one chunk per worker (raw rows and their F32 decode, at most
+outputs; a seventh of that for Q4_K), plus one chunk per worker (raw rows and their F32 decode, at most
 1.5 x CHUNK_BYTES; about 6 MiB over all workers up to 64 threads, since chunks shrink as threads grow;
 FP8 decoding adds a few temporaries of chunk size), on top of the interpreter and the GGUF header (~10 MB for GLM's 151k-token vocabulary).
 See tests/test_convert_memory.py.
@@ -35,9 +35,21 @@ import numpy as np
 
 from glmlocal.errors import DiskSpaceError, InputError
 from quantize import glm4moe, recipe, vocab
-from quantize.ggml import MIN_CHUNK_ELEMENTS, GGMLType, is_quantized, prepare, quantize_into, row_size
+from quantize.ggml import (
+    MIN_CHUNK_ELEMENTS,
+    GGMLType,
+    is_quantized,
+    prepare,
+    quantize_into,
+    row_size,
+)
 from quantize.gguf_reader import GGUFValueType as VT
-from quantize.safetensors_io import SUPPORTED, Checkpoint, UnsupportedDtypeError, bf16_bits_to_f32
+from quantize.safetensors_io import (
+    SUPPORTED,
+    Checkpoint,
+    UnsupportedDtypeError,
+    bf16_bits_to_f32,
+)
 from quantize.writer import GGUFWriter
 
 QUANTS = tuple(recipe.FTYPES)
