@@ -147,6 +147,18 @@ def test_claude_code_billing_header_is_dropped_so_the_prefix_is_stable():
     assert an.normalise_system("A\n" + BILLING % "x" + "\nB") == "A\nB"
 
 
+def test_claude_code_system_message_inside_messages_is_kept_in_place():
+    # Claude Code 2.1.332 (run against `glmlocal serve`) sends its environment block as a "system" message
+    # after the first user turn; refusing it cost a 400 and a retry on every request.
+    turn = an_turn(system="You are Claude Code.", messages=[
+        {"role": "user", "content": "Say hello"},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment\nPlatform: linux"}]},
+    ])
+    assert turn.messages == [{"role": "system", "content": "You are Claude Code."},
+                             {"role": "user", "content": "Say hello"},
+                             {"role": "system", "content": "# Environment\nPlatform: linux"}]
+
+
 def test_anthropic_tool_results_and_assistant_blocks_translate():
     turn = an_turn(messages=[
         {"role": "user", "content": "weather?"},

@@ -36,7 +36,9 @@ class _Body(BaseModel):
 
 
 class Message(_Body):
-    role: Literal["user", "assistant"]
+    # Claude Code (2.1.3xx) also sends role "system" inside `messages` (its environment block, after the
+    # first user turn); GLM's templates render a system turn anywhere, so it is kept in place.
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -194,7 +196,10 @@ def to_turn(req: CountTokensRequest, *, default_thinking: bool = True) -> TurnRe
     """Translate a Messages (or count_tokens) body into the neutral TurnRequest (raises APIError 400)."""
     messages = [m for m in [_system(req.system)] if m]
     for m in req.messages:
-        messages.extend(_user(m.content) if m.role == "user" else [_assistant(m.content)])
+        if m.role == "system":
+            messages.extend(m for m in [_system(m.content)] if m)
+        else:
+            messages.extend(_user(m.content) if m.role == "user" else [_assistant(m.content)])
     tools = _tools(req.tools)
     enable = default_thinking if req.thinking is None else req.thinking.type != "disabled"
     turn = TurnRequest(messages=messages, tools=tools, tool_choice=_tool_choice(req.tool_choice, tools),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -93,7 +94,13 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
 # ---------------------------------------------------------------------------------------------
 # plumbing
 # ---------------------------------------------------------------------------------------------
+# uvicorn configures this logger, so refusals show on the server console at the default --log-level:
+# when an agent reports a failure, the person running `glmlocal serve` can see why.
+log = logging.getLogger("uvicorn.error")
+
+
 def _error_response(path: str, err: APIError) -> JSONResponse:
+    log.warning("%s -> %d: %s", path, err.status, err.message)
     body = err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
