@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from glmlocal.chat_view import placement_table
 from glmlocal.errors import InputError

@@ -26,6 +26,7 @@ app = typer.Typer(
 # Planner options shared by plan, chat and serve (one definition, one help text).
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16 (registry models)")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")]
+KvTypeOpt = Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")]
 GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
 RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM instead of the probed amount, e.g. 128GiB")]
 CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")]
@@ -147,7 +148,7 @@ def chat(
     tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of OpenAI-format tool definitions")] = None,
     quant: QuantOpt = None,
     ctx: CtxOpt = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")] = None,
+    kv_type: KvTypeOpt = None,
     gpu_mem: GpuMemOpt = None,
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
@@ -189,7 +190,7 @@ def serve(
     no_think: Annotated[bool, typer.Option("--no-think", help="Thinking off unless a request turns it on")] = False,
     quant: QuantOpt = None,
     ctx: CtxOpt = None,
-    kv_type: Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")] = None,
+    kv_type: KvTypeOpt = None,
     gpu_mem: GpuMemOpt = None,
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,

@@ -265,9 +265,10 @@ def _cpu_bandwidth(ov: Overrides, cores: int, cpu_bw_probe, notes: list[str]) ->
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo", errors="replace"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return "unknown"

@@ -88,3 +88,18 @@ def gguf_factory():
     """Callable (preset, quant, mtp=True, family="glm45", fp8=None) -> Path of a cached converted GGUF."""
     return build_cached_gguf
 # ---- end converter fixtures ------------------------------------------------------------------------
+
+
+# ---- fake hub (owner: pull) ----------------------------------------------------------------------------
+@pytest.fixture
+def fakehub(tmp_path, monkeypatch):
+    """A running fake hub with HF_ENDPOINT pointing at it and an empty store / HF cache / no token."""
+    from tests.fakehub import FakeHub
+
+    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub

@@ -12,7 +12,7 @@ from glmlocal.errors import DiskSpaceError, HubError, InputError
 from glmlocal.hub import FileDone, FileRetry, HubClient
 from glmlocal.pull import PullStarted, pull
 from glmlocal.store import Store, resolve_model
-from tests.fakehub import FakeHub, Fault
+from tests.fakehub import Fault
 
 REPO = "unsloth/GLM-4.6-GGUF"  # the real registry entry for glm-4.6 q4_k_m (Q4_K_M/GLM-4.6-Q4_K_M-*.gguf)
 PART_SIZE = 300_000
@@ -26,16 +26,6 @@ def _split_parts(seed: int, n: int = 3) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def fakehub(tmp_path, monkeypatch):
-    """A running fake hub with HF_ENDPOINT pointing at it and an empty store / HF cache / no token."""
-    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        yield hub
 
 
 @pytest.fixture

@@ -16,20 +16,11 @@ from typer.testing import CliRunner
 
 from glmlocal.cli import app
 from glmlocal.store import Store, resolve_model
-from tests.fakehub import FakeHub, Fault, split_gguf
+from tests.fakehub import Fault, split_gguf
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def fakehub(tmp_path, monkeypatch):
-    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        yield hub
 
 
 def _cli(*args: str):
