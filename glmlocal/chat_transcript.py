@@ -100,13 +100,7 @@ class Conversation:
     def load(cls, path: Path) -> "Conversation":
         """Read a transcript or any OpenAI chat-completions request body."""
         path = Path(path).expanduser()
-        try:
-            body = json.loads(path.read_text("utf-8"))
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {e.strerror or e}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_request(body, source=str(path))
+        return cls.from_request(_read_json(path), source=str(path))
 
 
 def _text_of(content: Any) -> str:
@@ -156,13 +150,17 @@ def check_tools(tools: Any, source: str) -> list[dict[str, Any]]:
 def load_tools(path: Path) -> list[dict[str, Any]]:
     """Read `--tools FILE`: a JSON list of OpenAI tool definitions, or an object with a "tools" list."""
     path = Path(path).expanduser()
+    return check_tools(_read_json(path), str(path))
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's contents; unreadable or invalid files are one-line InputErrors."""
     try:
-        data = json.loads(path.read_text("utf-8"))
+        return json.loads(path.read_text("utf-8"))
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON: {e}") from e
-    return check_tools(data, str(path))
 
 
 def tool_call_message(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:

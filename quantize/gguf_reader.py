@@ -35,7 +35,7 @@ class GGUFValueType(IntEnum):
     FLOAT64 = 12
 
 
-_SCALAR_FMT = {
+SCALAR_FMT = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
@@ -132,7 +132,7 @@ class _Cursor:
         return b
 
     def scalar(self, vtype: GGUFValueType):
-        fmt = _SCALAR_FMT[vtype]
+        fmt = SCALAR_FMT[vtype]
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
@@ -151,8 +151,8 @@ class _Cursor:
         return self.scalar(vtype), vtype
 
     def array(self, itype: GGUFValueType, n: int) -> list:
-        if itype in _SCALAR_FMT:
-            fmt = _SCALAR_FMT[itype]
+        if itype in SCALAR_FMT:
+            fmt = SCALAR_FMT[itype]
             size = struct.calcsize(fmt)
             return list(struct.unpack(f"<{n}{fmt[1]}", self.read(size * n)))
         return [self.value(itype)[0] for _ in range(n)]

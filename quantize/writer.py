@@ -25,15 +25,9 @@ import numpy as np
 
 from glmlocal.errors import ConversionError, DiskSpaceError
 from quantize.ggml import GGMLType, tensor_nbytes
-from quantize.gguf_reader import GGUF_MAGIC, GGUFValueType
+from quantize.gguf_reader import GGUF_MAGIC, SCALAR_FMT, GGUFValueType
 
 ALIGNMENT = 32
-_SCALAR_FMT = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
 
 
 class OutputNotWritableError(ConversionError):
@@ -85,7 +79,7 @@ class GGUFWriter:
         if itype == GGUFValueType.STRING:
             body = b"".join(_string(v) for v in values)
         else:
-            body = np.asarray(values, dtype=_SCALAR_FMT[itype]).tobytes()
+            body = np.asarray(values, dtype=SCALAR_FMT[itype]).tobytes()
         self._kv[key] = struct.pack("<IIQ", GGUFValueType.ARRAY, itype, len(values)) + body
 
     def add_string(self, key: str, value: str) -> None:
@@ -107,7 +101,7 @@ class GGUFWriter:
     def _encode(vtype: GGUFValueType, value: Any) -> bytes:
         if vtype == GGUFValueType.STRING:
             return _string(value)
-        return struct.pack(_SCALAR_FMT[vtype], value)
+        return struct.pack(SCALAR_FMT[vtype], value)
 
     # ------------------------------------------------------------------ tensors
     def add_tensor_info(self, name: str, shape: tuple[int, ...], ggml_type: GGMLType) -> None:
