@@ -243,7 +243,9 @@ def test_piped_chat_show_thinking_and_errors(gguf_factory, tmp_path):
 @pytest.mark.slow
 def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     """A person at a terminal: type, watch it stream, Ctrl-C mid-answer, ask again, /exit."""
-    gguf = str(gguf_factory("tiny", "q4_k_m"))
+    # The 217 MB "mid" fixture decodes ~10x slower than "tiny", so an answer is still streaming when Ctrl-C
+    # arrives even on a busy machine (tiny's random answers could end on their own before the key did).
+    gguf = str(gguf_factory("mid", "q4_k_m"))
     env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color",
            "PROMPT_TOOLKIT_NO_CPR": "1"}  # pyte does not answer cursor-position requests
     child = pexpect.spawn(sys.executable, ["-m", "glmlocal", "chat", gguf, "--ctx", "2048", "--no-think"],
