@@ -6,7 +6,9 @@ piece (e.g. no GPU library) does not break unrelated commands.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,10 +41,26 @@ def _fail(err: GlmlocalError) -> None:
     raise typer.Exit(err.exit_code)
 
 
+def command(name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a command whose GlmlocalErrors become one red `error:` line and the error's exit code."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except GlmlocalError as e:
+                _fail(e)
+
+        return app.command(name)(run)
+
+    return register
+
+
 # ---------------------------------------------------------------------------------------------
 # convert (issue 2)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Directory with config.json, tokenizer and safetensors shards")],
     quant: Annotated[str, typer.Option("--quant", "-q", help="bf16, q8_0, q6_k or q4_k_m")] = "q4_k_m",
@@ -53,16 +71,13 @@ def convert(
     """Convert a GLM-4.x safetensors checkpoint (BF16 or FP8) to GGUF in one streamed pass."""
     from glmlocal.cli_render import run_convert
 
-    try:
-        run_convert(src, quant=quant, out=out, threads=threads, no_mtp=no_mtp)
-    except GlmlocalError as e:
-        _fail(e)
+    run_convert(src, quant=quant, out=out, threads=threads, no_mtp=no_mtp)
 
 
 # ---------------------------------------------------------------------------------------------
 # pull / list / rm (issue 7)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def pull(
     model: Annotated[str, typer.Argument(help="Registry name or alias, e.g. glm-4.6 or zai-org/GLM-4.6")],
     quant: Annotated[str, typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16")] = "q4_k_m",
@@ -76,25 +91,20 @@ def pull(
 
     try:
         run_pull(model, quant, from_source=from_source, revision=revision, keep_source=keep_source, source=source)
-    except GlmlocalError as e:
-        _fail(e)
     except KeyboardInterrupt:
         typer.secho("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130)
 
 
-@app.command("list")
+@command("list")
 def list_models() -> None:
     """Pulled models: name, quant, size, path, and whether complete and verified (half-finished pulls too)."""
     from glmlocal.pull_render import run_list
 
-    try:
-        run_list()
-    except GlmlocalError as e:
-        _fail(e)
+    run_list()
 
 
-@app.command()
+@command()
 def rm(
     model: Annotated[str, typer.Argument(help="Registry name or alias of a pulled model")],
     quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Remove only this quant (default: everything)")] = None,
@@ -102,16 +112,13 @@ def rm(
     """Delete a pulled model (one quant, or all of it including kept sources) and say how much space was freed."""
     from glmlocal.pull_render import run_rm
 
-    try:
-        run_rm(model, quant)
-    except GlmlocalError as e:
-        _fail(e)
+    run_rm(model, quant)
 
 
 # ---------------------------------------------------------------------------------------------
 # plan (issue 3)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def plan(
     model: Annotated[str, typer.Argument(help="Registry name (works before download), pulled model, .gguf or checkpoint dir")],
     quant: QuantOpt = None,
@@ -130,16 +137,13 @@ def plan(
 
     args = PlanArgs(model, quant=quant, ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only,
                     threads=threads, gpu_bw=gpu_bw, cpu_bw=cpu_bw, as_json=as_json)
-    try:
-        run_plan(args)
-    except GlmlocalError as e:
-        _fail(e)
+    run_plan(args)
 
 
 # ---------------------------------------------------------------------------------------------
 # chat (issue 6)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def chat(
     model: Annotated[str, typer.Argument(help="Registry name (glm-4.6[:quant]), pulled model, or a .gguf path")],
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt")] = None,
@@ -167,17 +171,14 @@ def chat(
     args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
                     each_line=each_line, resume=resume)
-    try:
-        code = run_chat(args)
-    except GlmlocalError as e:
-        _fail(e)
+    code = run_chat(args)
     raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
 # serve (issue 5)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def serve(
     model: Annotated[str, typer.Argument(help="Registry name (glm-4.6[:quant]), pulled model, or a .gguf path")],
     host: Annotated[str, typer.Option("--host", help="Address to listen on (non-loopback needs --api-key or --insecure)")] = "127.0.0.1",
@@ -206,17 +207,14 @@ def serve(
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
                      cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
                      no_think=no_think, log_level=log_level, plan=plan)
-    try:
-        code = run_serve(args)
-    except GlmlocalError as e:
-        _fail(e)
+    code = run_serve(args)
     raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
 # doctor (issue 3)
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def doctor(
     smoke_only: Annotated[bool, typer.Option("--smoke-only", help="Only the tiny quantized-model generation test (exit 0/1)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
