@@ -35,7 +35,6 @@ class ChatREPL:
         console: Console,
         reader: Any,
         n_ctx: int | None = None,
-        count_tokens: Callable[[str], int] | None = None,
         show_thinking: bool = False,
         max_tokens: int | None = None,
         info: list[tuple[str, str]] | None = None,
@@ -47,7 +46,6 @@ class ChatREPL:
         self.console = console
         self.reader = reader
         self.n_ctx = n_ctx
-        self.count_tokens = count_tokens
         self.show_thinking = show_thinking
         self.info = info or []
         self.autosave = autosave  # the conversation is written here after every command and turn
@@ -145,7 +143,7 @@ class ChatREPL:
     def stream_turn(self) -> TurnRecord | None:
         """One model turn on screen. Returns None when it failed (the error was shown)."""
         cancel = threading.Event()
-        view = TurnView(self.console, show_thinking=self.show_thinking, count_tokens=self.count_tokens)
+        view = TurnView(self.console, show_thinking=self.show_thinking, thinking_tokens=self.runner.thinking_tokens)
         try:
             with quiet_tty(), view, cancel_on_sigint(cancel):
                 record = self.runner.run(cancel, view.on_event)

@@ -53,9 +53,6 @@ class ChatModel:
     def n_ctx(self) -> int:
         return int(self.engine.n_ctx)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.engine.tokenize(text))
-
     def close(self) -> None:
         self.engine.close()
 
@@ -204,7 +201,7 @@ def interactive(model: ChatModel, conv: Any, args: ChatArgs, console: Console, a
     from glmlocal.chat_input import PromptReader, default_history_path
 
     repl = ChatREPL(model.session, conv, console=console, reader=PromptReader(default_history_path()),
-                    n_ctx=model.n_ctx, count_tokens=model.count_tokens, show_thinking=args.show_thinking,
+                    n_ctx=model.n_ctx, show_thinking=args.show_thinking,
                     max_tokens=args.max_tokens, info=model.info, turn_kwargs=turn_options(args),
                     autosave=autosave)  # fmt: skip
     return repl.run()

@@ -108,6 +108,11 @@ class TurnRunner:
         self.conversation = conversation
         self.max_tokens = max_tokens
         self.turn_kwargs = dict(turn_kwargs or {})  # e.g. sampling settings from the command line
+        self.stream: Any = None  # the running turn (a session.TurnStream)
+
+    def thinking_tokens(self) -> int | None:
+        """Tokens the running turn has generated inside thinking blocks (None if the session does not say)."""
+        return getattr(self.stream, "reasoning_tokens", None)
 
     def items(self, cancel: threading.Event) -> Iterator[Any]:
         conv = self.conversation
@@ -115,7 +120,8 @@ class TurnRunner:
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
         # Session.turn yields glm events, then one TurnResult (the usage); see glmlocal/session.py.
-        return self.session.turn(conv.request_messages(), conv.tools, **kwargs)
+        self.stream = self.session.turn(conv.request_messages(), conv.tools, **kwargs)
+        return self.stream
 
     def run(self, cancel: threading.Event, on_event: Callable[[Any], None]) -> TurnRecord:
         """Stream one turn, feeding each event to `on_event`; the record holds message, reason and usage."""

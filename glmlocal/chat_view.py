@@ -152,12 +152,12 @@ class TurnView:
         console: Console,
         *,
         show_thinking: bool = False,
-        count_tokens: Callable[[str], int] | None = None,
+        thinking_tokens: Callable[[], int | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.console = console
         self.show_thinking = show_thinking
-        self.count_tokens = count_tokens
+        self.thinking_tokens = thinking_tokens  # the session's live count of tokens generated while thinking
         self.clock = clock
         self.t0 = clock()
         self.reasoning: list[str] = []
@@ -259,14 +259,9 @@ class TurnView:
         self.content = ""
 
     def reasoning_tokens(self) -> int:
-        """Tokens of thinking: the tokenizer's count when available, else one per streamed delta."""
-        text = "".join(self.reasoning)
-        if self.count_tokens is not None and text:
-            try:
-                return self.count_tokens(text)
-            except Exception:  # counting is cosmetic; never let it break the turn
-                pass
-        return self.reasoning_events
+        """Tokens of thinking as the engine generated them (the session counts them), else one per delta."""
+        n = self.thinking_tokens() if self.thinking_tokens is not None else None
+        return n if n else self.reasoning_events
 
     def finish(self, reason: str) -> None:
         """Close everything still open and say why the turn ended, when that is not obvious."""

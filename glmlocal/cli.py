@@ -26,7 +26,7 @@ app = typer.Typer(
 
 
 # Planner options shared by plan, chat and serve (one definition, one help text).
-QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16 (registry models)")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0, bf16, or a published GGUF's quant such as ud-q2_k_xl (registry models)")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")]
 KvTypeOpt = Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")]
 GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
@@ -80,7 +80,7 @@ def convert(
 @command()
 def pull(
     model: Annotated[str, typer.Argument(help="Registry name or alias, e.g. glm-4.6 or zai-org/GLM-4.6")],
-    quant: Annotated[str, typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0 or bf16")] = "q4_k_m",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0, bf16, or a published-only quant such as ud-q2_k_xl")] = "q4_k_m",
     from_source: Annotated[bool, typer.Option("--from-source", help="Convert the safetensors checkpoint even if a GGUF is published")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repository")] = None,
     keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep the downloaded safetensors after converting")] = False,
@@ -184,7 +184,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (non-loopback needs --api-key or --insecure)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one)")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GLMLOCAL_API_KEY", help="Require this key (x-api-key or Authorization: Bearer)")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key, and any Host header (reverse proxies)")] = False,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running one; more get 429")] = 16,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -10,9 +11,16 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 
 
 def default_convert_output(src: Path, quant: str) -> Path:
-    """`<parent>/<checkpoint dir name>-<QUANT>.gguf`, next to the checkpoint."""
-    src = Path(src).resolve()
-    return src.parent / f"{src.name}-{quant.upper()}.gguf"
+    """`<parent>/<checkpoint dir name>-<QUANT>.gguf`, next to the checkpoint; for a Hugging Face cache
+    snapshot (`models--org--name/snapshots/<commit>`), `./<name>-<QUANT>.gguf` in the current directory,
+    never inside the cache."""
+    from quantize.metadata import source_name
+
+    name = source_name(src)
+    src = Path(os.path.abspath(src))
+    if name != src.name:
+        return Path.cwd() / f"{name}-{quant.upper()}.gguf"
+    return src.parent / f"{name}-{quant.upper()}.gguf"
 
 
 def run_convert(src: Path, *, quant: str, out: Path | None, threads: int | None, no_mtp: bool,

@@ -28,6 +28,9 @@ CPU_FLAG_OPTIONS = [("avx", "GGML_AVX"), ("avx2", "GGML_AVX2"), ("fma", "GGML_FM
                     ("avx512_vnni", "GGML_AVX512_VNNI"), ("avx512_bf16", "GGML_AVX512_BF16"),
                     ("avx512vbmi", "GGML_AVX512_VBMI")]
 CUDA_CMAKE_ARGS = "-DGGML_CUDA=on"
+# The RPC backend (one small library) lets `--rpc HOST:PORT` use another machine's memory as a device, and lets
+# the test suite exercise the multi-device (GPU) placement path on a machine without a GPU.
+RPC_CMAKE_ARGS = "-DGGML_RPC=ON"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -62,9 +65,9 @@ def cpu_cmake_args(flags: set[str] | None = None) -> str:
     """CMAKE_ARGS for a portable (non -march=native) build using exactly the ISA extensions this CPU has."""
     flags = cpu_flags() if flags is None else flags
     if not flags:
-        return "-DGGML_NATIVE=OFF"
+        return f"-DGGML_NATIVE=OFF {RPC_CMAKE_ARGS}"
     opts = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in CPU_FLAG_OPTIONS]
-    return " ".join(["-DGGML_NATIVE=OFF", *opts])
+    return " ".join(["-DGGML_NATIVE=OFF", *opts, RPC_CMAKE_ARGS])
 MIN_FREE_DISK = 20 * GIB  # below this even Air's smallest quant cannot be pulled
 
 

@@ -54,6 +54,7 @@ class LoadReport:
     buffers: dict[str, dict[str, int]] = field(default_factory=dict)
     overridden: dict[str, str] = field(default_factory=dict)
     load_s: float = 0.0
+    devices: list[str] | None = None  # the GPU-type devices llama.cpp was given, in order (None: its default)
 
 
 def _check_fits(placement: Any) -> None:
@@ -77,8 +78,39 @@ def _plan_for(path: Path, n_ctx: int | None, hw: Any) -> Any:
     return planner.plan(planner.footprint_from_gguf(path), hw or hardware.probe(None), ctx=n_ctx)
 
 
-def _model_params(placement: Any, keep: list, progress: Callable[[float], None] | None) -> Any:
+def _device_names(placement: Any) -> list[str] | None:
+    """llama.cpp devices for the placement's GPUs, in its order; None leaves llama.cpp's default (every GPU).
+
+    Planner GPU i is the device the plan names when llama.cpp has one by that name ("RPC1"), else the
+    i-th GPU-type device llama.cpp offloads to (a plan made from `--gpu-mem` says "CUDA0" whatever the
+    backend). A planned CPU-only placement gets no device at all, so nothing lands on a GPU it did not
+    plan for. A placement without per-device predictions (Placement.cpu_only) keeps the default.
+    """
+    planned = getattr(placement, "devices", None) or []
+    if not planned:
+        return None
+    available = [d.name for d in llama_ffi.gpu_devices()]
+    wanted = [d.name for d in planned if d.name != "CPU"]
+    if not available:
+        return None  # a CPU-only build: llama.cpp keeps every layer on the CPU whatever -ngl says
+    if len(wanted) > len(available):
+        raise EngineError(f"the placement uses {len(wanted)} GPUs ({', '.join(wanted)}) but llama.cpp has "
+                          f"{len(available)} ({', '.join(available)})",
+                          hint="plan again for this machine (drop --gpu-mem), or add the missing devices")
+    chosen: list[str] = []
+    for name in wanted:
+        pick = name if name in available and name not in chosen else next(a for a in available if a not in chosen)
+        chosen.append(pick)
+    return chosen
+
+
+def _model_params(placement: Any, keep: list, progress: Callable[[float], None] | None,
+                  names: list[str] | None = None) -> Any:
     mp = C.llama_model_default_params()
+    if names is not None:
+        arr_dev = llama_ffi.device_array(names)
+        keep.append(arr_dev)
+        mp.devices = ctypes.cast(arr_dev, ctypes.c_void_p).value
     mp.n_gpu_layers = int(placement.n_gpu_layers)
     mp.main_gpu = int(getattr(placement, "main_gpu", 0) or 0)
     mp.split_mode = 1  # LLAMA_SPLIT_MODE_LAYER
@@ -129,6 +161,7 @@ def _context_params(placement: Any, n_ctx: int) -> Any:
     cp.type_k = _kv_type(getattr(placement, "type_k", "f16"))
     cp.type_v = _kv_type(getattr(placement, "type_v", "f16"))
     cp.no_perf = False
+    cp.op_offload = bool(getattr(placement, "op_offload", True))
     return cp
 
 
@@ -175,7 +208,8 @@ class Engine:
         _check_fits(placement)
         want_ctx = int(n_ctx or getattr(placement, "n_ctx", 0) or 4096)
         keep: list = []
-        mp = _model_params(placement, keep, progress)
+        devices = _device_names(placement)
+        mp = _model_params(placement, keep, progress, devices)
         cp = _context_params(placement, want_ctx)
         t0 = time.perf_counter()
         with _LOAD_LOCK, llama_ffi.ROUTER.capture() as lines:
@@ -188,7 +222,8 @@ class Engine:
                 C.llama_model_free(model)
                 raise EngineError(f"llama.cpp could not create a context for {path}: {_last_error(lines)}")
         report = LoadReport(log=list(lines), buffers=llama_ffi.parse_buffers(lines),
-                            overridden=llama_ffi.parse_overrides(lines), load_s=time.perf_counter() - t0)
+                            overridden=llama_ffi.parse_overrides(lines), load_s=time.perf_counter() - t0,
+                            devices=devices)
         return cls(path, model, ctx, placement, report, keep, cache)
 
     def close(self) -> None:

@@ -16,7 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmlocal.compute_graph import KV_PAD, GraphShape, reserve_bytes
+from glmlocal.compute_graph import (
+    KV_PAD,
+    GraphShape,
+    reserve_bytes,
+    reserve_bytes_split,
+)
 from glmlocal.errors import InputError
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 from quantize.recipe import plan_types
@@ -79,6 +84,7 @@ class Footprint:
     file_bytes: int  # every tensor in the file, MTP block included
     source: str = "spec"  # "gguf" or "spec"
     tensor_types: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    repack: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # see repacked()
     # What else shapes the compute graph (defaults: GLM-4.5/4.6's)
     n_ff_dense: int = 0  # dense-layer FFN width (0: n_ff_exp * n_expert_used)
     n_ff_shexp: int = -1  # shared-expert FFN width (-1: n_ff_exp)
@@ -151,6 +157,26 @@ def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn
                reserve_bytes(GraphShape(n_tokens=1, **base)))
 
 
+def compute_buffers_split(fp: Footprint, n_ctx: int, n_ubatch: int, devices: tuple, *, flash_attn: bool = True,
+                          type_k: str = "f16", type_v: str | None = None) -> tuple[int, ...]:
+    """Compute buffer per backend (GPUs in llama.cpp's order, then the CPU) when the weights are spread as
+    `devices` says (see compute_graph.GraphShape.devices) over backends without op_offload (RPC, or
+    --no-op-offload): ops run where their weights are, so the CPU buffer holds the work of RAM-resident
+    experts. Replays ggml-backend's scheduler (splits, input copies) and ggml-alloc over every layer."""
+    n_kv = -(-n_ctx // KV_PAD) * KV_PAD
+    base = {
+        "n_layer": fp.n_layer, "n_embd": fp.n_embd, "n_head": fp.n_head, "n_head_kv": fp.n_head_kv,
+        "head_dim": fp.head_dim, "n_vocab": fp.n_vocab, "n_expert": fp.n_expert, "n_expert_used": fp.n_expert_used,
+        "n_ff_exp": fp.n_ff_exp, "n_ff_dense": fp.n_ff_dense or fp.n_ff_exp * fp.n_expert_used,
+        "n_ff_shexp": fp.n_ff_exp if fp.n_ff_shexp < 0 else fp.n_ff_shexp, "n_dense_lead": fp.n_dense_lead,
+        "attn_bias": fp.attn_bias, "qk_norm": fp.qk_norm, "expert_norm": fp.expert_norm,
+        "expert_scale": fp.expert_scale, "n_kv": n_kv, "flash_attn": flash_attn, "output": True,
+        "rot_k": _quantized(type_k), "rot_v": _quantized(type_v or type_k), "devices": devices}
+    pp = reserve_bytes_split(GraphShape(n_tokens=min(n_ubatch, n_kv), **base))
+    tg = reserve_bytes_split(GraphShape(n_tokens=1, **base))
+    return tuple(max(a, b) for a, b in zip(pp, tg))
+
+
 def _quantized(type_name: str) -> bool:
     return type_name.lower() not in ("f16", "bf16", "f32")
 
@@ -192,6 +218,17 @@ def classify(name: str) -> tuple[int | None, str]:
     return layer, group
 
 
+# ggml-cpu's repack.cpp (x86 AVX2 and ARM dot-product kernels): matmul weights of these types with a
+# multiple of 8 rows are copied into an interleaved layout, in "CPU_REPACK" buffers, when they live in RAM.
+_REPACK_TYPES = {GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.IQ4_NL, GGMLType.MXFP4}
+
+
+def _repacked(name: str, shape: tuple[int, ...], gtype: int) -> bool:
+    if name.startswith("token_embd") or len(shape) not in (2, 3) or shape[1] % 8:
+        return False  # the embeddings feed get_rows, which has no repacked kernel
+    return GGMLType(gtype) in _REPACK_TYPES
+
+
 def build_footprint(tensors: Iterable[tuple[str, tuple[int, ...], int]], meta: dict, *, label: str,
                     quant: str, source: str) -> Footprint:
     """Group (name, ggml shape, ggml type) triples into a Footprint; `meta` holds the hyperparameters."""
@@ -199,9 +236,12 @@ def build_footprint(tensors: Iterable[tuple[str, tuple[int, ...], int]], meta: d
     experts: dict[int, list[tuple[str, int]]] = {}
     token_embd = output = total = 0
     types: dict[str, str] = {}
+    repack: dict[str, int] = {}
     for name, shape, gtype in tensors:
         nbytes = tensor_nbytes(gtype, shape)
         types[name] = GGMLType(gtype).name
+        if _repacked(name, shape, gtype):
+            repack[name] = nbytes
         total += nbytes
         layer, group = classify(name)
         if layer is None:
@@ -218,7 +258,7 @@ def build_footprint(tensors: Iterable[tuple[str, tuple[int, ...], int]], meta: d
         for i in range(n_layer + meta["n_nextn"])
     )
     return Footprint(label=label, quant=quant, layers=layers, token_embd=token_embd, output=output,
-                     file_bytes=total, source=source, tensor_types=types, **meta)
+                     file_bytes=total, source=source, tensor_types=types, repack=repack, **meta)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,21 +73,24 @@ class TokenOut:
 
 
 class StopMatcher:
-    """Holds back only the text that could still become a stop string."""
+    """Holds back only the text that could still become a stop string; `matched` is the one that was hit."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.buf = ""
+        self.matched: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit)."""
+        """Add text; return (text safe to emit, whether a stop string was hit). The earliest stop string in
+        the text wins (the longest one when several start at the same place)."""
         self.buf += text
         if not self.stops:
             out, self.buf = self.buf, ""
             return out, False
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, -len(s), s) for s in self.stops if (i := self.buf.find(s)) >= 0]
         if hits:
-            out, self.buf = self.buf[: min(hits)], ""
+            at, _, self.matched = min(hits)
+            out, self.buf = self.buf[:at], ""
             return out, True
         keep = self._pending_len()
         out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]

@@ -43,7 +43,12 @@ GPU_BANDWIDTH = {
 
 @dataclass(frozen=True)
 class GPU:
-    """One visible CUDA device, numbered as CUDA numbers it (after CUDA_VISIBLE_DEVICES)."""
+    """One device llama.cpp offloads to; NVIDIA ones numbered as CUDA numbers them (after CUDA_VISIBLE_DEVICES).
+
+    `device` is llama.cpp's name for it ("CUDA0", "RPC0", "Vulkan0"); empty means CUDA{index}.
+    `op_offload`: the backend runs big-batch ops whose weights are in RAM itself (ggml-cuda does, for
+    batches >= 32); backends without it (RPC) leave those ops, e.g. RAM-resident experts, to the CPU.
+    """
 
     index: int
     name: str
@@ -51,6 +56,12 @@ class GPU:
     free: int
     bandwidth: float
     uuid: str = ""
+    device: str = ""
+    op_offload: bool = True
+
+    @property
+    def device_name(self) -> str:
+        return self.device or f"CUDA{self.index}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,12 @@ class Overrides:
     gpu_bw_gbs: float | None = None
     cpu_bw_gbs: float | None = None
     env: dict = field(default_factory=dict)
+    # llama.cpp RPC devices already registered (llama_ffi.add_rpc_server): (name, free, total) each.
+    # llama.cpp puts them before local GPUs; --gpu-mem sizes, when given, apply in that same order.
+    rpc_devices: tuple[tuple[str, int, int], ...] = ()
+    # llama.cpp RPC servers (HOST:PORT, llama.cpp's --rpc) to register, then use as above. Registration
+    # is process-global: every later model load in this process offloads to them.
+    rpc: tuple[str, ...] = ()
 
 
 _UNITS = {"": GIB, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
@@ -228,6 +245,8 @@ def probe(overrides: Overrides | None = None, *, nvml=None,
     import psutil
 
     ov = overrides or Overrides()
+    if ov.rpc and not ov.rpc_devices:
+        ov = replace(ov, rpc_devices=register_rpc(ov.rpc))
     notes: list[str] = []
     if ov.cpu_only:
         gpus: list[GPU] = []
@@ -235,10 +254,13 @@ def probe(overrides: Overrides | None = None, *, nvml=None,
         bw = ov.gpu_bw_gbs * 1e9 if ov.gpu_bw_gbs else DEFAULT_GPU_BW
         gpus = [GPU(i, f"GPU{i} ({size / GIB:.0f} GiB, given)", size, size, bw)
                 for i, size in enumerate(parse_sizes(ov.gpu_mem))]
+        gpus = [replace(g, device=r[0], op_offload=False) for g, r in zip(gpus, ov.rpc_devices)] + gpus[
+            len(ov.rpc_devices):]
     else:
         gpus, notes = probe_gpus(nvml, ov.env or None)
         if ov.gpu_bw_gbs:
             gpus = [replace(g, bandwidth=ov.gpu_bw_gbs * 1e9) for g in gpus]
+        gpus = rpc_gpus(ov.rpc_devices, ov.gpu_bw_gbs) + [replace(g, device=g.device_name) for g in gpus]
     cores = ov.cores or physical_cores()
     if ov.ram:
         ram_total = ram_avail = parse_size(ov.ram)
@@ -247,6 +269,23 @@ def probe(overrides: Overrides | None = None, *, nvml=None,
         ram_total, ram_avail = int(vm.total), int(vm.available)
     cpu_bw = _cpu_bandwidth(ov, cores, cpu_bw_probe, notes)
     return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes))
+
+
+def register_rpc(endpoints) -> tuple[tuple[str, int, int], ...]:
+    """Register llama.cpp RPC servers; (device name, free, total) of each device they offer."""
+    from glmlocal import llama_ffi  # loads llama.cpp: only when RPC servers are asked for
+
+    names = [n for e in endpoints for n in llama_ffi.add_rpc_server(e)]
+    mem = {d.name: (d.free_bytes, d.total_bytes) for d in llama_ffi.devices()}
+    return tuple((n, *mem[n]) for n in names)
+
+
+def rpc_gpus(rpc_devices, gpu_bw_gbs: float | None = None) -> list[GPU]:
+    """GPUs for llama.cpp RPC devices ((name, free, total) each). Their backend has no op offload; their
+    bandwidth is unknown from here (the server may be a CPU or a GPU): --gpu-bw, else a DDR5 desktop's."""
+    bw = gpu_bw_gbs * 1e9 if gpu_bw_gbs else DEFAULT_CPU_BW
+    return [GPU(i, f"{name} (RPC)", total, free, bw, device=name, op_offload=False)
+            for i, (name, free, total) in enumerate(rpc_devices)]
 
 
 def _cpu_bandwidth(ov: Overrides, cores: int, cpu_bw_probe, notes: list[str]) -> float:

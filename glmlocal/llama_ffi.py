@@ -30,8 +30,12 @@ _log.addHandler(logging.NullHandler())  # a library never prints; the CLI may at
 
 
 def _load(name: str) -> ctypes.CDLL:
-    # Already mapped by llama_cpp; dlopen returns the same handle.
-    return ctypes.CDLL(str(LIB_DIR / f"lib{name}.so"))
+    """The library instance libllama itself uses. A wheel cannot hold symlinks, so `libggml.so` and
+    `libggml.so.0` are two copies of one file; libllama links the `.so.0` (its SONAME), and opening the
+    other copy would load a second ggml with its own backend registry (an RPC server registered there
+    is invisible to llama.cpp's default device list)."""
+    path = LIB_DIR / f"lib{name}.so.0"
+    return ctypes.CDLL(str(path if path.exists() else LIB_DIR / f"lib{name}.so"))
 
 
 _ggml = _load("ggml")
@@ -125,6 +129,18 @@ def buffer_type(name: str) -> int:
                 return buft
     raise EngineError(f"unknown buffer type {name!r} in tensor override",
                       hint=f"available: {', '.join(sorted(set(known)))}")
+
+
+def device_array(names: list[str]) -> ctypes.Array:
+    """A NULL-terminated `ggml_backend_dev_t[]` for llama_model_params.devices (EngineError for an unknown name)."""
+    llama_cpp.llama_backend_init()
+    arr = (_vp * (len(names) + 1))()
+    for i, name in enumerate(names):
+        arr[i] = _ggml.ggml_backend_dev_by_name(name.encode())
+        if not arr[i]:
+            known = ", ".join(d.name for d in devices())
+            raise EngineError(f"llama.cpp has no device {name!r}", hint=f"available: {known}")
+    return arr
 
 
 class OverrideArray:
@@ -260,6 +276,188 @@ def parse_buffers(lines: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+def buffers_by_device(buffers: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """parse_buffers' {kind: {buffer name: bytes}} regrouped as {device name: {kind: bytes}}.
+
+    Buffer names are buffer-type names: "CPU", "CPU_Mapped", "CPU_REPACK" all belong to the CPU;
+    "CUDA0" is CUDA0's; an RPC buffer is named after the device's index on its server and the server
+    ("RPC0[10.0.0.2:50052]"), so two servers' buffers are told apart through each device's buffer type.
+    """
+    by_buft = {d.buffer_type: d.name for d in devices() if d.buffer_type}
+    out: dict[str, dict[str, int]] = {}
+    for kind, sizes in buffers.items():
+        for buf, nbytes in sizes.items():
+            dev = "CPU" if buf.upper().startswith("CPU") else by_buft.get(buf, buf)
+            out.setdefault(dev, {}).setdefault(kind, 0)
+            out[dev][kind] += nbytes
+    return out
+
+
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """{tensor name: buffer type} for every "buffer type overridden" line llama.cpp logged."""
     return {m.group(1): m.group(2) for m in map(_OVERRIDE_RE.search, lines) if m}
+
+
+# ---------------------------------------------------------------------------------------------
+# RPC devices (ggml-rpc): another process's or machine's backend, seen by llama.cpp as a GPU
+# ---------------------------------------------------------------------------------------------
+_rpc_state: dict = {"lib": None, "registered": {}}
+
+
+def _rpc_lib() -> ctypes.CDLL | None:
+    """libggml-rpc from this build (llama-cpp-python built with -DGGML_RPC=ON), or None."""
+    if _rpc_state["lib"] is None:
+        if not any((LIB_DIR / f"libggml-rpc.so{v}").is_file() for v in (".0", "")):
+            return None
+        lib = _load("ggml-rpc")
+        lib.ggml_backend_rpc_add_server.argtypes, lib.ggml_backend_rpc_add_server.restype = [_cp], _vp
+        lib.ggml_backend_rpc_start_server.argtypes = [_cp, _cp, _sz, _sz, ctypes.POINTER(_vp)]
+        lib.ggml_backend_rpc_start_server.restype = None
+        _ggml.ggml_backend_register.argtypes, _ggml.ggml_backend_register.restype = [_vp], None
+        _ggml.ggml_backend_reg_dev_count.argtypes, _ggml.ggml_backend_reg_dev_count.restype = [_vp], _sz
+        _ggml.ggml_backend_reg_dev_get.argtypes, _ggml.ggml_backend_reg_dev_get.restype = [_vp, _sz], _vp
+        _rpc_state["lib"] = lib
+    return _rpc_state["lib"]
+
+
+def rpc_available() -> bool:
+    """Whether this llama-cpp-python build has the RPC backend (`--rpc HOST:PORT`)."""
+    return _rpc_lib() is not None
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); InputError for anything else (ggml-rpc aborts the process on it)."""
+    from glmlocal.errors import InputError
+
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"bad RPC endpoint {endpoint!r}", hint="use HOST:PORT, e.g. 192.168.1.20:50052")
+    return host, int(port)
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
+    """Register the RPC server at `endpoint` with ggml; returns its device names ("RPC0", ...).
+
+    Process-global and permanent: every later model load in this process sees these devices as GPUs
+    (llama.cpp puts RPC devices first). Registering the same endpoint again returns the same names.
+    Raises EngineError when the build lacks RPC or nothing listens there (ggml-rpc itself would abort).
+    """
+    endpoint = endpoint.strip()
+    if endpoint in _rpc_state["registered"]:
+        return _rpc_state["registered"][endpoint]
+    lib = _rpc_lib()
+    if lib is None:
+        raise EngineError("this llama-cpp-python was built without the RPC backend",
+                          hint="rebuild it with the flags `glmlocal doctor --cmake-args` prints (they add -DGGML_RPC=ON)")
+    host, port = parse_endpoint(endpoint)
+    if not _reachable(host, port, timeout):
+        raise EngineError(f"no RPC server answers at {endpoint}",
+                          hint="start one there (llama.cpp's rpc-server, or `python -m glmlocal.llama_ffi "
+                               "rpc-server HOST:PORT`)")
+    llama_cpp.llama_backend_init()
+    reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
+    if not reg:
+        raise EngineError(f"the RPC server at {endpoint} reports no devices")
+    _ggml.ggml_backend_register(reg)
+    names = [_ggml.ggml_backend_dev_name(_ggml.ggml_backend_reg_dev_get(reg, i)).decode()
+             for i in range(_ggml.ggml_backend_reg_dev_count(reg))]
+    _rpc_state["registered"][endpoint] = names
+    return names
+
+
+def gpu_devices() -> list[Device]:
+    """The devices llama.cpp offloads to, in its order (main_gpu / tensor_split / -ngl index them):
+    RPC devices first, then GPUs, then integrated GPUs only when there is no discrete one."""
+    devs = [d for d in devices() if d.type in ("GPU", "IGPU")]
+    rpc = [d for d in devs if d.type == "GPU" and d.name.startswith("RPC")]
+    gpus = [d for d in devs if d.type == "GPU" and not d.name.startswith("RPC")]
+    igpus = [d for d in devs if d.type == "IGPU"]
+    return rpc + gpus + (igpus if not gpus else [])
+
+
+def serve_rpc(endpoint: str, threads: int = 0, cache_dir: str | None = None) -> None:
+    """Serve this machine's CPU backend over RPC at `endpoint` (blocks forever; run it in its own process).
+
+    Anyone who can reach the port can run code on the backend: bind 127.0.0.1 or a trusted network only.
+    """
+    import os
+
+    lib = _rpc_lib()
+    if lib is None:
+        raise EngineError("this llama-cpp-python was built without the RPC backend")
+    parse_endpoint(endpoint)
+    llama_cpp.llama_backend_init()
+    cpu = (_vp * 1)(_ggml.ggml_backend_dev_by_type(0))
+    threads = threads or os.cpu_count() or 1
+    lib.ggml_backend_rpc_start_server(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, cpu)
+
+
+class RpcServer:
+    """A local RPC server in a child process (`with RpcServer() as srv: add_rpc_server(srv.endpoint)`).
+
+    A child, because ggml_backend_rpc_start_server never returns; stopped (terminated) on exit.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, threads: int = 1, startup_s: float = 30.0):
+        self.host, self.port, self.threads, self.startup_s = host, port or _free_port(host), threads, startup_s
+        self.endpoint = f"{host}:{self.port}"
+        self.proc = None
+
+    def __enter__(self) -> RpcServer:  # noqa: PYI034 (3.11 target; the class is not subclassed)
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "glmlocal.llama_ffi", "rpc-server", self.endpoint, "--threads", str(self.threads)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.startup_s
+        while not _reachable(self.host, self.port, 0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+                self.__exit__()
+                raise EngineError(f"the RPC server at {self.endpoint} did not start: {err.strip()[-300:]}")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:  # noqa: BLE001 (TimeoutExpired: a server stuck in a computation)
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m glmlocal.llama_ffi", description="ggml RPC server (CPU backend)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    srv = sub.add_parser("rpc-server", help="serve this machine's CPU backend at HOST:PORT")
+    srv.add_argument("endpoint")
+    srv.add_argument("--threads", type=int, default=0)
+    srv.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    serve_rpc(args.endpoint, args.threads, args.cache_dir)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -11,10 +12,9 @@ from rich.panel import Panel
 from rich.table import Table
 
 from glmlocal import hardware
-from glmlocal.errors import InputError
+from glmlocal.errors import InputError, PlanError
 from glmlocal.footprint import Footprint, footprint_from_gguf, footprint_from_spec
 from glmlocal.planner import Placement, plan
-from glmlocal.registry import QUANTS
 
 GB = 1e9
 
@@ -34,24 +34,32 @@ class PlanArgs:
     as_json: bool = False
 
 
-def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, dict[str, Footprint], str]:
-    """(footprint, smaller-quant alternatives, description of where it came from) for MODEL."""
-    from glmlocal.registry import find_model, spec_from_checkpoint
+def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, Mapping[str, Footprint], str, dict]:
+    """(footprint, smaller-quant alternatives, where it came from in words, the same for --json) for MODEL.
+
+    Sizes come from a local GGUF's header ("local-file"), the registry + our quant recipe ("recipe"), a
+    checkpoint's config.json ("checkpoint-config"), or, for published-only quants (UD-Q2_K_XL...), the
+    published files' headers read with Range requests and cached ("remote-header").
+    """
+    from glmlocal.registry import find_model, is_recipe_quant, spec_from_checkpoint
 
     try:
         from glmlocal.store import resolve_model
     except ImportError:  # store not available: registry names and paths only
         resolve_model = None
+    manifest = None
     if resolve_model is not None:
         r = resolve_model(model, quant=quant)
-        kind, path, spec, quant = r.kind, r.path, r.spec, r.quant or quant
+        kind, path, spec, quant, manifest = r.kind, r.path, r.spec, r.quant or quant, r.manifest
     else:
         p = Path(model).expanduser()
         kind = "gguf" if p.is_file() else "checkpoint" if p.is_dir() else "registry"
         path, spec = (p if kind != "registry" else None), find_model(model)
     if kind in ("pulled", "gguf"):
         fp = footprint_from_gguf(path)
-        return fp, _alternatives(spec, fp.quant), f"GGUF header of {path}"
+        if kind == "pulled" and quant:
+            fp = replace(fp, quant=quant)  # the registry's name (ud-q2_k_xl), not the file type's (q2_k)
+        return fp, _alternatives(spec, fp), f"GGUF header of {path}", {"sizes_from": "local-file", "path": str(path)}
     if kind == "checkpoint":
         spec = spec_from_checkpoint(path)
     if spec is None:
@@ -59,36 +67,52 @@ def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, dict[st
 
         spec = get_model(model)  # raises InputError listing the known names
     quant = quant or "q4_k_m"
+    if kind == "registry" and not is_recipe_quant(quant):
+        from glmlocal.remote_gguf import published_footprint
+
+        fp, remote = published_footprint(spec, quant, revision=manifest.revision if manifest else None)
+        how = "cached" if remote.cached else f"{remote.fetched_bytes / 1e6:.1f} MB fetched"
+        origin = (f"GGUF headers of {remote.repo}@{remote.commit[:12]}, {len(remote.files)} file(s) of "
+                  f"{remote.total_bytes / 1e9:.1f} GB ({how}; before download)")
+        return fp, _alternatives(spec, fp), origin, {"sizes_from": "remote-header", "remote": remote.describe()}
     fp = footprint_from_spec(spec, quant)
-    origin = f"models.toml + the {quant} recipe (before download)" if kind == "registry" else f"{path}/config.json"
-    return fp, _alternatives(spec, quant), origin
+    if kind == "registry":
+        return fp, _alternatives(spec, fp), f"models.toml + the {quant} recipe (before download)", {"sizes_from": "recipe"}
+    return fp, _alternatives(spec, fp), f"{path}/config.json", {"sizes_from": "checkpoint-config"}
 
 
-def _alternatives(spec, quant: str) -> dict[str, Footprint]:
-    """Footprints of the quants smaller than `quant`, smallest last (so the error names the best one)."""
-    if spec is None or quant not in QUANTS:
+def _alternatives(spec, fp: Footprint) -> Mapping[str, Footprint]:
+    """Quants smaller than `fp` (converted and published), sized lazily: only a no-fit plan looks at them."""
+    if spec is None:
         return {}
-    smaller = QUANTS[: QUANTS.index(quant)]
-    return {q: footprint_from_spec(spec, q) for q in reversed(smaller)}
+    from glmlocal.remote_gguf import SmallerQuants
+
+    return SmallerQuants(spec, fp.file_bytes)
 
 
-def make_plan(args: PlanArgs) -> tuple[Placement, Footprint, hardware.Hardware, str]:
+def make_plan(args: PlanArgs) -> tuple[Placement, Footprint, hardware.Hardware, str, dict]:
     """The library part of `glmlocal plan` (no printing)."""
     if args.ctx is not None and args.ctx <= 0:
         raise InputError(f"--ctx must be positive, got {args.ctx}")
-    fp, alternatives, origin = resolve_footprint(args.model, args.quant)
+    fp, alternatives, origin, source = resolve_footprint(args.model, args.quant)
     hw = hardware.probe(hardware.Overrides(gpu_mem=args.gpu_mem, ram=args.ram, cpu_only=args.cpu_only,
                                            cores=args.threads, gpu_bw_gbs=args.gpu_bw, cpu_bw_gbs=args.cpu_bw))
-    placement = plan(fp, hw, ctx=args.ctx, kv_type=args.kv_type, alternatives=alternatives)
-    return placement, fp, hw, origin
+    explain = getattr(alternatives, "explain", None)
+    if explain is not None:  # published quants larger than RAM + VRAM are not worth sizing
+        alternatives.limit_bytes = sum(g.total for g in hw.gpus) + hw.ram_total
+    try:
+        placement = plan(fp, hw, ctx=args.ctx, kv_type=args.kv_type, alternatives=alternatives)
+    except PlanError as e:
+        raise explain(e) if explain is not None else e
+    return placement, fp, hw, origin, source
 
 
 def run_plan(args: PlanArgs, console: Console | None = None) -> None:
     """Plan and print: a table per device, the llama.cpp flags and the notes (or JSON)."""
     console = console or Console()
-    placement, fp, hw, origin = make_plan(args)
+    placement, fp, hw, origin, source = make_plan(args)
     if args.as_json:
-        doc = {"model": fp.label, "quant": fp.quant, "footprint_source": origin,
+        doc = {"model": fp.label, "quant": fp.quant, "footprint_source": origin, **source,
                "file_bytes": fp.file_bytes, "weights_bytes": fp.weights_bytes,
                "kv_bytes_per_token": fp.kv_bytes_per_token(placement.type_k, placement.type_v),
                "hardware": asdict(hw), "placement": placement.to_dict()}

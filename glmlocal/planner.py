@@ -8,6 +8,11 @@ Priorities (the ones users and llama.cpp's `--fit` converged on):
 3. If even (1) does not fit, an automatic context shrinks (multiples of 256, not below 4096); then
    the first layers leave the GPU entirely (-ngl counts from the end).
 4. If RAM + VRAM cannot hold the model, PlanError says the largest context or smaller quant that fits.
+
+GPUs are whatever llama.cpp offloads to (hardware.GPU: CUDA0, RPC0, ...), named as llama.cpp names
+them. How the compute buffers split between a GPU and the CPU depends on the backend: CUDA runs
+big-batch ops on RAM-resident weights itself (op_offload); RPC (or --no-op-offload) leaves them to
+the CPU backend, and then glmlocal.compute_graph replays llama.cpp's scheduler for the buffers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from glmlocal.footprint import (  # re-exported: planner is the public entry poi
     Footprint,
     LayerFootprint,
     compute_buffer_bytes,
+    compute_buffers_split,
     footprint_from_gguf,
     footprint_from_spec,
     kv_row_bytes,
@@ -50,7 +56,7 @@ CPU_EFFICIENCY = 0.60
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """Predicted bytes on one device ("CUDA0", "CUDA1", ... or "CPU")."""
+    """Predicted bytes on one device, named as llama.cpp names it ("CUDA0", "RPC0", ... or "CPU")."""
 
     name: str
     weights: int
@@ -61,6 +67,10 @@ class DevicePlan:
     expert_layers: tuple[int, ...] = ()  # layer indices with (some of) their routed experts here
     bandwidth: float = 0.0
     bytes_per_token: int = 0  # read per decoded token (active experts only)
+    # CPU: the part of `weights` llama.cpp's CPU backend repacks into CPU_REPACK buffers (Footprint.repack).
+    # Without mmap that is where those bytes live; with mmap it is an anonymous copy on top of the mapped
+    # file, whose pages for those tensors are read once at load and then left to the page cache.
+    repack: int = 0
 
     @property
     def total(self) -> int:
@@ -91,6 +101,7 @@ class Placement:
     est_tokens_per_s: float
     notes: list[str] = field(default_factory=list)
     model: str = ""
+    op_offload: bool = True  # llama.cpp's op_offload (--no-op-offload turns it off)
 
     @classmethod
     def cpu_only(cls, ctx: int, threads: int, *, type_k: str = "f16", type_v: str = "f16",
@@ -111,6 +122,8 @@ class Placement:
                   f"-t {self.n_threads}"]
         if not self.use_mmap:
             flags.append("--no-mmap")
+        if not self.op_offload:
+            flags.append("--no-op-offload")
         return " ".join(flags)
 
     def to_dict(self) -> dict:
@@ -136,6 +149,15 @@ class _Budget:
     n_ubatch: int
     margin: int
     host_reserve: int
+    op_offload: bool = True
+
+    @property
+    def offload_gpu(self) -> int | None:
+        """Index of the GPU that runs big-batch ops on RAM weights (llama.cpp picks the first backend
+        whose offload_op accepts them), or None: then they run on the CPU backend."""
+        if not self.op_offload:
+            return None
+        return next((d for d, g in enumerate(self.hw.gpus) if g.op_offload), None)
 
 
 @dataclass
@@ -184,9 +206,21 @@ def _layout(b: _Budget, ctx: int, n_cpu_layers: int) -> _Layout:
     GPU (ggml_backend_sched "op_offload"), copying the weight into that GPU's compute buffer first;
     each such op starts a new split so the copies reuse one slot (llama.cpp PR #15346 copies only the
     used experts, but the slot keeps the full tensor size). So CUDA0 reserves the largest one.
+    Without op_offload (RPC devices, --no-op-offload) ops run where their weights are: the compute
+    buffers then come from replaying llama.cpp's scheduler over this very placement (once to refill
+    the experts with them, once more for the final figures).
     """
     lay = _layout_with_copy(b, ctx, n_cpu_layers, 0)
-    if lay.ngl and min(b.n_ubatch, ctx) >= OP_OFFLOAD_MIN_BATCH:
+    if lay.ngl and b.offload_gpu is None:
+        comps = _split_compute(b, lay)
+        for _ in range(4):  # more experts on a GPU grow its buffer: refill until the estimate covers it
+            lay = _layout_with_copy(b, ctx, n_cpu_layers, 0, comps)
+            final = _split_compute(b, lay)
+            if all(f <= c for f, c in zip(final[:-1], comps[:-1])):
+                break
+            comps = tuple(max(x, y) for x, y in zip(comps, final))
+        return _with_compute(b, lay, final)
+    if lay.ngl and b.offload_gpu is not None and min(b.n_ubatch, ctx) >= OP_OFFLOAD_MIN_BATCH:
         copy = _largest_ram_split(b.fp, lay)
         if copy:
             lay = _layout_with_copy(b, ctx, n_cpu_layers, copy)
@@ -206,7 +240,31 @@ def _largest_ram_split(fp: Footprint, lay: _Layout) -> int:
     return max([largest, *cpu_layers])
 
 
-def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _Layout:
+def _split_compute(b: _Budget, lay: _Layout) -> tuple[int, ...]:
+    """Per-backend compute buffers (GPUs, then CPU) for this layout, ops following their weights."""
+    fp, cpu, last = b.fp, len(lay.gpu_layers), len(lay.gpu_layers) - 1
+    dev_of = {i: d for d, run in enumerate(lay.gpu_layers) for i in run}
+    layers = []
+    for layer in fp.trunk:
+        d = dev_of.get(layer.index, cpu)
+        on = lay.gpu_experts[d].get(layer.index, ()) if d != cpu else ()
+        layers.append((d, *(d if f"blk.{layer.index}.ffn_{k}_exps.weight" in on else cpu
+                             for k in ("up", "gate", "down"))))
+    return compute_buffers_split(fp, lay.ctx, b.n_ubatch, (cpu + 1, last, tuple(layers)),
+                                 type_k=b.type_k, type_v=b.type_v)
+
+
+def _with_compute(b: _Budget, lay: _Layout, comps: tuple[int, ...]) -> _Layout:
+    """`lay` with the given per-GPU compute buffers and host compute (+ the one-row output buffer)."""
+    gpu_compute = list(comps[:-1])
+    need = [n - c + nc for n, c, nc in zip(lay.gpu_need, lay.gpu_compute, gpu_compute)]
+    host_compute = comps[-1] + b.fp.n_vocab * 4
+    return replace(lay, gpu_compute=gpu_compute, gpu_need=need, host_compute=host_compute,
+                   host_need=lay.host_need - lay.host_compute + host_compute)
+
+
+def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int,
+                      comps: tuple[int, ...] | None = None) -> _Layout:
     fp = b.fp
     trunk = [layer.index for layer in fp.trunk]
     gpus = b.hw.gpus if n_cpu_layers < len(trunk) else ()
@@ -218,7 +276,8 @@ def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _La
     fixed, kv, comp, experts, need = [], [], [], [], []
     for d, run in enumerate(runs):  # the output layer (and the unloaded NextN slot) go to the last GPU
         last = d == len(runs) - 1
-        c = compute + (_compute(b, ctx) - compute if last else 0) + (copy if d == 0 else 0)
+        c = compute + (_compute(b, ctx) - compute if last else 0) + (copy if d == b.offload_gpu else 0)
+        c = comps[d] if comps else c
         f = sum(fp.layers[i].non_expert for i in run) + (fp.output if last else 0)
         k = kv_layer * len(run)
         chosen = _fill_experts(fp, run, capacities[d] - f - k - c)
@@ -240,6 +299,8 @@ def _layout_with_copy(b: _Budget, ctx: int, n_cpu_layers: int, copy: int) -> _La
         if len(on_gpu) < len(trunk):
             host_compute += _compute(b, ctx, output=False)
     host_compute += fp.n_vocab * 4
+    if comps:
+        host_compute = comps[-1] + fp.n_vocab * 4
     ngl = (len(on_gpu) + fp.n_nextn + 1) if on_gpu else 0
     return _Layout(ctx, ngl, runs, experts, need, fixed, kv, comp,
                    host_weights + host_kv + host_compute, host_kv, host_compute)
@@ -324,16 +385,17 @@ def _largest_ctx(b: _Budget, lo: int, hi: int, ok) -> int | None:
 def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_type: str = "f16", *,
          kv_type_v: str | None = None, n_batch: int | None = None, n_ubatch: int = 512,
          margin: int = GPU_MARGIN, host_reserve: int = HOST_RESERVE, min_ctx: int = MIN_CTX,
-         alternatives: Mapping[str, Footprint] | None = None) -> Placement:
+         alternatives: Mapping[str, Footprint] | None = None, op_offload: bool = True) -> Placement:
     """Place `footprint` on `hardware` with `ctx` tokens of context (None: the largest that fits,
     at most 64K). An explicit ctx is never shrunk: if it does not fit, PlanError names the largest
     one that does. `alternatives` (quant -> Footprint) lets the error name a smaller quant that fits.
+    `op_offload=False` plans for llama.cpp's --no-op-offload (big-batch ops on RAM weights stay on the CPU).
     """
     type_v = kv_type_v or kv_type
     kv_row_bytes(kv_type, 256), kv_row_bytes(type_v, 256)  # validates the names
     if ctx is not None and ctx < 1:
         raise InputError(f"context must be positive, got {ctx}")
-    b = _Budget(footprint, hardware, kv_type, type_v, n_ubatch, margin, host_reserve)
+    b = _Budget(footprint, hardware, kv_type, type_v, n_ubatch, margin, host_reserve, op_offload)
     notes: list[str] = []
     if ctx is None:
         want = min(footprint.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
@@ -441,6 +503,7 @@ def _placement(b: _Budget, lay: _Layout, n_batch: int | None, notes: list[str]) 
         tensor_split=split, main_gpu=0, n_ctx=lay.ctx, type_k=b.type_k, type_v=b.type_v, flash_attn=True,
         n_batch=n_batch or (2048 if lay.ngl else 512), n_ubatch=b.n_ubatch, n_threads=hw.cores,
         use_mmap=True, devices=devices, est_tokens_per_s=est, notes=notes, model=f"{fp.label} {fp.quant}",
+        op_offload=b.op_offload,
     )
 
 
@@ -451,7 +514,7 @@ def _device_plans(b: _Budget, lay: _Layout, on_gpu_experts: dict[int, set[str]])
         run, exps = lay.gpu_layers[d], lay.gpu_experts[d]
         expert_bytes = _bytes_of(fp, exps)
         read = lay.gpu_fixed[d] + _active(fp, expert_bytes) + kv_tok_layer * SPEED_CTX * len(run)
-        out.append(DevicePlan(f"CUDA{gpu.index}", lay.gpu_fixed[d] + expert_bytes, lay.gpu_kv[d],
+        out.append(DevicePlan(gpu.device_name, lay.gpu_fixed[d] + expert_bytes, lay.gpu_kv[d],
                               lay.gpu_compute[d], gpu.free, tuple(run), tuple(exps), gpu.bandwidth, read))
     cpu_layers = [layer.index for layer in fp.trunk][: fp.n_layer - sum(len(r) for r in lay.gpu_layers)]
     cpu_exps = _cpu_expert_tensors(fp, on_gpu_experts)
@@ -460,8 +523,23 @@ def _device_plans(b: _Budget, lay: _Layout, on_gpu_experts: dict[int, set[str]])
     read = sum(fp.layers[i].non_expert for i in cpu_layers) + _active(fp, cpu_expert_bytes)
     read += kv_tok_layer * SPEED_CTX * len(cpu_layers) + (fp.output if not lay.ngl else 0)
     out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, b.hw.ram_available,
-                          tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read))
+                          tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read,
+                          _repack_on_cpu(fp, set(cpu_layers), cpu_exps, output=not lay.ngl)))
     return out
+
+
+def _repack_on_cpu(fp: Footprint, cpu_layers: set[int], cpu_exps: dict[int, list[str]], *, output: bool) -> int:
+    """Bytes of the RAM-resident weights llama.cpp's CPU backend repacks (a CPU_REPACK buffer holds them:
+    with mmap that is a copy on top of the mapped file, without mmap it replaces their part of the CPU buffer)."""
+    in_ram = {n for names in cpu_exps.values() for n in names}
+    total = 0
+    for name, nbytes in fp.repack.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            total += nbytes if output else 0  # output.weight (token_embd never repacks)
+        elif int(m.group(1)) < fp.n_layer and (int(m.group(1)) in cpu_layers or name in in_ram):
+            total += nbytes
+    return total
 
 
 def _active(fp: Footprint, expert_bytes: int) -> int:

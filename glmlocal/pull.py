@@ -40,7 +40,9 @@ from glmlocal.store import (
     source_quant,
 )
 
-SOURCE_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.tiktoken", "*.model")
+# README.md: the model card's front matter gives general.license / tags / languages, as in llama.cpp's converter.
+SOURCE_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.tiktoken", "*.model", "README.md",
+                   "additional_chat_templates/*.jinja")
 # Bits per weight of the converter's output, a little above the real mix so the preflight errs safe.
 BPW = {"bf16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q4_k_m": 5.5}
 SOURCE_BYTES_PER_PARAM = {"bf16": 2.0, "fp8": 1.0}
@@ -100,7 +102,7 @@ def pull(model: str, quant: str, *, from_source: bool = False, revision: str | N
     DiskSpaceError (with the numbers) before anything is written under a final name.
     """
     spec = registry.get_model(model)
-    quant = registry.normalize_quant(quant)
+    quant = registry.check_quant(spec, quant, from_source=from_source or source is not None)  # before any network
     store = store or Store()
     emit = progress or (lambda ev: None)
     if offline():
@@ -126,7 +128,8 @@ def select_gguf(listing: RepoListing, pattern: str) -> list[RemoteFile]:
     files = sorted((f for f in listing.files if fnmatch.fnmatch(f.path, pattern)), key=lambda f: f.path)
     if not files:
         raise HubError(f"no file matching {pattern!r} in {listing.repo} at {listing.commit[:12]}",
-                       hint="the repository layout changed; try --from-source")
+                       hint="the repository layout changed (models.toml's pattern is out of date); "
+                            "for q4_k_m/q6_k/q8_0/bf16 --from-source converts instead")
     names = [PurePosixPath(f.path).name for f in files]
     splits = [SPLIT_RE.match(n) for n in names]
     if all(splits):
@@ -295,9 +298,10 @@ def _already_verified(final: Path, entry: FileEntry, rf: RemoteFile) -> bool:
 # Path B: safetensors -> converter
 # ---------------------------------------------------------------------------------------------
 def select_source(listing: RepoListing) -> list[RemoteFile]:
-    """Top-level weights, config and tokenizer files of a checkpoint repository."""
-    files = [f for f in listing.files if "/" not in f.path
-             and any(fnmatch.fnmatch(f.path, p) for p in SOURCE_PATTERNS)]
+    """Top-level weights, config, tokenizer files and model card of a checkpoint repository (plus any
+    additional_chat_templates/, which the converter exports as named templates)."""
+    files = [f for f in listing.files if any(fnmatch.fnmatch(f.path, p) and p.count("/") == f.path.count("/")
+                                             for p in SOURCE_PATTERNS)]
     if not any(f.path.endswith(".safetensors") for f in files):
         raise HubError(f"{listing.repo} has no safetensors files at {listing.commit[:12]}")
     if not any(f.path == "config.json" for f in files):
@@ -343,8 +347,8 @@ def _pull_convert(spec, quant: str, revision: str | None, keep_source: bool, req
         if done is not None:
             emit(PullDone(done, store.gguf_path(done), 0, time.monotonic() - t0))
             return done
-        # The converter names the model (general.name) after the checkpoint directory, as llama.cpp's
-        # convert_hf_to_gguf does, so the files sit in a folder named like the repository.
+        # general.name / basename / version come from the checkpoint folder's name (as in llama.cpp's
+        # convert_hf_to_gguf): the files sit in a folder named like the repository, and the name is passed on.
         repo_dir = listing.repo.split("/")[-1]
         sm = _manifest_for(store, spec.name, source_quant(dtype), "source", listing, revision, files, repo_dir + "/")
         m = Manifest(spec.name, quant, "convert", listing.repo, listing.commit, revision,
@@ -357,7 +361,7 @@ def _pull_convert(spec, quant: str, revision: str | None, keep_source: bool, req
         store.write_manifest(sm)
         m.state = "converting"
         store.write_manifest(m)
-        out = _convert(src_dir / repo_dir, out_dir / out_name, quant, dtype, emit, threads)
+        out = _convert(src_dir / repo_dir, out_dir / out_name, quant, dtype, emit, threads, repo_dir)
         m.files = [FileEntry(out_name, out.stat().st_size, None, None, verified=True)]
         m.gguf, m.state, m.verified = out_name, "complete", True
         store.write_manifest(m)
@@ -386,12 +390,14 @@ def _source_listing(spec, quant: str, revision: str | None, requested: str | Non
     return dtype, listings[dtype]
 
 
-def _convert(src_dir: Path, out: Path, quant: str, dtype: str, emit: Callback, threads: int | None) -> Path:
+def _convert(src_dir: Path, out: Path, quant: str, dtype: str, emit: Callback, threads: int | None,
+             name: str) -> Path:
     from quantize.convert import convert
 
     emit(ConvertStarted(src_dir, out, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert(src_dir, out, quant=quant, threads=threads, progress=lambda ev: emit(ConvertEvent(ev)))
+    convert(src_dir, out, quant=quant, threads=threads, progress=lambda ev: emit(ConvertEvent(ev)),
+            source_name=name)
     if not out.is_file():
         raise HubError(f"the converter finished but {out} is missing")
     return out

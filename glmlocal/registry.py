@@ -21,7 +21,9 @@ else:  # pragma: no cover - Python 3.10
 from glmlocal.errors import InputError
 
 REGISTRY_PATH = Path(__file__).resolve().parent / "models.toml"
-QUANTS = ("q4_k_m", "q6_k", "q8_0", "bf16")  # smallest first: the order PlanError suggestions use
+QUANTS = ("q4_k_m", "q6_k", "q8_0", "bf16")  # what our converter writes; smallest first
+# Other quants exist only as published GGUFs (`gguf.<quant>` in models.toml): unsloth's dynamic "UD-" mixes,
+# IQ and Q2/Q3 types. Their names are whatever the registry lists; sizes come from the files' own headers.
 
 
 @dataclass(frozen=True)
@@ -88,19 +90,66 @@ class ModelSpec:
     def published_gguf(self, quant: str) -> GgufSource | None:
         return self.gguf.get(normalize_quant(quant))
 
+    def published_only(self) -> tuple[str, ...]:
+        """Quants this model has only as published GGUFs (the converter cannot make them), file order."""
+        return tuple(q for q in self.gguf if q not in QUANTS)
+
+
+def canonical_quant(quant: str) -> str:
+    """Spelling-insensitive key: 'Q4_K_M' / 'q4-k-m' -> 'q4_k_m'; 'UD-Q2_K_XL' / 'ud_q2_k_xl' -> 'ud-q2_k_xl'."""
+    q = quant.strip().lower().replace("-", "_")
+    return "ud-" + q[3:] if q.startswith("ud_") else q
+
+
+def is_recipe_quant(quant: str) -> bool:
+    """True for the quants our converter writes (and footprint_from_spec can size without any file)."""
+    return canonical_quant(quant) in QUANTS
+
+
+def published_quants() -> tuple[str, ...]:
+    """Every published-only quant name any registry model lists (sorted)."""
+    return tuple(sorted({q for spec in all_models() for q in spec.published_only()}))
+
 
 def normalize_quant(quant: str) -> str:
-    """'Q4_K_M' / 'q4-k-m' -> 'q4_k_m'; unknown names raise InputError listing the supported ones."""
-    q = quant.strip().lower().replace("-", "_")
-    if q not in QUANTS:
-        raise InputError(f"unknown quant {quant!r}", hint=f"choose one of: {', '.join(QUANTS)}")
+    """The canonical name of a converter or published quant; unknown names raise InputError listing both."""
+    q = canonical_quant(quant)
+    if q not in QUANTS and q not in published_quants():
+        hint = f"choose one of: {', '.join(QUANTS)}"
+        if published_quants():
+            hint += f"; published GGUFs only: {', '.join(published_quants())}"
+        raise InputError(f"unknown quant {quant!r}", hint=hint)
+    return q
+
+
+def check_quant(spec: ModelSpec, quant: str, *, from_source: bool = False) -> str:
+    """The canonical quant if `spec` can be had at it (published GGUF, or converted from a source checkpoint).
+
+    Raises InputError before any network: a published-only quant (UD-Q2_K_XL, IQ*, Q3_K_M...) cannot be
+    converted by us, so it needs a `gguf.<quant>` entry for this model and no --from-source.
+    """
+    q = normalize_quant(quant)
+    if q in QUANTS:
+        if not from_source and q not in spec.gguf and not spec.sources:
+            raise InputError(f"{spec.name} has no {q} GGUF and no source checkpoint",
+                             hint=f"choose one of: {', '.join(spec.gguf)}")
+        return q
+    ours = ", ".join(QUANTS)
+    if from_source:
+        hint = "drop --from-source to download the published file" if q in spec.gguf else f"converted quants: {ours}"
+        raise InputError(f"the converter cannot make {q} (it writes {ours}); {q} exists only as a published GGUF",
+                         hint=hint)
+    if q not in spec.gguf:
+        published = ", ".join(spec.published_only()) or "none"
+        raise InputError(f"{spec.name} has no published {q} GGUF and the converter cannot make {q}",
+                         hint=f"published-only quants of {spec.name}: {published}; converted: {ours}")
     return q
 
 
 def _build_spec(name: str, entry: dict, entries: dict) -> ModelSpec:
     base = entries[entry["variant_of"]] if "variant_of" in entry else entry
     hp = HParams(**base["hparams"])
-    gguf = {q: GgufSource(**g) for q, g in entry.get("gguf", {}).items()}
+    gguf = {canonical_quant(q): GgufSource(**g) for q, g in entry.get("gguf", {}).items()}
     return ModelSpec(
         name=name,
         display=entry["display"],

@@ -9,19 +9,25 @@ The single place that turns a chat request into events, shared by `glmlocal chat
 
 `turn()` validates everything (template, tools, grammar, context size) before it returns, so errors
 (InputError, TemplateError, ContextOverflowError, EngineError) surface before the first event. The
-returned iterator holds the engine lock while it runs: exhaust it or call `.close()` on it.
+returned `TurnStream` holds the engine lock while it runs: exhaust it or call `.close()` on it.
+
+Stop strings end the visible answer: they are matched in the content only, never in reasoning or tool-call
+markup (as Anthropic's stop_sequences), and `TurnResult.stop_sequence` says which one ended the turn.
+tool_choice "none" keeps the tools in the prompt (so the prompt, and its KV cache, match the turns that do
+allow calls, as vLLM renders it) and bans the `<tool_call>` token, so the answer is always plain content.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glmlocal.errors import InputError
-from glmlocal.generation import Sampling, TokenOut
+from glmlocal.generation import GenerationStats, Sampling, StopMatcher, TokenOut
 from glmlocal.glm.events import (
     ContentDelta,
     Event,
@@ -30,7 +36,7 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from glmlocal.glm.parser import StreamParser
+from glmlocal.glm.parser import CALL_OPEN, StreamParser
 from glmlocal.glm.tools import json_schema_grammar, tool_call_grammar
 
 
@@ -49,6 +55,8 @@ class TurnResult:
     content: str = ""
     tool_calls: list[dict] = field(default_factory=list)  # {"id", "name", "arguments": dict}; completed calls only
     raw_text: str = ""  # what the model wrote, markup included
+    reasoning_tokens: int = 0  # generated tokens inside thinking blocks (the tags opening/closing them included)
+    stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason is then "stop")
 
     def message(self) -> dict:
         """The assistant message in OpenAI chat format, ready to append to the history."""
@@ -72,6 +80,7 @@ class PreparedTurn:
     grammar: str | None
     tools: list[Mapping[str, Any]] | None  # the tools the parser recognises (None for tool_choice "none")
     starts_in_thinking: bool
+    banned: tuple[int, ...] = ()  # tokens never sampled (tool_choice "none": `<tool_call>`)
 
 
 def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[bool, Mapping[str, Any] | None]:
@@ -119,8 +128,7 @@ class Session:
         """Render and tokenize a request and pick its grammar (no generation)."""
         tools = list(tools) if tools else None
         tool_choice = _normalize_tool_choice(tool_choice)
-        if tool_choice == "none":
-            tools = None
+        # Tools stay in the prompt for "none" too: the system turn (what agents' KV caches reuse) is unchanged.
         prompt = self.template.render(messages, tools, add_generation_prompt=True,
                                       enable_thinking=enable_thinking, clear_thinking=clear_thinking)
         grammar = tool_call_grammar(tools, self.family, tool_choice, enable_thinking=enable_thinking,
@@ -131,8 +139,11 @@ class Session:
         if grammar is None and constrain:
             grammar = json_schema_grammar(schema, family=self.family, enable_thinking=enable_thinking,
                                           think_budget=self.think_budget)
-        return PreparedTurn(prompt, self.engine.tokenize(prompt), grammar, tools,
-                            self.template.starts_in_thinking(enable_thinking))
+        no_calls = tool_choice == "none" and tools is not None
+        call_token = self.engine.token_id(CALL_OPEN) if no_calls else None
+        return PreparedTurn(prompt, self.engine.tokenize(prompt), grammar, None if no_calls else tools,
+                            self.template.starts_in_thinking(enable_thinking),
+                            banned=() if call_token is None else (call_token,))
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None,
                      *, enable_thinking: bool = True, tool_choice: Any = "auto") -> int:
@@ -142,33 +153,113 @@ class Session:
     def turn(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
              tool_choice: Any = "auto", enable_thinking: bool = True, clear_thinking: bool | None = None,
              response_format: Mapping[str, Any] | None = None, sampling: Sampling | None = None,
-             max_tokens: int | None = None, cancel: threading.Event | None = None) -> Iterator[Event | TurnResult]:
-        """Run one assistant turn; yields glm events, then one TurnResult (see the module docstring)."""
+             max_tokens: int | None = None, cancel: threading.Event | None = None,
+             stop: Sequence[str] = (), parallel_tool_calls: bool = True) -> TurnStream:
+        """Run one assistant turn; yields glm events, then one TurnResult (see the module docstring).
+
+        `stop` (and `sampling.stop`) are stop strings for the answer's content. `parallel_tool_calls=False`
+        ends the turn after its first tool call (OpenAI's parallel_tool_calls, Anthropic's
+        disable_parallel_tool_use)."""
         prep = self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
                             clear_thinking=clear_thinking, response_format=response_format)
-        stream = self.engine.generate(prep.tokens, sampling or self.default_sampling, grammar=prep.grammar,
-                                      max_tokens=max_tokens, cancel=cancel)
+        sampling = sampling or self.default_sampling
+        stops = (*stop, *sampling.stop)
+        bias = {**sampling.logit_bias, **{t: float("-inf") for t in prep.banned}}
+        stream = self.engine.generate(prep.tokens, replace(sampling, stop=(), logit_bias=bias),
+                                      grammar=prep.grammar, max_tokens=max_tokens, cancel=cancel)
         parser = StreamParser(self.family, prep.tools, starts_in_thinking=prep.starts_in_thinking)
-        return self._events(stream, parser)
+        return TurnStream(self.engine, stream, parser, stops, max_calls=None if parallel_tool_calls else 1)
 
-    def _events(self, stream: Iterator[TokenOut], parser: StreamParser) -> Iterator[Event | TurnResult]:
-        agg = _Aggregate()
+
+class TurnStream:
+    """The iterator `Session.turn` returns: glm events, then one TurnResult.
+
+    While it runs, `completion_tokens` and `reasoning_tokens` count the tokens generated so far (the chat's
+    "Thought for N tokens" reads the latter when the thinking block closes). `close()` stops the generation
+    and releases the engine."""
+
+    def __init__(self, engine: Any, stream: Iterator[TokenOut], parser: StreamParser, stops: Sequence[str], *,
+                 max_calls: int | None = None):
+        self._engine, self._stream, self._parser, self._max_calls = engine, stream, parser, max_calls
+        self._stops = StopMatcher(stops)
+        self._agg = _Aggregate()
+        self.completion_tokens = 0
+        self.reasoning_tokens = 0
+        self._t_first: float | None = None
+        self._gen = self._run()
+
+    def __iter__(self) -> TurnStream:
+        return self
+
+    def __next__(self) -> Event | TurnResult:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def _run(self) -> Iterator[Event | TurnResult]:
         try:
-            for out in stream:
-                agg.raw.append(out.text)
-                for ev in parser.feed(out.text):
-                    agg.add(ev)
-                    yield ev
+            for out in self._stream:
+                events = self._feed(out)
+                for ev in events:
+                    yield from self._emit(ev)
+                    reason = self._cut_reason(ev)
+                    if reason is not None:
+                        yield from self._emit(Finish(reason))
+                        yield self._stopped()
+                        return
                 if out.finish_reason is not None:
-                    for ev in parser.finish(out.finish_reason):
-                        agg.add(ev)
-                        yield ev
-                    yield agg.result(out)
+                    yield self._agg.result(out.stats, self.reasoning_tokens)
                     return
         finally:
-            close = getattr(stream, "close", None)
+            close = getattr(self._stream, "close", None)
             if close is not None:
                 close()
+
+    def _feed(self, out: TokenOut) -> list[Event]:
+        """Parse one step; a token counts as thinking when the parser is in a thinking block before or after it."""
+        was_reasoning = self._parser.in_reasoning
+        self._agg.raw.append(out.text)
+        events = self._parser.feed(out.text)
+        if out.token is not None:
+            self.completion_tokens += 1
+            self._t_first = self._t_first or time.perf_counter()
+            if not out.eog:
+                self.reasoning_tokens += was_reasoning or self._parser.in_reasoning
+        if out.finish_reason is not None:
+            events += self._parser.finish(out.finish_reason)
+        return events
+
+    def _emit(self, ev: Event) -> Iterator[Event]:
+        """Events out, with stop strings matched in the content (held-back text is released before anything else)."""
+        if isinstance(ev, ContentDelta) and self._stops.stops:
+            text, _ = self._stops.push(ev.text)
+            out = [ContentDelta(text)] if text else []
+        else:
+            held = self._stops.flush()
+            out = [ContentDelta(held), ev] if held else [ev]
+        for item in out:
+            self._agg.add(item)
+            yield item
+
+    def _cut_reason(self, ev: Event) -> str | None:
+        """Why the turn ends right after `ev` although the model has not stopped (None: it goes on)."""
+        if self._stops.matched is not None:
+            return "stop"
+        if isinstance(ev, ToolCallEnd) and self._max_calls is not None and len(self._agg.calls) >= self._max_calls:
+            return "tool_calls"
+        return None
+
+    def _stopped(self) -> TurnResult:
+        """The result of a turn ended early (stop string, tool-call limit): the engine stream is closed
+        before its end, so its stats are finished here."""
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+        stats = getattr(self._engine, "last_stats", None) or GenerationStats()
+        if self._t_first is not None and not stats.decode_s:
+            stats.decode_s = time.perf_counter() - self._t_first
+        return self._agg.result(stats, self.reasoning_tokens, stop_sequence=self._stops.matched)
 
 
 class _Aggregate:
@@ -195,10 +286,10 @@ class _Aggregate:
         elif isinstance(ev, Finish):
             self.finish = ev.reason
 
-    def result(self, last: TokenOut) -> TurnResult:
-        st = last.stats
+    def result(self, st: GenerationStats, reasoning_tokens: int, stop_sequence: str | None = None) -> TurnResult:
         return TurnResult(
             finish_reason=self.finish, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
             completion_tokens=st.completion_tokens, ttft_s=st.ttft_s, tokens_per_s=st.tokens_per_s,
             prompt_s=st.prompt_s, reasoning="".join(self.reasoning), content="".join(self.content),
-            tool_calls=self.calls, raw_text="".join(self.raw))
+            tool_calls=self.calls, raw_text="".join(self.raw), reasoning_tokens=reasoning_tokens,
+            stop_sequence=stop_sequence)

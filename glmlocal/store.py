@@ -375,8 +375,4 @@ def validate_quant(model, quant: str) -> str:
     """Canonical quant name ('Q4_K_M' -> 'q4_k_m'), or InputError listing the valid ones."""
     from glmlocal import registry
 
-    q = registry.normalize_quant(quant)
-    if not model.sources and q not in model.gguf:
-        raise InputError(f"{model.name} has no {q} GGUF and no source checkpoint",
-                         hint=f"choose one of: {', '.join(model.gguf)}")
-    return q
+    return registry.check_quant(model, quant)

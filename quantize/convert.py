@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from glmlocal.errors import DiskSpaceError, InputError
-from quantize import glm4moe, recipe, vocab
+from quantize import glm4moe, metadata, recipe, vocab
 from quantize.ggml import (
     MIN_CHUNK_ELEMENTS,
     GGMLType,
@@ -95,11 +95,12 @@ class _Job:
     ggml_type: GGMLType
 
 
-def plan(src_dir: Path, quant: str, mtp: bool = True,
-         out_path: Path | None = None) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
+def plan(src_dir: Path, quant: str, mtp: bool = True, out_path: Path | None = None,
+         source_name: str | None = None) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
     """Validate the checkpoint and build a writer with all metadata and tensor infos declared.
 
-    Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size."""
+    Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size.
+    `source_name`: see `convert`."""
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
     src_dir = Path(src_dir)
@@ -121,7 +122,7 @@ def plan(src_dir: Path, quant: str, mtp: bool = True,
         types = recipe.plan_types([(t.name, t.shape) for t in planned], quant, n_layer_all, cfg.n_expert)
         planned = sorted(planned, key=lambda t: recipe.weight_order_key(t.name))
     writer = GGUFWriter(out_path or src_dir / f"model-{quant}.gguf")
-    _add_kv(writer, src_dir, cfg, planned, mtp, ftype, quantized=quant != "bf16")
+    _add_kv(writer, src_dir, cfg, planned, mtp, ftype, quant != "bf16", source_name)
     jobs = []
     for t in planned:
         writer.add_tensor_info(t.name, t.shape, types[t.name])
@@ -129,9 +130,10 @@ def plan(src_dir: Path, quant: str, mtp: bool = True,
     return ckpt, writer, jobs
 
 
-def _add_kv(w: GGUFWriter, src: Path, cfg, planned, mtp: bool, ftype: int, quantized: bool) -> None:
-    bf16_kv = (glm4moe.general_kv(src, planned) + glm4moe.hparams_kv(cfg, mtp, recipe.FTYPES["bf16"][0])
-               + vocab.tokenizer_kv(src, cfg.raw))
+def _add_kv(w: GGUFWriter, src: Path, cfg, planned, mtp: bool, ftype: int, quantized: bool,
+            source_name: str | None) -> None:
+    bf16_kv = (metadata.general_kv(src, planned, glm4moe.ARCH, source_name)
+               + glm4moe.hparams_kv(cfg, mtp, recipe.FTYPES["bf16"][0]) + vocab.tokenizer_kv(src, cfg.raw))
     for key, vt, value in bf16_kv:
         if vt == VT.ARRAY:
             w.add_array(key, *value)
@@ -146,8 +148,13 @@ def _add_kv(w: GGUFWriter, src: Path, cfg, planned, mtp: bool, ftype: int, quant
 
 
 def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", threads: int | None = None,
-            mtp: bool = True, progress: Callable[[ConvertProgress], None] | None = None) -> ConvertResult:
-    """Convert a GLM-4.x MoE safetensors checkpoint (BF16 or FP8) to GGUF. See module docstring."""
+            mtp: bool = True, progress: Callable[[ConvertProgress], None] | None = None,
+            source_name: str | None = None) -> ConvertResult:
+    """Convert a GLM-4.x MoE safetensors checkpoint (BF16 or FP8) to GGUF. See module docstring.
+
+    general.name / basename / version come from the checkpoint directory's name, as in llama.cpp's
+    converter; `source_name` names it instead (e.g. the repository name "GLM-4.6"). By default a Hugging
+    Face cache snapshot (`models--org--name/snapshots/<commit>`) is named after its repository."""
     quant = quant.lower()
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
@@ -157,7 +164,7 @@ def convert(src_dir: str | Path, out_path: str | Path, quant: str = "q4_k_m", th
     out = Path(out_path)
     if out.is_dir():
         raise InputError(f"output {out} is a directory", hint="give a file name ending in .gguf")
-    ckpt, writer, jobs = plan(Path(src_dir), quant, mtp, out)
+    ckpt, writer, jobs = plan(Path(src_dir), quant, mtp, out, source_name)
     total = writer.total_bytes
     try:
         writer.open()  # creates <out>.part: a clear "not writable" error comes before space checks

@@ -6,8 +6,6 @@ handling), GGUF metadata and tokenizer export, all as llama.cpp's convert_hf_to_
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,109 +160,122 @@ def _merge_experts(bid: int, layer: dict, shapes: dict, n_expert: int) -> list[P
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def _id_to_title(s: str) -> str:
-    """gguf-py Metadata.id_to_title: the fallback model name from the directory name."""
-    words = s.strip().replace("-", " ").split()
-    return " ".join(w.title() if w.islower() and not re.match(r"^(v\d+(?:\.\d+)*|\d.*)$", w) else w for w in words)
+_SCORE_FUNCS = {"sigmoid": SIGMOID, "softmax": 1, "sqrtsoftplus": 4}  # ExpertGatingFuncType
+_HPARAMS = (("context_length", ("max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                                "max_sequence_length", "model_max_length")),
+            ("embedding_length", ("hidden_size", "n_embd", "dim")),
+            ("feed_forward_length", ("prefix_dense_intermediate_size", "dense_intermediate_size",
+                                     "intermediate_size", "n_inner", "hidden_dim")),
+            ("attention.head_count", ("num_attention_heads", "n_head", "n_heads")),
+            ("attention.head_count_kv", ("num_key_value_heads", "n_kv_heads")))
+_EPS = (("attention.layer_norm_rms_epsilon", ("rms_norm_eps", "norm_eps")),
+        ("attention.layer_norm_epsilon", ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")),
+        ("expert_count", ("num_local_experts", "num_experts", "n_routed_experts")),
+        ("expert_used_count", ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")))
+_SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation",
+               "moe_router_activation_func", "expert_selection_fn")
 
 
-def _rounded(n: float) -> str:
-    """gguf-py utility.model_weight_count_rounded_notation(min_digits=2)."""
-    for limit, scale, suffix in ((1e12, 1e-12, "T"), (1e9, 1e-9, "B"), (1e6, 1e-6, "M")):
-        if n > limit:
-            break
-    else:
-        scale, suffix = 1e-3, "K"
-    x = n * scale
-    fix = max(2 - len(str(round(x)).lstrip("0")), 0)
-    return f"{x:.{fix}f}{suffix}"
+def _find(h: dict, keys: tuple[str, ...]) -> Any:
+    """TextModel.find_hparam(optional=True): the value of the first key present."""
+    return next((h[k] for k in keys if k in h), None)
 
 
-def size_label(tensors: list[PlannedTensor]) -> str:
-    """gguf-py size_label over the written tensors (experts count per-expert)."""
-    shared = expert = expert_sum = n_exp_tensors = 0
-    for t in tensors:
-        size = math.prod(t.shape)
-        if "_exps." in t.name and len(t.shape) >= 3:
-            count = t.shape[-1]  # ggml order: experts last
-            expert += size // count
-            expert_sum += count
-            n_exp_tensors += 1
-        else:
-            shared += size
-    count = expert_sum // n_exp_tensors if n_exp_tensors else 0
-    return f"{count}x{_rounded(shared + expert)}" if count else _rounded(shared + expert)
+def rope_parameters(h: dict) -> dict:
+    """TextModel.__init__'s rope_parameters: rope_parameters or rope_scaling, with the global RoPE
+    settings mirrored into it (the dict every rope key below is read from)."""
+    rp = dict(h.get("rope_parameters", h.get("rope_scaling")) or {})
+    if "full_attention" in rp or "sliding_attention" in rp:
+        return rp
+    if (local := _find(h, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                           "rope_local_base_freq"))) is not None:
+        rp["sliding_attention"] = {"rope_theta": local}
+    for key, value in (("rope_theta", _find(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global",
+                                                 "rope_theta", "rotary_emb_base"))),
+                       ("rope_type", rp.get("type")),
+                       ("partial_rotary_factor", _find(h, ("partial_rotary_factor", "rope_pct", "rope_percent"))),
+                       ("original_max_position_embeddings", h.get("original_max_position_embeddings"))):
+        if key not in rp and value is not None:
+            rp[key] = value
+    return rp
 
 
-_SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32), ("top_p", "top_p", VT.FLOAT32),
-             ("min_p", "min_p", VT.FLOAT32), ("xtc_probability", "xtc_probability", VT.FLOAT32),
-             ("xtc_threshold", "xtc_threshold", VT.FLOAT32), ("temperature", "temp", VT.FLOAT32),
-             ("penalty_last_n", "penalty_last_n", VT.INT32), ("repetition_penalty", "penalty_repeat", VT.FLOAT32),
-             ("mirostat", "mirostat", VT.INT32), ("mirostat_tau", "mirostat_tau", VT.FLOAT32),
-             ("mirostat_eta", "mirostat_eta", VT.FLOAT32))
-
-
-def general_kv(src_dir: Path, tensors: list[PlannedTensor]) -> list[tuple[str, VT, Any]]:
-    """general.* keys in gguf-py's order (architecture, type, sampling, name, size_label)."""
-    kv: list[tuple[str, VT, Any]] = [("general.architecture", VT.STRING, ARCH), ("general.type", VT.STRING, "model")]
-    gen_path = src_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
-    for src_key, key, vt in _SAMPLING:
-        if src_key == "repetition_penalty":
-            value = gen.get("penalty_repeat", gen.get("repetition_penalty"))
-        else:
-            value = gen.get(src_key)
-        if value is not None:
-            kv.append((f"general.sampling.{key}", vt, value))
-    kv.append(("general.name", VT.STRING, _id_to_title(Path(os.path.abspath(src_dir)).name)))
-    kv.append(("general.size_label", VT.STRING, size_label(tensors)))
+def rope_kv(rp: dict) -> list[tuple[str, VT, Any]]:
+    """RoPE scaling, sections and bases as TextModel.set_gguf_parameters writes them. GLM-4.x configs
+    have `rope_scaling: null` (nothing written); a linear or YaRN entry added by a user is exported the way
+    llama.cpp's converter does, and llama.cpp applies it at load time."""
+    a, params = ARCH, rp.get("full_attention", rp)
+    kv: list[tuple[str, VT, Any]] = []
+    rope_type, factor = params.get("rope_type"), params.get("factor")
+    if rope_type in ("linear", "yarn") and factor is not None:
+        kv += [(f"{a}.rope.scaling.type", VT.STRING, rope_type), (f"{a}.rope.scaling.factor", VT.FLOAT32, factor)]
+        if rope_type == "yarn":
+            if "original_max_position_embeddings" not in params:
+                raise ConversionError("config.json has YaRN rope scaling without original_max_position_embeddings")
+            kv.append((f"{a}.rope.scaling.original_context_length", VT.UINT32,
+                       params["original_max_position_embeddings"]))
+            for key, value in (("yarn_ext_factor", params.get("extrapolation_factor")),
+                               ("yarn_attn_factor", params.get("attention_factor", params.get("attn_factor"))),
+                               ("yarn_beta_fast", params.get("beta_fast")),
+                               ("yarn_beta_slow", params.get("beta_slow"))):
+                if value is not None:
+                    kv.append((f"{a}.rope.scaling.{key}", VT.FLOAT32, value))
+    elif rope_type in ("su", "longrope"):
+        kv.append((f"{a}.rope.scaling.type", VT.STRING, "longrope"))
+    if "mrope_section" in rp:
+        sections = (list(rp["mrope_section"]) + [0, 0, 0, 0])[:4]
+        kv.append((f"{a}.rope.dimension_sections", VT.ARRAY, (VT.INT32, sections)))
+    if (theta := params.get("rope_theta")) is not None:
+        kv.append((f"{a}.rope.freq_base", VT.FLOAT32, theta))
+    if (swa := rp.get("sliding_attention", {}).get("rope_theta")) is not None:
+        kv.append((f"{a}.rope.freq_base_swa", VT.FLOAT32, swa))
     return kv
 
 
 def hparams_kv(cfg: GLMConfig, mtp: bool, file_type: int) -> list[tuple[str, VT, Any]]:
-    """glm4moe.* hyperparameters in the order TextModel + Glm4MoeModel.set_gguf_parameters write them."""
-    h = cfg.raw
-    a = ARCH
+    """glm4moe.* hyperparameters in the order TextModel + Glm4MoeModel.set_gguf_parameters write them
+    (a key written twice keeps its first position, as in gguf-py)."""
+    h, a = cfg.raw, ARCH
+    rp = rope_parameters(h)
     kv: list[tuple[str, VT, Any]] = [(f"{a}.block_count", VT.UINT32, cfg.n_layer + (cfg.n_nextn if mtp else 0))]
-    for key, names in (("context_length", ("max_position_embeddings",)), ("embedding_length", ("hidden_size",)),
-                       ("feed_forward_length", ("prefix_dense_intermediate_size", "dense_intermediate_size",
-                                                "intermediate_size")),
-                       ("attention.head_count", ("num_attention_heads",)),
-                       ("attention.head_count_kv", ("num_key_value_heads",))):
-        if (v := next((h[n] for n in names if n in h), None)) is not None:
-            kv.append((f"{a}.{key}", VT.UINT32, v))
-    rope = h.get("rope_parameters") or {**(h.get("rope_scaling") or {}), "rope_theta": h.get("rope_theta")}
-    if rope.get("rope_type") not in (None, "default"):
-        raise ConversionError(f"unsupported rope scaling {rope.get('rope_type')!r} for GLM-4.x conversion")
-    if rope.get("rope_theta") is not None:
-        kv.append((f"{a}.rope.freq_base", VT.FLOAT32, rope["rope_theta"]))
-    kv.append((f"{a}.attention.layer_norm_rms_epsilon", VT.FLOAT32, h["rms_norm_eps"]))
-    kv.append((f"{a}.expert_count", VT.UINT32, h["n_routed_experts"]))
-    kv.append((f"{a}.expert_used_count", VT.UINT32, h["num_experts_per_tok"]))
+    kv += [(f"{a}.{key}", VT.UINT32, v) for key, names in _HPARAMS if (v := _find(h, names)) is not None]
+    if h.get("is_causal") is False:
+        kv.append((f"{a}.attention.causal", VT.BOOL, False))
+    kv += rope_kv(rp)
+    kv += [(f"{a}.{key}", VT.FLOAT32 if "eps" in key else VT.UINT32, v)
+           for key, names in _EPS if (v := _find(h, names)) is not None]
     if h.get("n_group") is not None:
         kv.append((f"{a}.expert_group_count", VT.UINT32, h["n_group"]))
     if h.get("topk_group") is not None:
         kv.append((f"{a}.expert_group_used_count", VT.UINT32, h["topk_group"]))
-    if h.get("scoring_func") == "sigmoid":
-        kv.append((f"{a}.expert_gating_func", VT.UINT32, SIGMOID))
+    if (score := _find(h, _SCORE_KEYS)) is not None:
+        if score not in _SCORE_FUNCS:
+            raise ConversionError(f"unsupported expert scoring function {score!r} in config.json")
+        kv.append((f"{a}.expert_gating_func", VT.UINT32, _SCORE_FUNCS[score]))
     if h.get("head_dim") is not None:
         kv += [(f"{a}.attention.key_length", VT.UINT32, h["head_dim"]),
                (f"{a}.attention.value_length", VT.UINT32, h["head_dim"])]
     kv.append(("general.file_type", VT.UINT32, file_type))
+    return kv + _glm_kv(cfg, rp, mtp)
+
+
+def _glm_kv(cfg: GLMConfig, rp: dict, mtp: bool) -> list[tuple[str, VT, Any]]:
+    """Glm4MoeModel.set_gguf_parameters' own keys, then the quantization version."""
+    h, a = cfg.raw, ARCH
     head_dim = h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
-    kv.append((f"{a}.rope.dimension_count", VT.UINT32, int(head_dim * rope.get("partial_rotary_factor",
-                                                                                h.get("partial_rotary_factor", 0.5)))))
-    kv.append((f"{a}.expert_feed_forward_length", VT.UINT32, h["moe_intermediate_size"]))
-    if h.get("n_shared_experts") is not None:
-        kv.append((f"{a}.expert_shared_count", VT.UINT32, h["n_shared_experts"]))
-    if h.get("first_k_dense_replace") is not None:
-        kv.append((f"{a}.leading_dense_block_count", VT.UINT32, h["first_k_dense_replace"]))
+    kv: list[tuple[str, VT, Any]] = [
+        (f"{a}.rope.dimension_count", VT.UINT32, int(head_dim * rp.get("partial_rotary_factor", 0.5)))]
+    for key, name in (("expert_count", "n_routed_experts"), ("expert_feed_forward_length", "moe_intermediate_size"),
+                      ("expert_shared_count", "n_shared_experts"),
+                      ("leading_dense_block_count", "first_k_dense_replace")):
+        if h.get(name) is not None:
+            kv.append((f"{a}.{key}", VT.UINT32, h[name]))
     kv.append((f"{a}.expert_gating_func", VT.UINT32, SIGMOID))
     if h.get("routed_scaling_factor") is not None:
         kv.append((f"{a}.expert_weights_scale", VT.FLOAT32, h["routed_scaling_factor"]))
     if h.get("norm_topk_prob") is not None:
         kv.append((f"{a}.expert_weights_norm", VT.BOOL, h["norm_topk_prob"]))
-    if mtp and cfg.n_nextn:
-        kv.append((f"{a}.nextn_predict_layers", VT.UINT32, cfg.n_nextn))
+    if mtp and h.get("num_nextn_predict_layers") is not None:
+        kv.append((f"{a}.nextn_predict_layers", VT.UINT32, h["num_nextn_predict_layers"]))
     kv.append(("general.quantization_version", VT.UINT32, QUANT_VERSION))
     return kv

@@ -99,13 +99,52 @@ def _special_ids(tok: dict, tcfg: dict, config: dict) -> tuple[dict[str, int], d
     return ids, add
 
 
-def _chat_template(src: Path, tcfg: dict) -> str | None:
-    tmpl = tcfg.get("chat_template")
-    if tmpl is None and (src / "chat_template.jinja").is_file():
-        tmpl = (src / "chat_template.jinja").read_text(encoding="utf-8")
-    elif tmpl is None and (src / "chat_template.json").is_file():
-        tmpl = _load_json(src / "chat_template.json").get("chat_template")
-    return tmpl if isinstance(tmpl, str) else None
+def read_chat_template(src: Path, tcfg: dict) -> str | list | None:
+    """SpecialVocab's chat template: tokenizer_config.json's `chat_template` (string, or a list of
+    {name, template}), else chat_template.jinja (plus additional_chat_templates/*.jinja, which make it a
+    list), else chat_template.json. Read only when tokenizer_config.json exists and is not empty."""
+    if not tcfg:
+        return None
+    alt = None
+    if (src / "chat_template.jinja").is_file():
+        alt = (src / "chat_template.jinja").read_text(encoding="utf-8")
+        # glob order (directory order), as gguf-py: it decides the order of the per-name keys
+        if extra := list((src / "additional_chat_templates").glob("*.jinja")):
+            alt = [{"name": "default", "template": alt}]
+            alt += [{"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
+    elif (src / "chat_template.json").is_file():
+        alt = _load_json(src / "chat_template.json").get("chat_template")
+    tmpl = tcfg.get("chat_template", alt)
+    return tmpl if isinstance(tmpl, (str, list)) else None
+
+
+def chat_template_kv(tmpl: str | list | None) -> list[tuple[str, VT, Any]]:
+    """GGUFWriter.add_chat_template: a list gives `tokenizer.chat_template.<name>` per named template and
+    `tokenizer.chat_templates` (their names), then the `default` one as `tokenizer.chat_template`."""
+    if tmpl is None or isinstance(tmpl, str):
+        return [("tokenizer.chat_template", VT.STRING, tmpl)] if tmpl else []
+    kv: list[tuple[str, VT, Any]] = []
+    default, names = None, []
+    for choice in tmpl:
+        if not isinstance(choice, dict):
+            continue
+        name = "".join(c if c.isascii() and c.isalnum() else "_" for c in str(choice.get("name", "")))
+        template = choice.get("template")
+        if not name or template is None:
+            continue
+        if name == "default":
+            default = template
+        else:
+            if name not in names:
+                names.append(name)
+            if template:
+                kv.append((f"tokenizer.chat_template.{name}", VT.STRING, template))
+    if names:
+        # gguf-py lists a set here, whose order varies between runs for two or more names; sorted is stable
+        kv.append(("tokenizer.chat_templates", VT.ARRAY, (VT.STRING, sorted(names))))
+    if default:
+        kv.append(("tokenizer.chat_template", VT.STRING, default))
+    return kv
 
 
 def tokenizer_kv(src: Path, config: dict) -> list[tuple[str, VT, Any]]:
@@ -124,6 +163,4 @@ def tokenizer_kv(src: Path, config: dict) -> list[tuple[str, VT, Any]]:
     ids, add = _special_ids(tok, tcfg, config)
     kv += [(f"tokenizer.ggml.{_KEY[typ]}_token_id", VT.UINT32, tid) for typ, tid in ids.items()]
     kv += [(f"tokenizer.ggml.add_{typ}_token", VT.BOOL, v) for typ, v in add.items()]
-    if (tmpl := _chat_template(src, tcfg)) is not None:
-        kv.append(("tokenizer.chat_template", VT.STRING, tmpl))
-    return kv
+    return kv + chat_template_kv(read_chat_template(src, tcfg))

@@ -74,12 +74,15 @@ GGUF_SOURCES = CKPT_SOURCES + ["quantize/*.py"]
 
 
 def build_cached_gguf(preset: str, quant: str, mtp: bool = True, family: str = "glm45", fp8: str | None = None):
-    """Path of a cached GGUF converted by quantize.convert from the cached fixture checkpoint."""
+    """Path of a cached GGUF converted by quantize.convert from the cached fixture checkpoint, named (general.name,
+    basename, version) after the zai-org repository the fixture imitates, as a conversion of that repository is."""
     from quantize.convert import convert
+    from tests.fixtures.checkpoint import repo_name
 
     src = build_cached_checkpoint(preset, fp8, family)
     name = f"gguf-{preset}-{fp8 or 'bf16'}-{family}-{quant}-{'mtp' if mtp else 'nomtp'}"
-    d = cached_dir(name, GGUF_SOURCES, lambda d: convert(src, d / "model.gguf", quant=quant, mtp=mtp))
+    d = cached_dir(name, GGUF_SOURCES, lambda d: convert(src, d / "model.gguf", quant=quant, mtp=mtp,
+                                                         source_name=repo_name(preset, fp8, family)))
     return d / "model.gguf"
 
 

@@ -6,6 +6,10 @@ Point HF_ENDPOINT at `FakeHub.url`. Served:
   POST /api/models/{repo}/paths-info/{rev}          same entries for the posted `paths`
   HEAD/GET /{repo}/resolve/{rev}/{path}             file bytes, Range requests, ETag / X-Repo-Commit /
                                                     X-Linked-Etag / X-Linked-Size headers
+  GET  /cdn/{sha256}/{repo}/{path}                  with `redirect_lfs`: LFS bytes after the hub's 302, like
+                                                    the real hub's CDN (Range honoured, no auth needed)
+Switches: `ranges = False` makes every GET answer 200 with the whole body (a server that ignores Range);
+`redirect_lfs = True` answers LFS GETs on /resolve/ with a 302 to /cdn/..., as huggingface.co does.
 Errors carry X-Error-Code like the real hub (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), so
 huggingface_hub raises its own typed errors. Fault injection (`Fault`) drops a connection after N bytes,
 corrupts a byte, or answers a status code; `bytes_sent` counts body bytes served per (repo, path) so tests can
@@ -94,6 +98,8 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.allowed_tokens: set[str] = {"hf_good_token"}
         self.stream_bps: float | None = None  # per-connection rate cap, like a CDN's per-stream limit
+        self.ranges = True  # False: ignore Range headers (answer 200 with the whole file)
+        self.redirect_lfs = False  # True: LFS downloads go through a 302 to /cdn/..., like the real hub
         self.bytes_sent: dict[tuple[str, str], int] = {}
         self.requests: list[dict] = []
         self._lock = threading.Lock()
@@ -136,7 +142,7 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -167,6 +173,15 @@ class FakeHub:
         with self._lock:
             key = (repo_id, path)
             self.bytes_sent[key] = self.bytes_sent.get(key, 0) + n
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up mid-body (it read the bytes it wanted) is normal, not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class HubHTTPError(Exception):
@@ -256,6 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._api("/".join(parts[2:4]), parts[4:], parse_qs(url.query))
             elif len(parts) >= 5 and parts[2] == "resolve":
                 self._resolve("/".join(parts[:2]), parts[3], unquote("/".join(parts[4:])))
+            elif parts[0] == "cdn" and len(parts) >= 5:
+                self._cdn(parts[1], "/".join(parts[2:4]), unquote("/".join(parts[4:])))
             else:
                 raise HubHTTPError(404, None, f"no route for {url.path}")
         except HubHTTPError as e:
@@ -324,6 +341,22 @@ class _Handler(BaseHTTPRequestHandler):
                    "Content-Type": "application/octet-stream"}
         if lfs:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": blob.size})
+        if lfs and self.fake.redirect_lfs and self.command == "GET":
+            self._send(302, b"", {**headers, "Location": f"/cdn/{blob.sha256}/{repo_id}/{path}"})
+            return
+        self._serve(repo_id, path, blob, headers)
+
+    def _cdn(self, sha256: str, repo_id: str, path: str) -> None:
+        """The CDN behind the 302: serves a blob by its sha256 (signed URLs need no token)."""
+        repo = self.fake.repos.get(repo_id)
+        blobs = [b for c in (repo.commits.values() if repo else ()) for p, b in c.items() if p == path]
+        blob = next((b for b in blobs if b.sha256 == sha256), None)
+        if blob is None:
+            raise HubHTTPError(404, None, "no such blob")
+        self._serve(repo_id, path, blob, {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes",
+                                          "Content-Type": "application/octet-stream"})
+
+    def _serve(self, repo_id: str, path: str, blob: Blob, headers: dict) -> None:
         start, end, status = self._range(blob.size)
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
@@ -340,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _range(self, size: int) -> tuple[int, int, int]:
         header = self.headers.get("Range")
-        if not header or not header.startswith("bytes="):
+        if not header or not header.startswith("bytes=") or not self.fake.ranges:
             return 0, size, 200
         first, _, last = header[6:].partition("-")
         start = int(first) if first else 0
@@ -358,7 +391,11 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytearray(blob.read(pos, min(pos + CHUNK, stop)))
             if fault is not None and fault.kind == "corrupt" and pos <= fault.at < pos + len(data):
                 data[fault.at - pos] ^= 0xFF
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted and hung up
+                self.close_connection = True
+                return
             self.fake.count(repo_id, path, len(data))
             pos += len(data)
             if self.fake.stream_bps:

@@ -78,7 +78,7 @@ def test_streamed_answer_and_status_line_match_the_engine(glm45):
     model, _ = glm45
     keys = "/bogus" + ENTER + "Hello there" + ENTER + CTRL_D
     repl, term = drive(model.session, keys, conv=Conversation(enable_thinking=False), n_ctx=model.n_ctx,
-                       count_tokens=model.count_tokens, max_tokens=48, turn_kwargs=GREEDY)  # fmt: skip
+                       max_tokens=48, turn_kwargs=GREEDY)  # fmt: skip
     answer = repl.conv.messages[-1]
     assert answer["role"] == "assistant" and repl.last_usage is not None
     assert "unknown command /bogus" in term.text() and "/save FILE" in term.text()  # help, not a crash
@@ -98,13 +98,14 @@ def test_thinking_collapses_when_the_real_answer_starts(glm45):
     session = budgeted(model)
     kwargs = {**GREEDY, "response_format": {"type": "json_object"}}
     repl, term = drive(session, "Think, then answer" + ENTER + "/show-thinking" + ENTER + CTRL_D, n_ctx=model.n_ctx,
-                       count_tokens=model.count_tokens, max_tokens=64, turn_kwargs=kwargs)  # fmt: skip
+                       max_tokens=64, turn_kwargs=kwargs)  # fmt: skip
     msg = repl.conv.messages[1]
     assert msg.get("reasoning_content") and msg["content"].startswith("{")
     lines = term.lines()
     at = next(i for i, line in enumerate(lines) if "› /show-thinking" in line)
     before, after = "\n".join(lines[:at]), " ".join(" ".join(lines[at:]).split())
-    n = len(model.engine.tokenize(msg["reasoning_content"]))
+    n = repl.last_usage.reasoning_tokens  # counted by the session as the engine generated them
+    assert 0 < n < repl.last_usage.completion_tokens
     assert re.search(rf"▸ Thought for {n} tokens / \d+\.\d s", before)
     first_words = words(msg["reasoning_content"])[:3]
     assert all(w in after for w in first_words)  # /show-thinking expands what was collapsed
@@ -112,11 +113,13 @@ def test_thinking_collapses_when_the_real_answer_starts(glm45):
 
 def test_glm47_thinking_is_summarised_even_if_it_never_ends(glm47):
     assert glm47.family == "glm47"  # detected from the GGUF's own template
-    repl, term = drive(glm47.session, "hi" + ENTER + CTRL_D, n_ctx=glm47.n_ctx, count_tokens=glm47.count_tokens,
+    repl, term = drive(glm47.session, "hi" + ENTER + CTRL_D, n_ctx=glm47.n_ctx,
                        max_tokens=24, turn_kwargs=GREEDY)  # fmt: skip
     msg = repl.conv.messages[1]
     assert msg.get("reasoning_content")
-    assert re.search(r"▸ Thought for \d+ tokens", term.text()) and "stopped at the token limit" in term.text()
+    usage = repl.last_usage  # every generated token was thinking: the count is the whole reply
+    assert usage.reasoning_tokens == usage.completion_tokens == 24
+    assert "▸ Thought for 24 tokens" in term.text() and "stopped at the token limit" in term.text()
 
 
 def test_ctrl_c_interrupts_a_real_generation_and_the_repl_continues(glm45):

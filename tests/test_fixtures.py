@@ -138,7 +138,13 @@ def test_configs_and_template(ckpt_factory, family):
     assert config["torch_dtype"] == "bfloat16" and config["attention_bias"] is True
     assert config["vocab_size"] % 64 == 0 and config["vocab_size"] > max(ids.values()) + 1
     assert {"temperature", "top_p", "top_k"} <= set(gen)
-    assert tok_cfg["chat_template"] == TEMPLATES[family].read_text(encoding="utf-8")
+    # zai-org layout: the template in chat_template.jinja, a model card with YAML front matter
+    assert (ckpt / "chat_template.jinja").read_text(encoding="utf-8") == TEMPLATES[family].read_text(encoding="utf-8")
+    assert "chat_template" not in tok_cfg
+    assert hf_tokenizer(ckpt).chat_template == TEMPLATES[family].read_text(encoding="utf-8")
+    card = (ckpt / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "license: mit" in card and "pipeline_tag: text-generation" in card
+    assert f"# {'GLM-4.7' if family == 'glm47' else 'GLM-4.6'}\n" in card
     assert tok_cfg["eos_token"] == tok_cfg["pad_token"] == "<|endoftext|>"
     assert "quantization_config" not in config
 

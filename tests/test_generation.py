@@ -13,16 +13,17 @@ from glmlocal.generation import (
 )
 
 
-@pytest.mark.parametrize("stops,chunks,want_text,want_hit", [
-    ([], ["ab", "c"], "abc", False),
-    (["STOP"], ["ab", "cST", "OPde"], "abc", True),
-    (["STOP"], ["abST", "x"], "abSTx", False),          # a false start is released once it cannot match
-    (["</s>", "END"], ["hello </", "s> more"], "hello ", True),
-    (["xyz"], ["xy"], "xy", False),                      # held back, then flushed at the end
-    (["aa"], ["a", "a"], "", True),
-    (["ab", "b"], ["xab"], "x", True),                   # earliest match wins
+@pytest.mark.parametrize("stops,chunks,want_text,want_hit,want_matched", [
+    ([], ["ab", "c"], "abc", False, None),
+    (["STOP"], ["ab", "cST", "OPde"], "abc", True, "STOP"),
+    (["STOP"], ["abST", "x"], "abSTx", False, None),     # a false start is released once it cannot match
+    (["</s>", "END"], ["hello </", "s> more"], "hello ", True, "</s>"),
+    (["xyz"], ["xy"], "xy", False, None),                # held back, then flushed at the end
+    (["aa"], ["a", "a"], "", True, "aa"),
+    (["ab", "b"], ["xab"], "x", True, "ab"),             # earliest match wins
+    (["b", "ab", "abc"], ["xabcd"], "x", True, "abc"),   # ...and the longest of those starting there
 ])
-def test_stop_matcher(stops, chunks, want_text, want_hit):
+def test_stop_matcher(stops, chunks, want_text, want_hit, want_matched):
     m = StopMatcher(stops)
     text, hit = "", False
     for c in chunks:
@@ -32,7 +33,7 @@ def test_stop_matcher(stops, chunks, want_text, want_hit):
             break
     if not hit:
         text += m.flush()
-    assert (text, hit) == (want_text, want_hit)
+    assert (text, hit, m.matched) == (want_text, want_hit, want_matched)
 
 
 def test_stop_matcher_holds_back_only_possible_prefixes():

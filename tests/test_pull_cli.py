@@ -152,7 +152,8 @@ def test_pulled_split_gguf_loads_from_first_file(fakehub, tiny_gguf, tmp_path, m
 def test_cli_errors_are_one_line(fakehub):
     cases = [
         (["pull", "glm-9"], "error: unknown model 'glm-9' (known models: glm-4.5,"),
-        (["pull", "glm-4.6", "--quant", "q3"], "error: unknown quant 'q3' (choose one of: q4_k_m, q6_k, q8_0, bf16)"),
+        (["pull", "glm-4.6", "--quant", "q3"],
+         "error: unknown quant 'q3' (choose one of: q4_k_m, q6_k, q8_0, bf16; published GGUFs only: q3_k_m, ud-iq1_m"),
         (["pull", "glm-4.6"], "error: repository unsloth/GLM-4.6-GGUF not found"),
         (["pull", "glm-4.6", "--from-source", "--source", "int4"], "error: glm-4.6 has no int4 source"),
         (["rm", "glm-4.6"], "error: glm-4.6 is not in the store"),

@@ -10,6 +10,8 @@ from glmlocal.errors import InputError
 from glmlocal.registry import (
     QUANTS,
     all_models,
+    canonical_quant,
+    check_quant,
     find_model,
     get_model,
     normalize_quant,
@@ -92,14 +94,50 @@ def test_sources_and_published_gguf():
     assert get_model("glm-4.6-fp8").published_gguf("q4_k_m") is None  # converted from FP8 locally
     for spec in all_models():
         assert all(repo.startswith("zai-org/") for repo in spec.sources.values())
-        assert set(spec.gguf) <= set(QUANTS)
+        assert all(q == canonical_quant(q) for q in spec.gguf)  # keys stored canonical
+        for q, g in spec.gguf.items():
+            # the glob names the quant, so a registry typo cannot silently pull another quant's files
+            assert q.upper() in g.pattern.upper(), (spec.name, q, g.pattern)
 
 
 def test_quant_names_normalize_and_reject():
     assert normalize_quant("Q4_K_M") == "q4_k_m" == normalize_quant("q4-k-m")
+    for spelling in ("UD-Q2_K_XL", "ud-q2_k_xl", "ud_q2_k_xl", " Ud-Q2-K-XL "):
+        assert normalize_quant(spelling) == "ud-q2_k_xl"
     with pytest.raises(InputError) as e:
         normalize_quant("q3_k_s")
-    assert "q3_k_s" in e.value.one_line() and "q4_k_m" in e.value.one_line()
+    line = e.value.one_line()
+    assert "q3_k_s" in line and "q4_k_m" in line and "ud-q2_k_xl" in line
+
+
+def test_published_low_bit_quants_for_24gb_plus_128gb():
+    """The 355B models list the published low-bit GGUFs that fit 24 GB VRAM + 128 GB RAM (UD-Q2_K_XL ~135 GB)."""
+    from fnmatch import fnmatch
+
+    for name in ("glm-4.5", "glm-4.6", "glm-4.7"):
+        spec = get_model(name)
+        assert {"ud-q2_k_xl", "ud-iq1_m", "ud-q4_k_xl"} <= set(spec.published_only())
+        assert not set(spec.published_only()) & set(QUANTS)
+    g = get_model("glm-4.6").published_gguf("UD-Q2_K_XL")
+    assert g.repo == "unsloth/GLM-4.6-GGUF"
+    assert fnmatch("UD-Q2_K_XL/GLM-4.6-UD-Q2_K_XL-00002-of-00003.gguf", g.pattern)
+    assert not fnmatch("UD-Q3_K_XL/GLM-4.6-UD-Q3_K_XL-00001-of-00004.gguf", g.pattern)
+    assert not fnmatch("Q2_K_L/GLM-4.6-Q2_K_L-00001-of-00003.gguf", g.pattern)
+    # Air: one file at the root or a folder of parts, both matched
+    air = get_model("glm-4.5-air").published_gguf("ud-q2_k_xl")
+    assert fnmatch("GLM-4.5-Air-UD-Q2_K_XL.gguf", air.pattern)
+    assert fnmatch("UD-Q2_K_XL/GLM-4.5-Air-UD-Q2_K_XL-00001-of-00002.gguf", air.pattern)
+    assert not fnmatch("GLM-4.5-Air-UD-Q3_K_XL.gguf", air.pattern)
+
+
+def test_check_quant_refuses_what_cannot_be_had():
+    assert check_quant(get_model("glm-4.6"), "UD-Q2_K_XL") == "ud-q2_k_xl"
+    assert check_quant(get_model("glm-4.6"), "q4_k_m", from_source=True) == "q4_k_m"
+    with pytest.raises(InputError) as e:
+        check_quant(get_model("glm-4.6"), "ud-q2_k_xl", from_source=True)
+    assert "the converter cannot make ud-q2_k_xl" in e.value.one_line() and "drop --from-source" in e.value.hint
+    with pytest.raises(InputError, match="glm-4.6-fp8 has no published ud-q2_k_xl GGUF"):
+        check_quant(get_model("glm-4.6-fp8"), "ud-q2_k_xl")
 
 
 def test_spec_from_a_checkpoint_config(tmp_path):

@@ -123,7 +123,8 @@ def test_openai_aggregate_keeps_only_finished_calls():
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert resp["choices"][0]["finish_reason"] == "length"
     assert resp["usage"] == {"prompt_tokens": 50, "completion_tokens": 12, "total_tokens": 62,
-                             "prompt_tokens_details": {"cached_tokens": 30}}
+                             "prompt_tokens_details": {"cached_tokens": 30},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,57 +245,86 @@ def test_anthropic_aggregate_blocks():
 
 
 # ---------------------------------------------------------------------------------------------
-# stop sequences (backend.StopScanner / SessionBackend._drive)
+# the backend: stop sequences, parallel tool calls and usage come from the session's TurnResult
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunks, stops, emitted, hit", [
-    (["Hello wor", "ld END tail"], ["END"], "Hello world ", "END"),
-    (["ab", "c"], ["abd"], "abc", None),  # "ab" held back until it cannot start "abd"
-    (["x<", "/s", "top>y"], ["</stop>", "zz"], "x", "</stop>"),
-    (["nothing here"], ["STOP"], "nothing here", None),
-])
-def test_stop_scanner(chunks, stops, emitted, hit):
-    from glmlocal.server.backend import StopScanner
-
-    scanner, out, found = StopScanner(stops), [], None
-    for c in chunks:
-        text, found = scanner.push(c)
-        out.append(text)
-        if found:
-            break
-    if not found:
-        out.append(scanner.flush())
-    assert "".join(out) == emitted
-    assert found == hit
-
-
-def test_backend_cuts_content_at_a_stop_sequence_and_reports_it():
+def test_backend_passes_stops_to_the_session_and_reports_its_stop_sequence():
     from types import SimpleNamespace
 
+    from glmlocal.generation import Sampling
     from glmlocal.server.backend import SessionBackend
+    from glmlocal.server.types import TurnRequest
     from glmlocal.session import TurnResult
 
-    closed = []
+    seen, closed = {}, []
 
     def fake_turn(*a, **k):
+        seen.update(k)
+
         def gen():
             try:
-                yield ReasoningDelta("think STOP inside reasoning is fine")
-                yield ContentDelta("answer ST")
-                yield ContentDelta("OP and more")
+                yield ContentDelta("answer ")
                 yield Finish("stop")
-                yield TurnResult("stop", 9, 4, 20, 0.1, 10.0)
+                yield TurnResult("stop", 9, 4, 20, 0.1, 10.0, reasoning_tokens=7, stop_sequence="STOP")
             finally:
                 closed.append(True)
         return gen()
 
-    stats = SimpleNamespace(prompt_tokens=9, completion_tokens=5, cached_tokens=4)
-    engine = SimpleNamespace(n_ctx=100, last_stats=stats)
-    from glmlocal.generation import Sampling
-
+    engine = SimpleNamespace(n_ctx=100)
     backend = SessionBackend(SimpleNamespace(engine=engine, turn=fake_turn, default_sampling=Sampling()))
-    from glmlocal.server.types import TurnRequest
+    items = list(backend.chat(TurnRequest(messages=[], stop=["STOP"], parallel_tool_calls=False), None))
+    assert seen["stop"] == ["STOP"] and seen["parallel_tool_calls"] is False
+    assert seen["sampling"].stop == ()  # stop strings are the session's (content only), not the engine's
+    assert items == [ContentDelta("answer "), Finish("stop"), Usage(9, 20, 4, stop_sequence="STOP", reasoning_tokens=7)]
+    assert closed
 
-    items = list(backend.chat(TurnRequest(messages=[], stop=["STOP"]), None))
-    assert items[0] == ReasoningDelta("think STOP inside reasoning is fine")
-    assert "".join(i.text for i in items if isinstance(i, ContentDelta)) == "answer "
-    assert items[-2] == Finish("stop") and items[-1] == Usage(9, 5, 4, stop_sequence="STOP") and closed
+
+def test_openai_usage_reports_reasoning_tokens():
+    usage = oa.usage_json(Usage(10, 8, 4, reasoning_tokens=5))
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 5}
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 4} and usage["total_tokens"] == 18
+
+
+@pytest.mark.parametrize("bias, expected", [
+    ({"151352": -100}, {151352: float("-inf")}), ({"7": 5.5, " 12": -3}, {7: 5.5, 12: -3.0}), (None, None),
+])
+def test_openai_logit_bias(bias, expected):
+    turn = oa_turn(logit_bias=bias) if bias is not None else oa_turn()
+    assert turn.sampling.get("logit_bias") == expected
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"5": 101}, {"-3": 1}])
+def test_openai_logit_bias_rejects_bad_entries(bias):
+    with pytest.raises(APIError) as e:
+        oa_turn(logit_bias=bias)
+    assert e.value.status == 400 and e.value.param == "logit_bias"
+
+
+def test_parallel_tool_call_switches():
+    assert oa_turn(tools=[TOOL]).parallel_tool_calls is True
+    assert oa_turn(tools=[TOOL], parallel_tool_calls=False).parallel_tool_calls is False
+    tools = [{"name": "a", "input_schema": {"type": "object"}}]
+    assert an_turn(messages=[{"role": "user", "content": "x"}], tools=tools).parallel_tool_calls is True
+    off = an_turn(messages=[{"role": "user", "content": "x"}], tools=tools,
+                  tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert off.parallel_tool_calls is False and off.tool_choice == "auto"
+
+
+def test_context_overflow_speaks_each_apis_language():
+    from glmlocal.errors import ContextOverflowError
+    from glmlocal.server.errors import from_exception
+
+    err = from_exception(ContextOverflowError(5000, 0, 4096))
+    assert "maximum context length is 4096" in err.openai_body()["error"]["message"]
+    assert err.openai_body()["error"]["code"] == "context_length_exceeded"
+    # Claude Code recognises Anthropic's own wording and offers /compact
+    assert err.anthropic_body()["error"]["message"].startswith("prompt is too long: 5000 tokens > 4095 maximum")
+
+
+@pytest.mark.parametrize("fields", [
+    {"reasoning_content": "I check."}, {"reasoning": "I check."},
+    {"reasoning_details": [{"type": "reasoning.text", "text": "I "}, {"type": "reasoning.encrypted", "data": "x"},
+                           {"type": "reasoning.text", "text": "check."}]},
+])
+def test_openai_history_reasoning_in_every_clients_field(fields):
+    turn = oa_turn(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **fields}])
+    assert turn.messages[1]["reasoning_content"] == "I check."

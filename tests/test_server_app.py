@@ -148,7 +148,7 @@ def test_context_overflow_is_400_with_counts():
         assert e.value.code == "context_length_exceeded" and "64 tokens" in e.value.message
         with pytest.raises(anthropic.BadRequestError) as e2:
             an_client(srv).messages.create(model="glm-4.6", max_tokens=5, messages=[{"role": "user", "content": "x" * 2000}])
-        assert "64 tokens" in e2.value.message
+        assert "prompt is too long: " in e2.value.message and "> 63 maximum (the context is 64 tokens)" in e2.value.message
 
 
 def test_api_key_required_bearer_or_x_api_key():
@@ -186,6 +186,23 @@ def test_no_cors_unless_asked():
         r = httpx.options(srv.url + "/v1/chat/completions",
                           headers={**origin, "Origin": "http://ok.example"})
         assert r.headers["access-control-allow-origin"] == "http://ok.example"
+        body = {"model": "glm-4.6", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        ok = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Origin": "http://ok.example"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://ok.example"
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body,
+                          headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://localhost:3000", True), ("https://127.0.0.1", True), ("http://[::1]:8080", True),
+    ("http://app.localhost:5173", True), ("vscode-webview://abc", True), ("tauri://localhost", True),
+    ("http://evil.example", False), ("null", False), ("http://127.0.0.1.evil.example", False),
+    ("chrome-extension://abcdef", False), ("http://ok.example", True),
+])
+def test_origin_policy(origin, allowed):
+    from glmlocal.server.security import origin_allowed
+
+    assert origin_allowed(origin, ("http://ok.example",)) is allowed
 
 
 def test_full_queue_answers_429_with_retry_after():

@@ -18,6 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from quantize.gguf_reader import read_gguf
 from tests.server_live import ServeProcess
 
 KEY = "test-key-123"
@@ -147,9 +148,11 @@ def test_thinking_on_and_off(server47):
     client = oa(server47, key=None)
     on = client.chat.completions.create(model="model.gguf", messages=user("Think first"), max_tokens=20, **GREEDY)
     assert on.choices[0].message.reasoning_content  # GLM-4.7 starts inside <think>
+    assert 0 < on.usage.completion_tokens_details.reasoning_tokens <= on.usage.completion_tokens
     off = client.chat.completions.create(model="model.gguf", messages=user("Think first"), max_tokens=20,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **GREEDY)
     assert not getattr(off.choices[0].message, "reasoning_content", None) and off.choices[0].message.content
+    assert off.usage.completion_tokens_details.reasoning_tokens == 0
     amsg = an(server47, key=None).messages.create(model="model.gguf", max_tokens=20, messages=user("Think"),
                                                   thinking={"type": "enabled", "budget_tokens": 1024})
     assert amsg.content[0].type == "thinking" and amsg.content[0].signature
@@ -169,6 +172,113 @@ def test_stop_sequences_cut_the_answer(server):
                                      extra_body={"temperature": 0, "seed": 1})
     assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
     assert msg.content[0].text == full[:full.index(stop)]
+
+
+def test_tool_choice_none_keeps_the_prompt_cache_and_never_calls(server, gguf_factory):
+    """tool_choice "none" renders the same prompt as "auto" (tools included), so it reuses the KV cache, and
+    no tool call can come out: even a logit_bias that makes `<tool_call>` the greedy pick every step."""
+    call = read_gguf(gguf_factory("tiny", "q4_k_m")).metadata["tokenizer.ggml.tokens"].index("<tool_call>")
+    pushy = {**NO_THINK, "logit_bias": {str(call): 100}}
+    client = oa(server)
+    history = [{"role": "system", "content": "You forecast the weather. " * 12}] + user("Weather in Paris?")
+    auto = client.chat.completions.create(model="model.gguf", messages=history, tools=TOOLS, max_tokens=4,
+                                          extra_body=NO_THINK, **GREEDY)
+    follow_up = history + [{"role": "assistant", "content": auto.choices[0].message.content}] + user("Tomorrow?")
+    none = client.chat.completions.create(model="model.gguf", messages=follow_up, tools=TOOLS, tool_choice="none",
+                                          max_tokens=8, extra_body=pushy, **GREEDY)
+    # the follow-up reuses the whole first turn (its tools-bearing system prompt included)
+    assert none.usage.prompt_tokens_details.cached_tokens >= auto.usage.prompt_tokens
+    msg = none.choices[0].message
+    assert not msg.tool_calls and none.choices[0].finish_reason in ("stop", "length")
+    assert "<tool_call>" not in (msg.content or "")
+    # control: the same bias without the ban does write <tool_call> (left as text when no tools are declared)
+    free = client.chat.completions.create(model="model.gguf", messages=history, max_tokens=4, extra_body=pushy,
+                                          **GREEDY)
+    assert "<tool_call>" in free.choices[0].message.content
+
+    system = "You forecast the weather. " * 12
+    an_client = an(server)
+    first = an_client.messages.create(model="model.gguf", system=system, max_tokens=4, tools=AN_TOOLS,
+                                      messages=user("Rain in Oslo?"), thinking={"type": "disabled"})
+    with an_client.messages.stream(model="model.gguf", system=system, max_tokens=8, tools=AN_TOOLS,
+                                   tool_choice={"type": "none"}, messages=user("Rain in Oslo?"),
+                                   thinking={"type": "disabled"}, extra_body={"temperature": 0}) as stream:
+        kinds = {getattr(ev, "content_block", None) and ev.content_block.type for ev in stream}
+        msg = stream.get_final_message()
+    total = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens == total
+    assert msg.usage.cache_read_input_tokens >= total - 1
+    assert "tool_use" not in kinds and all(b.type != "tool_use" for b in msg.content)
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_history_reasoning_counts_in_any_field_clients_use(server):
+    """Agents send earlier reasoning back as reasoning_content, reasoning (vLLM) or reasoning_details
+    (OpenRouter): each is rendered into the prompt the same way (GLM keeps it after the last user turn)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}
+    forms = [{}, {"reasoning_content": "Rome first."}, {"reasoning": "Rome first."},
+             {"reasoning_details": [{"type": "reasoning.text", "text": "Rome first."}]}]
+    counts = []
+    for extra in forms:
+        history = user("Forecast?") + [{"role": "assistant", "content": "", "tool_calls": [call], **extra},
+                                       {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        r = oa(server).chat.completions.create(model="model.gguf", messages=history, tools=TOOLS, max_tokens=1,
+                                               **GREEDY)
+        counts.append(r.usage.prompt_tokens)
+    assert counts[1] == counts[2] == counts[3] > counts[0]
+
+
+def test_routes_without_the_v1_prefix_need_the_key_too(server):
+    """A base URL without /v1 (a common client setting) works, as with llama.cpp's server; auth still applies."""
+    bare = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
+    r = bare.chat.completions.create(model="model.gguf", messages=user("hi"), max_tokens=3, **GREEDY)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    assert [m.id for m in bare.models.list().data] == ["model.gguf"]
+    assert bare.completions.create(model="model.gguf", prompt="Once", max_tokens=2).usage.completion_tokens > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
+    assert httpx.post(server.url + "/chat/completions", json={}).status_code == 401
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert "/v1/chat/completions" in paths and "/chat/completions" not in paths  # one documented route
+
+
+def test_idle_keep_alive_connection_outlives_client_pools(server):
+    """httpx pools idle connections for 5 s and undici for 4 s: the server must keep them longer (uvicorn's
+    5 s default races with the client, which then sees "Server disconnected without sending a response")."""
+    with httpx.Client(limits=httpx.Limits(keepalive_expiry=30)) as client:
+        def local_port():
+            r = client.get(server.url + "/health")
+            assert r.status_code == 200
+            return r.extensions["network_stream"].get_extra_info("client_addr")[1]
+        first = local_port()
+        time.sleep(6)
+        assert local_port() == first  # the same TCP connection, still open after 6 s idle
+
+
+def test_web_pages_cannot_drive_the_local_model(gguf_factory):
+    """A page on another site (CSRF) or a DNS name rebound to 127.0.0.1 gets 403 in each API's shape; local
+    pages, VS Code webviews and non-browser clients (no Origin, loopback Host) are served. No API key here:
+    on loopback the guard is what stands between a web page and the model."""
+    srv = ServeProcess(gguf_factory("tiny", "q4_k_m"), "--ctx", "1024")
+    try:
+        body = {"model": "model.gguf", "messages": user("hi"), "max_tokens": 1}
+        port = srv.port
+
+        def post(path, **headers):
+            return httpx.post(srv.url + path, json=body, headers=headers, timeout=60)
+
+        evil = post("/v1/chat/completions", Origin="http://evil.example")
+        assert evil.status_code == 403 and evil.json()["error"]["code"] == "origin_not_allowed"
+        assert post("/v1/messages", Origin="https://evil.example").json()["type"] == "error"
+        assert post("/v1/chat/completions", Origin="null").status_code == 403  # sandboxed iframes
+        rebound = httpx.get(srv.url + "/v1/models", headers={"Host": f"attacker.example:{port}"})
+        assert rebound.status_code == 403 and "DNS rebinding" in rebound.json()["error"]["message"]
+        for ok in ({"Origin": "http://localhost:5173"}, {"Origin": "vscode-webview://1a2b3c"},
+                   {"Host": f"localhost:{port}"}, {}):
+            assert post("/v1/chat/completions", **ok).status_code == 200, ok
+        assert oa(srv, key=None).models.list().data  # the SDK: no Origin, Host 127.0.0.1
+    finally:
+        srv.stop()
 
 
 def test_auth_failures_and_errors(server):

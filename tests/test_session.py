@@ -86,12 +86,30 @@ def test_json_schema_response_format(session):
     assert res.finish_reason == "stop"
 
 
-def test_tool_choice_none_keeps_tools_out_of_the_prompt(session):
-    with_tools = session.prepare(USER, [LIGHTS], tool_choice="auto")
-    without = session.prepare(USER, [LIGHTS], tool_choice="none")
-    assert "lights" in with_tools.prompt and "lights" not in without.prompt
-    assert without.tools is None and without.grammar is None and with_tools.grammar is None  # auto: no grammar
-    assert session.count_tokens(USER, [LIGHTS]) == len(with_tools.tokens)
+def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_bans_calls(session):
+    auto = session.prepare(USER, [LIGHTS], tool_choice="auto")
+    none = session.prepare(USER, [LIGHTS], tool_choice="none")
+    # the same prompt, token for token: a "none" turn reuses the KV cache of the turns around it
+    assert "lights" in none.prompt and none.prompt == auto.prompt and none.tokens == auto.tokens
+    assert none.tools is None and none.grammar is None and auto.grammar is None  # auto: no grammar
+    call = session.engine.token_id("<tool_call>")
+    assert call is not None and none.banned == (call,) and auto.banned == ()
+    assert session.prepare(USER, None, tool_choice="none").banned == ()  # no tools: nothing to ban
+    assert session.count_tokens(USER, [LIGHTS], tool_choice="none") == len(auto.tokens)
+
+
+def test_tool_choice_none_never_starts_a_call(session):
+    """A bias that makes `<tool_call>` the greedy choice at every step: "auto" starts a call at once,
+    "none" never does (the ban wins over the client's bias) and the answer is plain content."""
+    call = session.engine.token_id("<tool_call>")
+    pushy = Sampling(temperature=0, seed=1, logit_bias={call: 100.0})
+    _, auto = run(session, USER, [LIGHTS], tool_choice="auto", enable_thinking=False, sampling=pushy, max_tokens=6)
+    assert "<tool_call>" in auto.raw_text
+    events, none = run(session, USER, [LIGHTS], tool_choice="none", enable_thinking=False, sampling=pushy,
+                       max_tokens=6)
+    assert "<tool_call>" not in none.raw_text and not none.tool_calls and none.finish_reason != "tool_calls"
+    assert not [e for e in events if isinstance(e, (ToolCallStart, ToolCallArgsDelta, ToolCallEnd))]
+    assert none.completion_tokens > 0
 
 
 def test_thinking_modes_shape_the_prompt(session):
@@ -145,7 +163,119 @@ def test_openai_and_anthropic_tool_choice_forms(session, choice, forced):
     prep = session.prepare(USER, [LIGHTS, WEATHER], tool_choice=choice, enable_thinking=False)
     assert (prep.grammar is not None) == forced
     if choice == {"type": "none"}:
-        assert prep.tools is None and "weather" not in prep.prompt
+        assert prep.tools is None and "weather" in prep.prompt and prep.banned
     if choice == {"type": "tool", "name": "weather"}:
         _, res = run(session, USER, [LIGHTS, WEATHER], tool_choice=choice, enable_thinking=False, max_tokens=100)
         assert [c["name"] for c in res.tool_calls] == ["weather"]
+
+
+def test_stop_string_cuts_the_content_and_is_reported(session):
+    greedy = Sampling(temperature=0, seed=1)
+    _, full = run(session, USER, enable_thinking=False, sampling=greedy, max_tokens=40)
+    text = full.content
+    assert len(text) > 8, text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    events, cut = run(session, USER, enable_thinking=False, sampling=greedy, max_tokens=40, stop=[stop, "\x00never"])
+    assert cut.content == text[:text.index(stop)] and cut.stop_sequence == stop and cut.finish_reason == "stop"
+    assert events[-1] == Finish("stop") and "".join(e.text for e in events if isinstance(e, ContentDelta)) == cut.content
+    assert 0 < cut.completion_tokens < full.completion_tokens and cut.tokens_per_s > 0
+    assert full.stop_sequence is None
+    _, again = run(session, USER, enable_thinking=False, max_tokens=2)  # the engine was released
+    assert again.completion_tokens <= 2
+
+
+def thinker(session, engine=None) -> Session:
+    """A greedy session whose grammar closes the think block after 40 characters: with a JSON answer forced,
+    the random model really thinks, then answers."""
+    return Session(engine or session.engine, session.template, session.family,
+                   default_sampling=Sampling(temperature=0, seed=4), think_budget=40)
+
+
+def test_stop_strings_do_not_apply_to_reasoning(session):
+    """Stop strings end the answer (as Anthropic's stop_sequences): text inside the thinking block never stops it."""
+    json_answer = {"response_format": {"type": "json_object"}, "max_tokens": 60}
+    _, full = run(thinker(session), USER, **json_answer)
+    assert full.reasoning and full.content.startswith("{")
+    stop = next(s for s in (full.reasoning[i:i + 4] for i in range(len(full.reasoning) - 4))
+                if s.strip() and s not in full.content)
+    _, res = run(thinker(session), USER, stop=[stop], **json_answer)
+    assert (res.reasoning, res.content, res.stop_sequence) == (full.reasoning, full.content, None)
+
+
+class RecordingEngine:
+    """The real engine, with every generated token recorded (to check the session's counts against)."""
+
+    def __init__(self, engine):
+        self.engine, self.tokens = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, *args, **kwargs):
+        for out in self.engine.generate(*args, **kwargs):
+            if out.token is not None and not out.eog:
+                self.tokens.append(out.token)
+            yield out
+
+
+def test_reasoning_tokens_are_the_tokens_generated_inside_the_think_block(session):
+    """The grammar closes the think block after a few characters (think_budget), so the random model
+    really thinks, then answers; the count equals the tokens from `<think>` through `</think>`."""
+    rec = RecordingEngine(session.engine)
+    stream = thinker(session, rec).turn(USER, response_format={"type": "json_object"}, max_tokens=80)
+    live_at_content = None
+    for item in stream:
+        if isinstance(item, ContentDelta) and live_at_content is None:
+            live_at_content = stream.reasoning_tokens
+        res = item
+    assert res.reasoning and res.content.startswith("{")
+    # The grammar may spell a tag in several tokens: find the tokens whose text completes each tag.
+    text, ends = "", []
+    for tok in rec.tokens:
+        text += session.engine.token_bytes(tok).decode("utf-8", "replace")
+        ends.append(len(text))
+
+    def token_completing(tag: str) -> int:
+        at = text.index(tag) + len(tag)
+        return next(i for i, end in enumerate(ends) if end >= at)
+
+    start = 0 if session.family == "glm47" else token_completing("<think>")  # 4.7 prompts end inside <think>
+    expected = token_completing("</think>") + 1 - start
+    assert res.reasoning_tokens == expected == live_at_content
+    assert 0 < res.reasoning_tokens < res.completion_tokens
+
+
+def test_parallel_tool_calls_off_ends_the_turn_after_the_first_call():
+    """TurnStream on a scripted token stream (the random model cannot write two valid calls unforced) and the
+    real parser: with one call allowed the turn ends, as "tool_calls", right after the first call's end."""
+    from types import SimpleNamespace
+
+    from glmlocal.generation import GenerationStats, TokenOut
+    from glmlocal.glm.parser import StreamParser
+    from glmlocal.session import TurnStream
+
+    pieces = ["<tool_call>", "lights", "\n<arg_key>", "on", "</arg_key>", "\n<arg_value>", "true", "</arg_value>",
+              "\n</tool_call>", "<tool_call>", "weather", "\n<arg_key>city</arg_key><arg_value>Rome</arg_value>",
+              "</tool_call>"]
+    stats = GenerationStats(prompt_tokens=10, completion_tokens=0)
+    closed = []
+
+    def tokens():
+        try:
+            for i, piece in enumerate(pieces):
+                stats.completion_tokens += 1
+                yield TokenOut(i, piece)
+            stats.completion_tokens += 1
+            yield TokenOut(99, "", "stop", stats, eog=True)
+        finally:
+            closed.append(True)
+
+    engine = SimpleNamespace(last_stats=stats)
+    for limit, names in ((None, ["lights", "weather"]), (1, ["lights"])):
+        stats.completion_tokens, closed[:] = 0, []
+        parser = StreamParser("glm45", [LIGHTS, WEATHER], starts_in_thinking=False)
+        items = list(TurnStream(engine, tokens(), parser, (), max_calls=limit))
+        res = items[-1]
+        assert [c["name"] for c in res.tool_calls] == names and res.finish_reason == "tool_calls"
+        assert items[-2] == Finish("tool_calls") and closed
+        assert res.completion_tokens == (len(pieces) + 1 if limit is None else 9)

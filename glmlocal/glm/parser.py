@@ -100,6 +100,11 @@ class StreamParser:
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text fed so far leaves the parser inside a thinking block."""
+        return self._state == "reasoning" and not self._done
+
     def feed(self, text: str) -> list[Event]:
         """Consume a chunk of decoded text; return the events it completes."""
         if self._finished or self._done or not text:

@@ -52,6 +52,7 @@ class ToolDef(_Body):
 class ToolChoice(_Body):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class ThinkingConfig(_Body):
@@ -203,7 +204,8 @@ def to_turn(req: CountTokensRequest, *, default_thinking: bool = True) -> TurnRe
     tools = _tools(req.tools)
     enable = default_thinking if req.thinking is None else req.thinking.type != "disabled"
     turn = TurnRequest(messages=messages, tools=tools, tool_choice=_tool_choice(req.tool_choice, tools),
-                       enable_thinking=enable)
+                       enable_thinking=enable,
+                       parallel_tool_calls=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
     if isinstance(req, MessagesRequest):
         turn.max_tokens = req.max_tokens
         turn.stop = [s for s in req.stop_sequences or [] if s]

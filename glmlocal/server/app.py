@@ -32,6 +32,7 @@ from glmlocal.server.scheduler import ClientGone, Scheduler, Ticket
 from glmlocal.server.security import (
     AuthMiddleware,
     BodyLimitMiddleware,
+    OriginGuard,
     is_anthropic_path,
 )
 from glmlocal.server.types import CompletionRequest, TurnRequest
@@ -62,6 +63,8 @@ class ServerConfig:
     max_queue: int = 16
     max_body_bytes: int = 32 << 20
     cors_origins: tuple[str, ...] = ()
+    loopback_only: bool = False  # listening on loopback: refuse requests whose Host is not a loopback name
+    bind_host: str = "127.0.0.1"
     default_thinking: bool = True
     heartbeat_s: float = 10.0
     coalesce_s: float = 0.02  # gather tokens this long between stream writes (0 = write each token)
@@ -136,10 +139,13 @@ def _install_errors(app: FastAPI) -> None:
 
 
 def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
-    # Starlette wraps in reverse order of addition: CORS (if asked) outermost, then size limit, then auth.
+    # Starlette wraps in reverse order of addition: CORS (if asked) outermost, then the origin/host guard,
+    # size limit, auth.
     if config.api_key:
         app.add_middleware(AuthMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(OriginGuard, cors_origins=config.cors_origins, loopback_only=config.loopback_only,
+                       extra_hosts=(config.bind_host,))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Retry-After"])
@@ -253,6 +259,8 @@ async def _openai_events(ticket: Ticket, run: Callable, feed: Callable, first: l
 def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
     scheduler: Scheduler = app.state.scheduler
 
+    # Also without the /v1 prefix, as llama.cpp's server answers: a client whose base URL lacks /v1 still works.
+    @app.post("/chat/completions", include_in_schema=False)
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         """OpenAI Chat Completions, streamed (SSE) or not."""
@@ -269,6 +277,7 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
         await _collect(request, ticket, run, sink)
         return sink.response()
 
+    @app.post("/completions", include_in_schema=False)
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: oa.CompletionBody, request: Request):
         """OpenAI (legacy) text completions: the raw prompt, no chat template."""
@@ -352,6 +361,7 @@ def _info_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
     async def root():
         return {"name": "glmlocal", "model": config.model_id, "docs": "/docs"}
 
+    @app.get("/models", include_in_schema=False)
     @app.get("/v1/models", tags=["info"])
     async def models(request: Request):
         """The served model (OpenAI list shape; Anthropic's when an anthropic-version header is sent)."""

@@ -12,37 +12,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from glmlocal.generation import Sampling
-from glmlocal.glm.events import ContentDelta, Finish
+from glmlocal.glm.events import Finish
 from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
 from glmlocal.session import TurnResult
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
-
-
-class StopScanner:
-    """Finds the first stop string in streamed text, holding back only what could still start one.
-
-    Stop sequences apply to the visible answer (content), not to reasoning or tool-call markup."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, str | None]:
-        """Add text; return (text safe to emit, the stop string hit or None)."""
-        buf = self.pending + text
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
-        if hits:
-            at, stop = min(hits)
-            self.pending = ""
-            return buf[:at], stop
-        keep = max((n for s in self.stops for n in range(1, len(s)) if buf.endswith(s[:n])), default=0)
-        self.pending = buf[len(buf) - keep:] if keep else ""
-        return buf[: len(buf) - keep], None
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class SessionBackend:
@@ -74,36 +48,20 @@ class SessionBackend:
         stream = self.session.turn(turn.messages, turn.tools, tool_choice=turn.tool_choice,
                                    enable_thinking=turn.enable_thinking, clear_thinking=turn.clear_thinking,
                                    response_format=turn.response_format, sampling=self._sampling(turn.sampling),
-                                   max_tokens=turn.max_tokens, cancel=cancel)
-        return self._drive(stream, StopScanner(turn.stop) if turn.stop else None)
+                                   max_tokens=turn.max_tokens, cancel=cancel, stop=turn.stop,
+                                   parallel_tool_calls=turn.parallel_tool_calls)
+        return self._drive(stream)
 
-    def _drive(self, stream: Iterator[Any], scanner: StopScanner | None) -> Iterator[Any]:
+    def _drive(self, stream: Iterator[Any]) -> Iterator[Any]:
         try:
             for item in stream:
                 if isinstance(item, TurnResult):
-                    yield Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+                    yield Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens,
+                                stop_sequence=item.stop_sequence, reasoning_tokens=item.reasoning_tokens)
                     return
-                if scanner is None:
-                    yield item
-                    continue
-                if isinstance(item, ContentDelta):
-                    text, hit = scanner.push(item.text)
-                    if text:
-                        yield ContentDelta(text)
-                    if hit is not None:
-                        yield from self._stopped(hit)
-                        return
-                    continue
-                if scanner.pending:  # a tool call or the end: the held-back text was not a stop string
-                    yield ContentDelta(scanner.flush())
                 yield item
         finally:
-            stream.close()  # releases the engine lock when we stop early (stop string)
-
-    def _stopped(self, stop: str) -> Iterator[Any]:
-        stats = self.engine.last_stats
-        yield Finish("stop")
-        yield Usage(stats.prompt_tokens, stats.completion_tokens, stats.cached_tokens, stop_sequence=stop)
+            stream.close()  # releases the engine lock when the client went away mid-turn
 
     def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Any]:
         tokens = self.engine.tokenize(req.prompt)

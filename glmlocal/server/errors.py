@@ -43,10 +43,12 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        anthropic_message: str | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+        self.anthropic_message = anthropic_message  # when Anthropic's own wording matters to its clients
 
     def openai_body(self) -> dict:
         err_type = _OPENAI_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -54,7 +56,7 @@ class APIError(Exception):
 
     def anthropic_body(self) -> dict:
         err_type = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": err_type, "message": self.message}}
+        return {"type": "error", "error": {"type": err_type, "message": self.anthropic_message or self.message}}
 
 
 class QueueFullError(APIError):
@@ -75,13 +77,16 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextOverflowError):
+        hint = "Shorten the conversation or restart the server with a larger --ctx."
         return APIError(
             400,
             f"This model's maximum context length is {exc.n_ctx} tokens; the request has {exc.prompt_tokens} "
-            f"prompt tokens and asks for {exc.max_tokens} more. Shorten the conversation or restart the "
-            "server with a larger --ctx.",
+            f"prompt tokens and asks for {exc.max_tokens} more. {hint}",
             param="messages",
             code="context_length_exceeded",
+            # Anthropic's wording: Claude Code recognises it as context overflow (offers /compact).
+            anthropic_message=(f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx - 1} maximum "
+                               f"(the context is {exc.n_ctx} tokens). {hint}"),
         )
     if isinstance(exc, InputError):
         return APIError(400, exc.one_line())

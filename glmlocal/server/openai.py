@@ -49,7 +49,8 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
-    reasoning: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content
+    reasoning_details: list[dict[str, Any]] | None = None  # OpenRouter's shape: [{"type": "reasoning.text", "text"}]
 
 
 class FunctionDef(_Body):
@@ -92,6 +93,7 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, ge=1, le=1)
@@ -103,6 +105,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
@@ -130,6 +133,19 @@ def sampling_of(body: _Sampling) -> dict:
         out["repeat_penalty"] = body.repetition_penalty
     if body.seed is not None:
         out["seed"] = body.seed & 0xFFFFFFFF  # llama.cpp seeds are uint32
+    if body.logit_bias:
+        out["logit_bias"] = logit_bias_of(body.logit_bias)
+    return out
+
+
+def logit_bias_of(raw: dict[str, float]) -> dict[int, float]:
+    """OpenAI logit_bias -> token id: bias. As OpenAI documents, -100 bans a token."""
+    out = {}
+    for key, bias in raw.items():
+        if not str(key).strip().isdigit() or not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias: {key!r}: {bias} is not a token id with a bias in [-100, 100]",
+                           param="logit_bias")
+        out[int(key)] = float("-inf") if bias <= -100 else float(bias)
     return out
 
 
@@ -168,11 +184,18 @@ def arguments_dict(arguments: str | dict | None) -> dict:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
+def _details_text(details: list[dict[str, Any]] | None) -> str | None:
+    """The readable text of OpenRouter-style reasoning_details (encrypted or summary-only parts carry none)."""
+    texts = [str(d.get("text") or "") for d in details or [] if d.get("type") == "reasoning.text"]
+    return "".join(texts) if texts else None
+
+
 def _message(m: ChatMessage) -> dict:
     role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
     out: dict[str, Any] = {"role": role, "content": text_of(m.content)}
     if role == "assistant":
-        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        reasoning = next((r for r in (m.reasoning_content, m.reasoning, _details_text(m.reasoning_details))
+                          if r is not None), None)
         if reasoning is not None:
             out["reasoning_content"] = reasoning
         if m.tool_calls:
@@ -238,6 +261,7 @@ def to_turn(req: ChatCompletionRequest, *, default_thinking: bool = True) -> Tur
         sampling=sampling_of(req),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         stop=stop_list(req.stop),
+        parallel_tool_calls=req.parallel_tool_calls is not False,
     )
 
 
@@ -256,6 +280,7 @@ def usage_json(u: Usage) -> dict:
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 
 

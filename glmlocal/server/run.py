@@ -16,7 +16,7 @@ from typing import TextIO
 from glmlocal.errors import InputError
 from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.backend import SessionBackend
-from glmlocal.server.security import check_bind
+from glmlocal.server.security import check_bind, is_loopback
 
 
 @dataclass
@@ -69,6 +69,8 @@ def model_aliases(model, args: ServeArgs) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if n and n != model.name))
 
 
+KEEP_ALIVE_S = 75  # seconds an idle keep-alive connection stays open (nginx's default)
+
 def url_of(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -89,13 +91,17 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     try:
         config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
                               max_queue=args.max_queue, cors_origins=tuple(args.cors),
+                              loopback_only=is_loopback(args.host) and not args.insecure, bind_host=args.host,
                               default_thinking=not args.no_think)
         app = create_app(SessionBackend(model.session), config)
         port = sock.getsockname()[1]
         url = url_of(args.host, port)
         console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
         console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
+        # Keep idle connections longer than clients pool them (httpx 5 s, undici 4 s): with uvicorn's 5 s
+        # default, a request sent as the server closes the socket fails (encode/httpx#2487).
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                               timeout_keep_alive=KEEP_ALIVE_S,
                                                access_log=args.log_level in ("info", "debug")))
         server.run(sockets=[sock])
     finally:

@@ -6,7 +6,8 @@ import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
 
 from glmlocal.errors import InputError
 from glmlocal.server.errors import APIError
@@ -60,14 +61,18 @@ def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
     return None
 
 
+# Routes anyone may read without the key: liveness and the API description. Everything else needs it.
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class AuthMiddleware:
-    """Require the API key on every /v1 route (constant-time comparison). /health stays open."""
+    """Require the API key on every route but OPEN_PATHS (constant-time comparison)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         key = presented_key(headers)
@@ -114,3 +119,56 @@ class BodyLimitMiddleware:
         except Exception:
             if not state["answered"]:
                 raise
+
+
+# Origins of local apps that embed a web view (VS Code webviews, Electron and Tauri apps), as Ollama allows them.
+APP_ORIGIN_SCHEMES = frozenset({"app", "file", "tauri", "vscode-webview", "vscode-file"})
+
+
+def _loopback_name(host: str) -> bool:
+    """A loopback host name or IP literal, without any DNS lookup (a rebinding attacker controls DNS)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(origin: str, allowed: Iterable[str]) -> bool:
+    """Browser origins that may use the model: the --cors ones, local pages and local apps."""
+    allowed = set(allowed)
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme in APP_ORIGIN_SCHEMES:
+        return True
+    return parts.scheme in ("http", "https") and _loopback_name(parts.hostname or "")
+
+
+class OriginGuard:
+    """Keeps web pages from driving the local model (CSRF, DNS rebinding): a request whose `Origin` is not
+    allowed gets 403, and - when the server listens on loopback only - so does one whose `Host` is not a
+    loopback name (a rebound DNS name reaches 127.0.0.1 with the attacker's Host and, for GETs, no Origin).
+    Clients that are not browsers send no Origin and a loopback Host, so they are unaffected."""
+
+    def __init__(self, app, cors_origins: Iterable[str] = (), loopback_only: bool = False,
+                 extra_hosts: Iterable[str] = ()):
+        self.app, self.cors = app, tuple(cors_origins)
+        self.loopback_only, self.extra_hosts = loopback_only, {h.strip("[]").lower() for h in extra_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and not origin_allowed(origin, self.cors):
+            message = f"requests from web origin {origin!r} are refused; allow it with --cors {origin}"
+            return await send_error(send, scope["path"], APIError(403, message, code="origin_not_allowed"))
+        host = urlsplit("//" + headers.get(b"host", b"").decode("latin-1")).hostname or ""
+        if self.loopback_only and host and not (_loopback_name(host) or host in self.extra_hosts):
+            message = (f"Host {host!r} is not this machine's loopback name (DNS rebinding protection); "
+                       "connect to 127.0.0.1 or localhost, or start the server with --insecure")
+            return await send_error(send, scope["path"], APIError(403, message, code="host_not_allowed"))
+        return await self.app(scope, receive, send)

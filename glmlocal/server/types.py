@@ -25,6 +25,7 @@ class TurnRequest:
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, seed, penalties
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
+    parallel_tool_calls: bool = True  # False: end the turn after its first tool call
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     stop_sequence: str | None = None  # which stop string ended the turn, if any
+    reasoning_tokens: int = 0  # completion tokens spent inside thinking blocks
 
     @property
     def total_tokens(self) -> int:
