@@ -34,6 +34,7 @@ class PlanOptions:
     ram: str | None = None
     cpu_only: bool = False
     threads: int | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT) used as GPUs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,7 +63,7 @@ def plan_for(path: Path, opts: PlanOptions) -> Any:
     from glmlocal import hardware, planner
 
     hw = hardware.probe(hardware.Overrides(gpu_mem=opts.gpu_mem, ram=opts.ram, cpu_only=opts.cpu_only,
-                                           cores=opts.threads))  # fmt: skip
+                                           cores=opts.threads, rpc=opts.rpc))  # fmt: skip
     kwargs: dict[str, Any] = dict(opts.extra)
     if opts.kv_type:
         kwargs["kv_type"] = opts.kv_type

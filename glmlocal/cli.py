@@ -34,6 +34,11 @@ RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Plan for this much
 CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores)")]
 TemplateOpt = Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")]
+RpcOpt = Annotated[Optional[list[str]], typer.Option("--rpc", help="A llama.cpp RPC server (HOST:PORT) to use as a GPU, e.g. on a second machine (repeatable or comma-separated; see `glmlocal rpc-server`)")]
+
+
+def _endpoints(rpc: list[str] | None) -> tuple[str, ...]:
+    return tuple(e.strip() for item in rpc or () for e in item.split(",") if e.strip())
 
 
 def _fail(err: GlmlocalError) -> None:
@@ -130,13 +135,14 @@ def plan(
     threads: ThreadsOpt = None,
     gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
     cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", help="RAM bandwidth in GB/s (speed estimate)")] = None,
+    rpc: RpcOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show where each part of MODEL would live (GPU/CPU), how much context fits, and the speed to expect."""
     from glmlocal.plan_view import PlanArgs, run_plan
 
     args = PlanArgs(model, quant=quant, ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only,
-                    threads=threads, gpu_bw=gpu_bw, cpu_bw=cpu_bw, as_json=as_json)
+                    threads=threads, gpu_bw=gpu_bw, cpu_bw=cpu_bw, rpc=_endpoints(rpc), as_json=as_json)
     run_plan(args)
 
 
@@ -157,6 +163,7 @@ def chat(
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
     threads: ThreadsOpt = None,
+    rpc: RpcOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Limit per reply (default: the rest of the context)")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (0 = greedy)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed")] = None,
@@ -167,7 +174,8 @@ def chat(
     """Chat in the terminal (streamed Markdown, thinking, tool calls, speed). Piped stdin: plain-text answers."""
     from glmlocal.chat_load import ChatArgs, PlanOptions, run_chat
 
-    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads)
+    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
+                       rpc=_endpoints(rpc))
     args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
                     each_line=each_line, resume=resume)
@@ -196,6 +204,7 @@ def serve(
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
     threads: ThreadsOpt = None,
+    rpc: RpcOpt = None,
     template: TemplateOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info shows each request)")] = "warning",
 ) -> None:
@@ -203,12 +212,29 @@ def serve(
     from glmlocal.chat_load import PlanOptions
     from glmlocal.server.run import ServeArgs, run_serve
 
-    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads)
+    plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
+                       rpc=_endpoints(rpc))
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
                      cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
                      no_think=no_think, log_level=log_level, plan=plan)
     code = run_serve(args)
     raise typer.Exit(code)
+
+
+@command("rpc-server")
+def rpc_server(
+    endpoint: Annotated[str, typer.Argument(help="HOST:PORT to listen on, e.g. 0.0.0.0:50052")],
+    threads: ThreadsOpt = None,
+) -> None:
+    """Lend this machine's CPU to another machine's glmlocal (`--rpc HOST:PORT` there), as llama.cpp's rpc-server.
+    Unauthenticated: anyone who can reach the port can use it, so bind a trusted network only."""
+    from glmlocal import llama_ffi
+
+    host = llama_ffi.parse_endpoint(endpoint)[0]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: {endpoint} is reachable from the network and the RPC protocol has no "
+                    "authentication: use a trusted network only", fg=typer.colors.YELLOW, err=True)
+    llama_ffi.serve_rpc(endpoint, threads or 0)
 
 
 # ---------------------------------------------------------------------------------------------

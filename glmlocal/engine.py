@@ -4,7 +4,8 @@
 flash attention, threads, mmap, batch sizes). `generate()` streams `TokenOut`s, reusing the KV cache for the
 longest common prefix with the live sequence or with a stashed conversation (`generation.StateCache`), and
 stops on every end-of-generation token. One generation runs at a time (a lock); ctypes releases the GIL
-inside llama.cpp, so a server can run it in a worker thread.
+inside llama.cpp, so a server can run it in a worker thread. Placement -> llama.cpp parameters is
+glmlocal.engine_params.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 
 from glmlocal import llama_ffi
-from glmlocal.errors import ContextOverflowError, EngineError, InputError, PlanError
+from glmlocal.engine_params import (
+    KV_TYPES,  # noqa: F401 (re-exported: it used to live here)
+    check_fits,
+    context_params,
+    device_names,
+    plan_for,
+)
+from glmlocal.engine_params import (
+    model_params as _model_params,  # Engine.load looks it up here: tests/rpc_child.py patches engine._model_params
+)
+from glmlocal.errors import ContextOverflowError, EngineError, InputError
 from glmlocal.generation import (
     GenerationStats,
     Sampling,
@@ -32,7 +43,6 @@ from glmlocal.generation import (
     common_prefix,
 )
 
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _SEQ = 0  # the engine keeps a single live sequence; other conversations live in the StateCache
 _LOAD_LOCK = threading.Lock()  # llama.cpp's log is global: one load at a time keeps its capture clean
 
@@ -55,114 +65,6 @@ class LoadReport:
     overridden: dict[str, str] = field(default_factory=dict)
     load_s: float = 0.0
     devices: list[str] | None = None  # the GPU-type devices llama.cpp was given, in order (None: its default)
-
-
-def _check_fits(placement: Any) -> None:
-    """Refuse, before touching llama.cpp, a placement its own prediction says cannot load: a GPU whose
-    weights + KV + compute exceed its free memory (a certain out-of-memory), or a CPU without room for
-    KV + compute (weights are memory-mapped and may page)."""
-    hint = "run `glmlocal plan MODEL` to see what fits (smaller context, KV type or quant)"
-    for dev in getattr(placement, "devices", None) or []:
-        need = dev.total if dev.name != "CPU" else dev.kv + dev.compute
-        if dev.capacity and need > dev.capacity:
-            raise PlanError(f"the placement needs {need / 2**30:.1f} GiB on {dev.name}, which has "
-                            f"{dev.capacity / 2**30:.1f} GiB free", hint=hint)
-
-
-def _plan_for(path: Path, n_ctx: int | None, hw: Any) -> Any:
-    from glmlocal import (  # the planner raises PlanError when nothing fits
-        hardware,
-        planner,
-    )
-
-    return planner.plan(planner.footprint_from_gguf(path), hw or hardware.probe(None), ctx=n_ctx)
-
-
-def _device_names(placement: Any) -> list[str] | None:
-    """llama.cpp devices for the placement's GPUs, in its order; None leaves llama.cpp's default (every GPU).
-
-    Planner GPU i is the device the plan names when llama.cpp has one by that name ("RPC1"), else the
-    i-th GPU-type device llama.cpp offloads to (a plan made from `--gpu-mem` says "CUDA0" whatever the
-    backend). A planned CPU-only placement gets no device at all, so nothing lands on a GPU it did not
-    plan for. A placement without per-device predictions (Placement.cpu_only) keeps the default.
-    """
-    planned = getattr(placement, "devices", None) or []
-    if not planned:
-        return None
-    available = [d.name for d in llama_ffi.gpu_devices()]
-    wanted = [d.name for d in planned if d.name != "CPU"]
-    if not available:
-        return None  # a CPU-only build: llama.cpp keeps every layer on the CPU whatever -ngl says
-    if len(wanted) > len(available):
-        raise EngineError(f"the placement uses {len(wanted)} GPUs ({', '.join(wanted)}) but llama.cpp has "
-                          f"{len(available)} ({', '.join(available)})",
-                          hint="plan again for this machine (drop --gpu-mem), or add the missing devices")
-    chosen: list[str] = []
-    for name in wanted:
-        pick = name if name in available and name not in chosen else next(a for a in available if a not in chosen)
-        chosen.append(pick)
-    return chosen
-
-
-def _model_params(placement: Any, keep: list, progress: Callable[[float], None] | None,
-                  names: list[str] | None = None) -> Any:
-    mp = C.llama_model_default_params()
-    if names is not None:
-        arr_dev = llama_ffi.device_array(names)
-        keep.append(arr_dev)
-        mp.devices = ctypes.cast(arr_dev, ctypes.c_void_p).value
-    mp.n_gpu_layers = int(placement.n_gpu_layers)
-    mp.main_gpu = int(getattr(placement, "main_gpu", 0) or 0)
-    mp.split_mode = 1  # LLAMA_SPLIT_MODE_LAYER
-    mp.load_mode = 1 if getattr(placement, "use_mmap", True) else 0  # MMAP / NONE
-    overrides = list(getattr(placement, "tensor_overrides", None) or [])
-    if overrides:
-        arr = llama_ffi.OverrideArray([(str(p), str(b)) for p, b in overrides])
-        keep.append(arr)
-        mp.tensor_buft_overrides = arr.pointer
-    split = getattr(placement, "tensor_split", None)
-    if split:
-        n = C.llama_max_devices()
-        if len(split) > n:
-            raise EngineError(f"tensor_split has {len(split)} entries; this build supports {n} devices")
-        arr_split = (ctypes.c_float * n)(*[float(x) for x in split])
-        keep.append(arr_split)
-        mp.tensor_split = arr_split
-    if progress is not None:
-        def _cb(frac: float, _user: Any) -> bool:
-            try:
-                progress(float(frac))
-            except Exception:  # noqa: BLE001, S110 (never unwind into C; a failing callback does not abort the load)
-                pass
-            return True
-        cb = C.llama_progress_callback(_cb)
-        keep.append(cb)
-        mp.progress_callback = cb
-    return mp
-
-
-def _kv_type(name: str) -> int:
-    try:
-        return KV_TYPES[str(name).lower()]
-    except KeyError:
-        raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
-
-
-def _context_params(placement: Any, n_ctx: int) -> Any:
-    cp = C.llama_context_default_params()
-    cp.n_ctx = n_ctx
-    cp.n_batch = int(getattr(placement, "n_batch", 512) or 512)
-    cp.n_ubatch = min(int(getattr(placement, "n_ubatch", 512) or 512), cp.n_batch)
-    cp.n_seq_max = 1
-    threads = int(getattr(placement, "n_threads", 0) or 0)
-    if threads > 0:
-        cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = 1 if getattr(placement, "flash_attn", False) else 0
-    cp.type_k = _kv_type(getattr(placement, "type_k", "f16"))
-    cp.type_v = _kv_type(getattr(placement, "type_v", "f16"))
-    cp.no_perf = False
-    cp.op_offload = bool(getattr(placement, "op_offload", True))
-    return cp
 
 
 class Engine:
@@ -204,13 +106,13 @@ class Engine:
             if f.read(4) != b"GGUF":
                 raise InputError(f"{path} is not a GGUF file")
         if placement is None:
-            placement = _plan_for(path, n_ctx, hardware)
-        _check_fits(placement)
+            placement = plan_for(path, n_ctx, hardware)
+        check_fits(placement)
         want_ctx = int(n_ctx or getattr(placement, "n_ctx", 0) or 4096)
         keep: list = []
-        devices = _device_names(placement)
+        devices = device_names(placement)
         mp = _model_params(placement, keep, progress, devices)
-        cp = _context_params(placement, want_ctx)
+        cp = context_params(placement, want_ctx)
         t0 = time.perf_counter()
         with _LOAD_LOCK, llama_ffi.ROUTER.capture() as lines:
             C.llama_backend_init()

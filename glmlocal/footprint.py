@@ -143,15 +143,8 @@ def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn
     """
     n_kv = -(-n_ctx // KV_PAD) * KV_PAD
     n_layer = min(fp.n_dense_lead + STEADY_LAYERS, fp.n_layer) if n_layer is None else n_layer
-    n_layer = max(1, min(n_layer, fp.n_layer))
-    base = {
-        "n_layer": n_layer, "n_embd": fp.n_embd, "n_head": fp.n_head, "n_head_kv": fp.n_head_kv,
-        "head_dim": fp.head_dim, "n_vocab": fp.n_vocab, "n_expert": fp.n_expert, "n_expert_used": fp.n_expert_used,
-        "n_ff_exp": fp.n_ff_exp, "n_ff_dense": fp.n_ff_dense or fp.n_ff_exp * fp.n_expert_used,
-        "n_ff_shexp": fp.n_ff_exp if fp.n_ff_shexp < 0 else fp.n_ff_shexp, "n_dense_lead": fp.n_dense_lead,
-        "attn_bias": fp.attn_bias, "qk_norm": fp.qk_norm, "expert_norm": fp.expert_norm,
-        "expert_scale": fp.expert_scale, "n_kv": n_kv, "flash_attn": flash_attn, "output": output,
-        "rot_k": _quantized(type_k), "rot_v": _quantized(type_v or type_k)}
+    base = _graph_shape_args(fp, n_kv, max(1, min(n_layer, fp.n_layer)), flash_attn=flash_attn, output=output,
+                             type_k=type_k, type_v=type_v)
     # prompt graph, then the one-token graph: the buffer only ever grows
     return max(reserve_bytes(GraphShape(n_tokens=min(n_ubatch, n_kv), **base)),
                reserve_bytes(GraphShape(n_tokens=1, **base)))
@@ -164,17 +157,25 @@ def compute_buffers_split(fp: Footprint, n_ctx: int, n_ubatch: int, devices: tup
     --no-op-offload): ops run where their weights are, so the CPU buffer holds the work of RAM-resident
     experts. Replays ggml-backend's scheduler (splits, input copies) and ggml-alloc over every layer."""
     n_kv = -(-n_ctx // KV_PAD) * KV_PAD
-    base = {
-        "n_layer": fp.n_layer, "n_embd": fp.n_embd, "n_head": fp.n_head, "n_head_kv": fp.n_head_kv,
+    base = _graph_shape_args(fp, n_kv, fp.n_layer, flash_attn=flash_attn, output=True, type_k=type_k,
+                             type_v=type_v)
+    base["devices"] = devices
+    pp = reserve_bytes_split(GraphShape(n_tokens=min(n_ubatch, n_kv), **base))
+    tg = reserve_bytes_split(GraphShape(n_tokens=1, **base))
+    return tuple(max(a, b) for a, b in zip(pp, tg))
+
+
+def _graph_shape_args(fp: Footprint, n_kv: int, n_layer: int, *, flash_attn: bool, output: bool, type_k: str,
+                      type_v: str | None) -> dict:
+    """GraphShape fields, n_tokens aside, for `n_layer` layers of this model over an `n_kv`-token cache."""
+    return {
+        "n_layer": n_layer, "n_embd": fp.n_embd, "n_head": fp.n_head, "n_head_kv": fp.n_head_kv,
         "head_dim": fp.head_dim, "n_vocab": fp.n_vocab, "n_expert": fp.n_expert, "n_expert_used": fp.n_expert_used,
         "n_ff_exp": fp.n_ff_exp, "n_ff_dense": fp.n_ff_dense or fp.n_ff_exp * fp.n_expert_used,
         "n_ff_shexp": fp.n_ff_exp if fp.n_ff_shexp < 0 else fp.n_ff_shexp, "n_dense_lead": fp.n_dense_lead,
         "attn_bias": fp.attn_bias, "qk_norm": fp.qk_norm, "expert_norm": fp.expert_norm,
-        "expert_scale": fp.expert_scale, "n_kv": n_kv, "flash_attn": flash_attn, "output": True,
-        "rot_k": _quantized(type_k), "rot_v": _quantized(type_v or type_k), "devices": devices}
-    pp = reserve_bytes_split(GraphShape(n_tokens=min(n_ubatch, n_kv), **base))
-    tg = reserve_bytes_split(GraphShape(n_tokens=1, **base))
-    return tuple(max(a, b) for a, b in zip(pp, tg))
+        "expert_scale": fp.expert_scale, "n_kv": n_kv, "flash_attn": flash_attn, "output": output,
+        "rot_k": _quantized(type_k), "rot_v": _quantized(type_v or type_k)}
 
 
 def _quantized(type_name: str) -> bool:

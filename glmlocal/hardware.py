@@ -179,7 +179,7 @@ def probe_gpus(nvml=None, env: dict | None = None) -> tuple[list[GPU], list[str]
     try:
         nvml.nvmlInit()
     except Exception as e:  # noqa: BLE001 (NVMLError_LibraryNotFound / DriverNotLoaded / OSError: no NVIDIA here)
-        return [], [f"no NVIDIA driver ({type(e).__name__}): planning for CPU only"]
+        return [], [f"no NVIDIA driver ({type(e).__name__}): no local GPUs"]
     try:
         handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
         uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]

@@ -21,6 +21,7 @@ from pathlib import Path
 import llama_cpp
 import llama_cpp.llama_cpp as C
 
+from glmlocal import llama_libs
 from glmlocal.errors import EngineError
 
 LIB_DIR = Path(llama_cpp.__file__).resolve().parent / "lib"
@@ -30,12 +31,10 @@ _log.addHandler(logging.NullHandler())  # a library never prints; the CLI may at
 
 
 def _load(name: str) -> ctypes.CDLL:
-    """The library instance libllama itself uses. A wheel cannot hold symlinks, so `libggml.so` and
-    `libggml.so.0` are two copies of one file; libllama links the `.so.0` (its SONAME), and opening the
-    other copy would load a second ggml with its own backend registry (an RPC server registered there
-    is invisible to llama.cpp's default device list)."""
-    path = LIB_DIR / f"lib{name}.so.0"
-    return ctypes.CDLL(str(path if path.exists() else LIB_DIR / f"lib{name}.so"))
+    """The library instance libllama itself uses (see glmlocal.llama_libs: another copy of the file would be
+    a second ggml with its own backend registry, and an RPC server registered there would be invisible to
+    llama.cpp's default device list)."""
+    return ctypes.CDLL(str(llama_libs.lib_path(name, LIB_DIR)))
 
 
 _ggml = _load("ggml")
@@ -307,7 +306,7 @@ _rpc_state: dict = {"lib": None, "registered": {}}
 def _rpc_lib() -> ctypes.CDLL | None:
     """libggml-rpc from this build (llama-cpp-python built with -DGGML_RPC=ON), or None."""
     if _rpc_state["lib"] is None:
-        if not any((LIB_DIR / f"libggml-rpc.so{v}").is_file() for v in (".0", "")):
+        if not llama_libs.lib_path("ggml-rpc", LIB_DIR).is_file():
             return None
         lib = _load("ggml-rpc")
         lib.ggml_backend_rpc_add_server.argtypes, lib.ggml_backend_rpc_add_server.restype = [_cp], _vp

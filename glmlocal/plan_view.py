@@ -31,6 +31,7 @@ class PlanArgs:
     threads: int | None = None
     gpu_bw: float | None = None
     cpu_bw: float | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT) used as GPUs
     as_json: bool = False
 
 
@@ -96,7 +97,8 @@ def make_plan(args: PlanArgs) -> tuple[Placement, Footprint, hardware.Hardware, 
         raise InputError(f"--ctx must be positive, got {args.ctx}")
     fp, alternatives, origin, source = resolve_footprint(args.model, args.quant)
     hw = hardware.probe(hardware.Overrides(gpu_mem=args.gpu_mem, ram=args.ram, cpu_only=args.cpu_only,
-                                           cores=args.threads, gpu_bw_gbs=args.gpu_bw, cpu_bw_gbs=args.cpu_bw))
+                                           cores=args.threads, gpu_bw_gbs=args.gpu_bw, cpu_bw_gbs=args.cpu_bw,
+                                           rpc=args.rpc))
     explain = getattr(alternatives, "explain", None)
     if explain is not None:  # published quants larger than RAM + VRAM are not worth sizing
         alternatives.limit_bytes = sum(g.total for g in hw.gpus) + hw.ram_total
@@ -111,16 +113,17 @@ def run_plan(args: PlanArgs, console: Console | None = None) -> None:
     """Plan and print: a table per device, the llama.cpp flags and the notes (or JSON)."""
     console = console or Console()
     placement, fp, hw, origin, source = make_plan(args)
+    flags = placement.llama_cpp_flags() + (f" --rpc {','.join(args.rpc)}" if args.rpc else "")
     if args.as_json:
         doc = {"model": fp.label, "quant": fp.quant, "footprint_source": origin, **source,
                "file_bytes": fp.file_bytes, "weights_bytes": fp.weights_bytes,
                "kv_bytes_per_token": fp.kv_bytes_per_token(placement.type_k, placement.type_v),
-               "hardware": asdict(hw), "placement": placement.to_dict()}
+               "hardware": asdict(hw), "placement": {**placement.to_dict(), "llama_cpp_flags": flags}}
         console.file.write(json.dumps(doc, indent=2) + "\n")
         return
     console.print(_header(placement, fp, origin))
     console.print(device_table(placement))
-    console.print(Panel(placement.llama_cpp_flags(), title="llama.cpp flags", expand=False))
+    console.print(Panel(flags, title="llama.cpp flags", expand=False))
     for note in [*hw.notes, *placement.notes]:
         console.print(f"[dim]- {note}[/]")
 

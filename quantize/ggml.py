@@ -2,7 +2,8 @@
 
 The type table is pure data (usable without the library, e.g. by the GGUF reader). The quantizer is the
 real `ggml_quantize_chunk`, so our bytes are exactly llama.cpp's. ctypes releases the GIL during the
-call, so a thread pool over row chunks scales with cores.
+call, so a thread pool over row chunks scales with cores. The library opened is the very file libllama
+links (glmlocal.llama_libs), so the quantizer and llama.cpp share one ggml in a process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glmlocal import llama_libs
 from glmlocal.errors import GlmlocalError
 
 
@@ -107,17 +109,20 @@ def is_quantized(ggml_type: int) -> bool:
 
 def lib_dir() -> Path:
     """Directory holding llama-cpp-python's shared libraries (found without importing llama_cpp)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
+    path = llama_libs.lib_dir()
+    if path is None:
         raise QuantizerUnavailable("llama-cpp-python is not installed", hint="pip install llama-cpp-python==0.3.36")
-    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+    return path
+
+
+def lib_path() -> Path:
+    """The libggml-base file the quantizer opens: the one libllama links, so there is one ggml per process."""
+    return llama_libs.lib_path("ggml-base", lib_dir())
 
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    path = lib_dir() / "libggml-base.so"
+    path = lib_path()
     if not path.exists():
         raise QuantizerUnavailable(f"{path} not found", hint="reinstall llama-cpp-python==0.3.36")
     lib = ctypes.CDLL(str(path))

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glmlocal.errors import ContextOverflowError, GlmlocalError
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
+from glmlocal.server import responses as rs
 from glmlocal.server.errors import APIError, from_exception
 from glmlocal.server.scheduler import ClientGone, Scheduler, Ticket
 from glmlocal.server.security import (
@@ -82,13 +83,14 @@ class ServerConfig:
 
 def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
     """Build the ASGI app serving `backend` under `config`."""
-    app = FastAPI(title="glmlocal", version="0.1.0", description="Local GLM endpoint: OpenAI and Anthropic APIs")
+    app = FastAPI(title="glmlocal", version="0.1.0", description="Local GLM endpoint: OpenAI (Chat Completions, Responses) and Anthropic APIs")
     app.state.backend, app.state.config = backend, config
     app.state.scheduler = Scheduler(config.max_queue)
     _install_errors(app)
     _install_middleware(app, config)
     _openai_routes(app, backend, config)
     _anthropic_routes(app, backend, config)
+    _responses_routes(app, backend, config)
     _info_routes(app, backend, config)
     app.router.on_shutdown.append(app.state.scheduler.shutdown)
     return app
@@ -335,6 +337,47 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         _check_model(config, body.model, anthropic=True)
         turn = an.to_turn(body, default_thinking=config.default_thinking)
         return {"input_tokens": await asyncio.to_thread(backend.count_tokens, turn)}
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI Responses
+# ---------------------------------------------------------------------------------------------
+async def _responses_events(ticket: Ticket, run: Callable, stream: rs.ResponseStream,
+                            config: ServerConfig) -> AsyncIterator[bytes]:
+    yield b"".join(rs.sse(name, data) for name, data in stream.start())
+    try:
+        async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
+            out = b"".join(rs.sse(name, data) for item in batch for name, data in stream.feed(item))
+            yield out or (b"" if batch else b": ping\n\n")
+    except ClientGone:
+        return
+    except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
+        yield b"".join(rs.sse(name, data) for name, data in stream.fail(from_exception(exc).openai_body()["error"]))
+    finally:
+        ticket.close()
+
+
+def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
+    scheduler: Scheduler = app.state.scheduler
+
+    @app.post("/responses", include_in_schema=False)
+    @app.post("/v1/responses", tags=["openai"])
+    async def responses(body: rs.ResponsesRequest, request: Request):
+        """OpenAI Responses API (Codex CLI's `wire_api = "responses"`), streamed (SSE) or not; stateless."""
+        _check_model(config, body.model)
+        turn = rs.to_turn(body, default_thinking=config.default_thinking)
+        if ignored := rs.ignored_tools(body):
+            log.info("/v1/responses: ignoring tools this server cannot run: %s", ", ".join(ignored))
+        await _preflight_chat(backend, turn)
+        ticket = scheduler.reserve()
+        run = lambda cancel: backend.chat(turn, cancel)
+        echo = rs.echo_of(body)
+        if body.stream:
+            return EventStream(_responses_events(ticket, run, rs.ResponseStream(config.model_id, echo), config),
+                               ticket)
+        sink = rs.ResponseAggregate(config.model_id, echo)
+        await _collect(request, ticket, run, sink)
+        return sink.response_json()
 
 
 # ---------------------------------------------------------------------------------------------
