@@ -208,7 +208,7 @@ def serve(
     template: TemplateOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info shows each request)")] = "warning",
 ) -> None:
-    """Serve the model to IDE agents: OpenAI /v1/chat/completions and Anthropic /v1/messages on one port."""
+    """Serve the model to IDE agents: OpenAI /v1/chat/completions and /v1/responses, Anthropic /v1/messages, on one port."""
     from glmlocal.chat_load import PlanOptions
     from glmlocal.server.run import ServeArgs, run_serve
 

@@ -8,16 +8,25 @@ and the real openai SDK against a live `glmlocal serve` with the real engine and
 from __future__ import annotations
 
 import json
-import threading
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from glmlocal.glm.events import ContentDelta, Finish, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from glmlocal.glm.events import (
+    ContentDelta,
+    Finish,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 from glmlocal.server import responses as rs
 from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.errors import APIError
@@ -93,6 +102,16 @@ def test_reasoning_items_sent_back_keep_their_text(item, expected):
     assert rs.reasoning_text({"type": "reasoning", **item}) == expected
 
 
+def test_odd_but_valid_content_is_flattened_not_refused():
+    items = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+             {"type": "function_call_output", "call_id": "c", "output": {"ok": True}},
+             {"type": "reasoning", "content": "not a list", "summary": 5},
+             {"role": "assistant", "content": None}]
+    assert rs.to_turn(body(input=items)).messages == [
+        {"role": "assistant", "content": "No."}, {"role": "tool", "tool_call_id": "c", "content": '{"ok": true}'},
+        {"role": "assistant", "content": ""}]
+
+
 @pytest.mark.parametrize("effort, kwargs, enable", [
     (None, None, True), ("minimal", None, False), ("none", None, False), ("low", None, True),
     ("high", None, True), ("high", {"enable_thinking": False}, False),
@@ -139,6 +158,10 @@ def test_tools_choices_formats_and_sampling():
     ({"tools": [{"type": "function", "parameters": {}}]}, "needs a name"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "schema"),
     ({"text": {"format": {"type": "yaml"}}}, "'yaml'"),
+    ({"input": [{"type": "function_call", "name": "f", "call_id": "c", "arguments": 5}]}, "JSON string"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]}, "JSON schema object"),
+    ({"tools": [{"type": "namespace", "name": "n", "tools": [3]}]}, "tools[0] must be an object"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "name": ["weather"]}}, "not among"),
 ])
 def test_inconsistent_requests_are_400(kw, needle):
     with pytest.raises(APIError) as e:
@@ -156,8 +179,9 @@ CUT_TURN = [ReasoningDelta("x"), ToolCallStart(0, "call_c", "weather"), ToolCall
             Finish("length"), Usage(9, 4, 0)]
 
 
-def stream_of(items, encrypt=False):
-    b = body(tools=TOOLS, include=["reasoning.encrypted_content"] if encrypt else None)
+def stream_of(items, encrypt=False, summary=None):
+    b = body(tools=TOOLS, include=["reasoning.encrypted_content"] if encrypt else None,
+             reasoning={"summary": summary})
     stream = rs.ResponseStream("glm", rs.echo_of(b))
     events = stream.start() + [ev for item in items for ev in stream.feed(item)]
     for name, data in events:  # every event is exactly one of the SDK's own types
@@ -186,6 +210,24 @@ def test_stream_events_for_text_and_reasoning():
     assert final.tools[0].name == "weather"
     ids = {d["item_id"] for n, d in events if "item_id" in d}
     assert ids == {d["item"]["id"] for d in done}
+
+
+def test_reasoning_is_mirrored_into_the_summary_when_one_is_asked_for():
+    """Codex asks for summary "auto" and shows summaries: the thinking streams as both; sent back, it counts once."""
+    events = stream_of(TEXT_TURN, summary="auto")
+    assert [n for n, _ in events][2:13] == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_summary_part.added",
+        "response.reasoning_text.delta", "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"]
+    final = Response.model_validate(events[-1][1]["response"])
+    item = final.output[0]
+    assert item.summary[0].text == item.content[0].text == "Hmm." and final.reasoning.summary == "auto"
+    turn = rs.to_turn(body(input=[{"role": "user", "content": "q"}, item.model_dump(), final.output[1].model_dump()]))
+    assert turn.messages[1]["reasoning_content"] == "Hmm."
+    cut = stream_of([ReasoningDelta("x"), Finish("length"), Usage(3, 1, 0)], summary="detailed")
+    assert cut[-2][1]["item"]["summary"] == [{"type": "summary_text", "text": "x"}]
+    assert [d.get("status") for n, d in cut if n == "response.reasoning_summary_part.done"] == ["incomplete"]
 
 
 def test_stream_events_for_function_calls():
@@ -262,7 +304,7 @@ class BrokenBackend(FakeBackend):
 
 def test_sdk_against_scripted_backend_errors_and_disconnect():
     backend = FakeBackend(delay=0.05, tokens=40)
-    with ThreadServer(create_app(backend, ServerConfig(model_id="glm", api_key=KEY))) as srv:
+    with ThreadServer(create_app(backend, ServerConfig(model_id="glm", api_key=KEY, max_queue=0))) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="bad", max_retries=0).responses.create(
@@ -276,11 +318,12 @@ def test_sdk_against_scripted_backend_errors_and_disconnect():
             for line in r.iter_lines():
                 if "response.output_text.delta" in line:
                     break
-        deadline = threading.Event()
-        for _ in range(100):
-            if backend.cancelled:
-                break
-            deadline.wait(0.05)
+            with pytest.raises(openai.RateLimitError) as e:  # one running, no queue: the next one is refused
+                client.responses.create(model="glm", input="me too")
+            assert int(e.value.response.headers["retry-after"]) >= 1 and e.value.code == "queue_full"
+        deadline = time.monotonic() + 10
+        while not backend.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert backend.cancelled == 1 and backend.finished == 0
     with ThreadServer(create_app(BrokenBackend(), ServerConfig(model_id="glm"))) as srv:
         client = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
@@ -302,7 +345,7 @@ def server(gguf_factory):
 
 
 def client_of(srv, key=KEY):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=300)  # 2 busy cores
 
 
 def test_live_plain_and_streamed_text_agree(server):
@@ -349,7 +392,8 @@ def test_live_forced_call_then_tool_result_round_trip_reuses_cache(server):
 
 
 def test_live_streamed_required_call(server):
-    with client_of(server).responses.stream(model="model.gguf", input="Oslo, 2 days", tools=TOOLS,
+    hosted = [{"type": "web_search", "external_web_access": False}]  # Codex sends it; only OpenAI can run it
+    with client_of(server).responses.stream(model="model.gguf", input="Oslo, 2 days", tools=TOOLS + hosted,
                                             tool_choice="required", max_output_tokens=200, **NO_THINK,
                                             **GREEDY) as stream:
         events = list(stream)
@@ -360,14 +404,17 @@ def test_live_streamed_required_call(server):
     call = next(o for o in final.output if o.type == "function_call")
     jsonschema.validate(json.loads(call.arguments), SCHEMA)
     assert call.arguments == done.arguments and call.id == done.item_id
+    assert "ignoring non-function tools (hosted or custom): web_search" in server.output()
 
 
 def test_live_reasoning_on_and_off(server):
     client = client_of(server)
     on = client.responses.create(model="model.gguf", input="Think first", max_output_tokens=16,
-                                 reasoning={"effort": "high"}, include=["reasoning.encrypted_content"], **GREEDY)
+                                 reasoning={"effort": "high", "summary": "auto"},
+                                 include=["reasoning.encrypted_content"], **GREEDY)
     reasoning = on.output[0]
     assert reasoning.type == "reasoning" and reasoning.content[0].type == "reasoning_text"
+    assert reasoning.summary[0].text == reasoning.content[0].text
     assert reasoning.content[0].text and reasoning.encrypted_content.startswith(rs.ENCRYPTED_PREFIX)
     assert 0 < on.usage.output_tokens_details.reasoning_tokens <= on.usage.output_tokens
     off = client.responses.create(model="model.gguf", input="Think first", max_output_tokens=16,
@@ -419,3 +466,17 @@ def test_live_errors_in_the_sdks_types(server):
         client.responses.create(model="model.gguf", input="word " * 3000, max_output_tokens=2)
     assert e.value.code == "context_length_exceeded" and "2048" in e.value.message
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def responses_schema(server):
+    return schemathesis.openapi.from_url(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+
+
+@schemathesis.pytest.from_fixture("responses_schema").include(path="/v1/responses").parametrize()
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_schemathesis_responses_no_5xx(case, server):
+    if isinstance(case.body, dict):  # keep each generation short; every other field stays fuzzed
+        case.body["max_output_tokens"] = 4
+    response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"

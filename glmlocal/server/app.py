@@ -359,6 +359,7 @@ async def _responses_events(ticket: Ticket, run: Callable, stream: rs.ResponseSt
 
 def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
     scheduler: Scheduler = app.state.scheduler
+    warned: set[tuple[str, ...]] = set()  # agents send the same hosted tools every turn: say it once
 
     @app.post("/responses", include_in_schema=False)
     @app.post("/v1/responses", tags=["openai"])
@@ -366,8 +367,9 @@ def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         """OpenAI Responses API (Codex CLI's `wire_api = "responses"`), streamed (SSE) or not; stateless."""
         _check_model(config, body.model)
         turn = rs.to_turn(body, default_thinking=config.default_thinking)
-        if ignored := rs.ignored_tools(body):
-            log.info("/v1/responses: ignoring tools this server cannot run: %s", ", ".join(ignored))
+        if (ignored := tuple(rs.ignored_tools(body))) and ignored not in warned and len(warned) < 64:
+            warned.add(ignored)
+            log.warning("/v1/responses: ignoring non-function tools (hosted or custom): %s", ", ".join(ignored))
         await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, cancel)

@@ -3,12 +3,14 @@
 Pure translation, no I/O. Codex CLI (`wire_api = "responses"`) and other newer agents speak this API. The
 server is stateless: the client resends the whole conversation as `input` items each turn (as Codex does with
 `store = false`), `store` is ignored and `previous_response_id` / `item_reference` are refused with a 400.
-Only function tools can run here; OpenAI's hosted tools (web_search, file_search, ...) and Codex's
-local_shell / custom tools are dropped from the prompt (`ignored_tools` names them, the app logs it).
+Only function tools run here (a `namespace`'s functions are flattened in, and their calls carry `namespace`);
+OpenAI's hosted tools (web_search, file_search, ...) and custom/local_shell tools are dropped from the prompt
+(`ignored_tools` names them; the app logs it once).
 
-Reasoning items carry GLM's thinking as `content: [{type: reasoning_text}]`. When the client asks for
-`include: ["reasoning.encrypted_content"]` (Codex does), the same text also travels in `encrypted_content`
-- base64, not encrypted: this is a local server - so it comes back even from clients that only echo that field.
+Reasoning items carry GLM's thinking as `content: [{type: reasoning_text}]`, mirrored into `summary` when the
+request asks for one (Codex sends summary "auto" and shows summaries). With `include:
+["reasoning.encrypted_content"]` (Codex sends it) the text also travels in `encrypted_content` - base64, not
+encrypted: this is a local server - so it comes back even from clients that only echo that field.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import binascii
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,11 +97,22 @@ def _decode_reasoning(blob: Any) -> str:
         return ""
 
 
+def _text(value: Any) -> str:
+    """Content (a string, or a list of parts) as text; refusal parts count as text; other values as JSON."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False)
+    parts = [{"type": "text", "text": p.get("refusal") or p.get("text")}
+             if isinstance(p, dict) and p.get("type") == "refusal" else p for p in value]
+    return text_of([p for p in parts if isinstance(p, (dict, str))])
+
+
 def reasoning_text(item: dict) -> str:
     """The readable thinking of a reasoning item sent back: its content, else its summary, else our blob."""
     for key, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
-        texts = [str(p.get("text") or "") for p in item.get(key) or [] if isinstance(p, dict)
-                 and p.get("type", kind) == kind]
+        parts = item.get(key) if isinstance(item.get(key), list) else []
+        texts = [str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type", kind) == kind]
         if any(texts):
             return "\n".join(t for t in texts if t)
     return _decode_reasoning(item.get("encrypted_content"))
@@ -139,9 +152,9 @@ class _History:
         elif kind == "function_call_output":
             if not item.get("call_id"):
                 raise _bad(f"input[{i}]: function_call_output needs a call_id")
-            self._other({"role": "tool", "tool_call_id": str(item["call_id"]), "content": text_of(item.get("output"))})
+            self._other({"role": "tool", "tool_call_id": str(item["call_id"]), "content": _text(item.get("output"))})
         elif kind == "reasoning":
-            self.open, self.reasoning = False, reasoning_text(item)
+            self.open, self.reasoning = False, reasoning_text(item) or None  # unreadable: as if absent
         elif kind == "item_reference":
             raise _bad(f"input[{i}]: " + STATELESS.format(what="item references"))
         else:
@@ -154,11 +167,9 @@ class _History:
             raise _bad(f"input[{i}]: message role {role!r} is not one of user, system, developer, assistant")
         if content is not None and not isinstance(content, (str, list)):
             raise _bad(f"input[{i}]: message content must be a string or a list of content parts")
-        parts = content if isinstance(content, list) else []
-        if any(not isinstance(p, dict) for p in parts):
+        if isinstance(content, list) and any(not isinstance(p, dict) for p in content):
             raise _bad(f"input[{i}]: each content part must be an object")
-        text = text_of([{**p, "type": "text"} if p.get("type") == "refusal" else p for p in parts]
-                       if isinstance(content, list) else content)
+        text = _text(content)
         if role == "assistant":
             msg = self._assistant(new=True)
             msg["content"] = text
@@ -168,6 +179,8 @@ class _History:
     def _call(self, i: int, item: dict) -> None:
         if not item.get("name") or not item.get("call_id"):
             raise _bad(f"input[{i}]: function_call needs a name and a call_id")
+        if not isinstance(item.get("arguments"), (str, dict, type(None))):
+            raise _bad(f"input[{i}]: function_call arguments must be a JSON string")
         msg = self._assistant(new=False)
         msg.setdefault("tool_calls", []).append(
             {"id": str(item["call_id"]), "type": "function",
@@ -190,9 +203,11 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
 def _function(i: int, t: dict) -> dict:
     if not isinstance(t.get("name"), str) or not t["name"]:
         raise _bad(f"tools[{i}]: a function tool needs a name", "tools")
+    if not isinstance(t.get("parameters"), (dict, type(None))):
+        raise _bad(f"tools[{i}]: parameters must be a JSON schema object", "tools")
     fn = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object", "properties": {}}}
     if t.get("description"):
-        fn["description"] = t["description"]
+        fn["description"] = str(t["description"])
     return {"type": "function", "function": fn}
 
 
@@ -201,6 +216,8 @@ def _function_tools(tools: list[dict] | None) -> tuple[list[dict], list[str], di
     tool dicts; the names of the tools dropped; function name -> namespace for the calls we answer."""
     out, ignored, namespaces = [], [], {}
     for i, t in enumerate(tools or []):
+        if not isinstance(t, dict):
+            raise _bad(f"tools[{i}] must be an object", "tools")
         if t.get("type") == "function":
             out.append(_function(i, t))
         elif t.get("type") == "namespace" and isinstance(t.get("tools"), list):
@@ -231,7 +248,7 @@ def _tool_choice(choice: str | dict | None, tools: list[dict]) -> Any:
     if choice == "required":
         return "required"
     if isinstance(choice, dict) and choice.get("type") == "function":
-        if choice.get("name") not in {t["function"]["name"] for t in tools}:
+        if not isinstance(choice.get("name"), str) or choice["name"] not in {t["function"]["name"] for t in tools}:
             raise _bad(f"tool_choice names {choice.get('name')!r}, which is not among the function tools",
                        "tool_choice")
         return {"type": "function", "function": {"name": choice["name"]}}
@@ -287,7 +304,8 @@ def echo_of(body: ResponsesRequest) -> dict:
         "top_p": body.top_p, "tool_choice": body.tool_choice or "auto",
         "tools": [t for t in body.tools or [] if t.get("type") in ("function", "namespace")],
         "text": {"format": (body.text.format if body.text else None) or {"type": "text"}},
-        "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+        "reasoning": {"effort": body.reasoning.effort if body.reasoning else None,
+                      "summary": body.reasoning.summary if body.reasoning else None},
         "encrypt_reasoning": "reasoning.encrypted_content" in (body.include or []),
         "namespaces": _function_tools(body.tools)[2],
     }
@@ -316,12 +334,15 @@ class _Output:
         self.id, self.model, self.created = _new_id("resp"), model, int(time.time())
         self.echo = {k: v for k, v in echo.items() if k not in ("encrypt_reasoning", "namespaces")}
         self.encrypt = bool(echo.get("encrypt_reasoning"))
+        # A summary was asked for (Codex sends "auto"): clients show summaries, so the thinking goes there too.
+        self.summarize = bool((echo.get("reasoning") or {}).get("summary"))
         self.namespaces: dict[str, str] = echo.get("namespaces") or {}
         self.items: list[dict] = []  # finished output items, in output order
         self.reason: str | None = None
 
     def reasoning_item(self, item_id: str, text: str, status: str) -> dict:
-        item = {"id": item_id, "type": "reasoning", "summary": [],
+        summary = [{"type": "summary_text", "text": text}] if self.summarize else []
+        item = {"id": item_id, "type": "reasoning", "summary": summary,
                 "content": [{"type": "reasoning_text", "text": text}], "status": status}
         if self.encrypt:
             item["encrypted_content"] = encode_reasoning(text)
@@ -353,55 +374,6 @@ class _Output:
 
     def final(self, usage: Usage) -> dict:
         return self.response("incomplete" if self.truncated else "completed", usage)
-
-
-class ResponseAggregate(_Output):
-    """Collects the backend's items into one non-streamed Response object."""
-
-    def __init__(self, model: str, echo: dict):
-        super().__init__(model, echo)
-        self.kind: str | None = None
-        self.text: list[str] = []
-        self.usage = Usage()
-
-    def _flush(self) -> None:
-        text = "".join(self.text)
-        if self.kind == "reasoning":
-            self.items.append(self.reasoning_item(_new_id("rs"), text, "completed"))
-        elif self.kind == "message":
-            self.items.append(self.message_item(_new_id("msg"), text, "completed"))
-        self.kind, self.text = None, []
-
-    def _append(self, kind: str, text: str) -> None:
-        if self.kind != kind:
-            self._flush()
-            self.kind = kind
-        self.text.append(text)
-
-    def feed(self, item: Any) -> None:
-        if isinstance(item, ReasoningDelta) and item.text:
-            self._append("reasoning", item.text)
-        elif isinstance(item, ContentDelta) and item.text:
-            self._append("message", item.text)
-        elif isinstance(item, ToolCallStart):
-            self._flush()  # the text before a call is finished even if the call is then cut off
-        elif isinstance(item, ToolCallEnd):  # only completed calls count (see glm/events.py)
-            args = json.dumps(item.arguments, ensure_ascii=False)
-            self.items.append(self.call_item(_new_id("fc"), item.id or _new_id("call"), item.name, args,
-                                             "completed"))
-        elif isinstance(item, Finish):
-            self.reason = item.reason
-        elif isinstance(item, Usage):
-            self.usage = item
-
-    def response_json(self) -> dict:
-        if self.truncated and self.kind is not None:
-            kind, text = self.kind, "".join(self.text)
-            self.kind = None
-            make = self.reasoning_item if kind == "reasoning" else self.message_item
-            self.items.append(make(_new_id("rs" if kind == "reasoning" else "msg"), text, "incomplete"))
-        self._flush()
-        return self.final(self.usage)
 
 
 class ResponseStream(_Output):
@@ -452,19 +424,29 @@ class ResponseStream(_Output):
                                                                              {"logprobs": []})
             out = [self._event(done[0], **where, content_index=0, text=text, **done[1]),
                    self._event("response.content_part.done", **where, content_index=0, part=part)]
+            if reasoning and self.summarize:
+                out += self._summary_done(where, item["summary"][0], status)
         out.append(self._event("response.output_item.done", output_index=where["output_index"], item=item))
         if status == "completed" or self.kind != "function_call":  # a call cut off by the limit is not kept
             self.items.append(item)
         self.kind = None
         return out
 
+    def _summary_done(self, where: dict, part: dict, status: str) -> list[tuple[str, dict]]:
+        cut = {"status": "incomplete"} if status == "incomplete" else {}
+        return [self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=part["text"]),
+                self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part, **cut)]
+
     def _text(self, kind: str, text: str) -> list[tuple[str, dict]]:
         out: list[tuple[str, dict]] = []
         if self.kind != kind:
             if kind == "reasoning":
                 item = self.reasoning_item(_new_id("rs"), "", "in_progress")
-                item["content"] = []
+                item["content"], item["summary"] = [], []
                 out = self._open(kind, item, {"type": "reasoning_text", "text": ""})
+                if self.summarize:
+                    out.append(self._event("response.reasoning_summary_part.added", **self._where(),
+                                           summary_index=0, part={"type": "summary_text", "text": ""}))
             else:
                 item = self.message_item(_new_id("msg"), "", "in_progress")
                 item["content"] = []
@@ -472,7 +454,11 @@ class ResponseStream(_Output):
         self.text.append(text)
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
         extra = {} if kind == "reasoning" else {"logprobs": []}
-        return out + [self._event(name, **self._where(), content_index=0, delta=text, **extra)]
+        out.append(self._event(name, **self._where(), content_index=0, delta=text, **extra))
+        if kind == "reasoning" and self.summarize:
+            out.append(self._event("response.reasoning_summary_text.delta", **self._where(), summary_index=0,
+                                   delta=text))
+        return out
 
     def feed(self, item: Any) -> list[tuple[str, dict]]:
         if isinstance(item, ReasoningDelta) and item.text:
@@ -509,6 +495,24 @@ class ResponseStream(_Output):
         failed = self.response("failed", error={"code": code, "message": message})
         return [self._event("error", code=code, message=message, param=error.get("param")),
                 self._event("response.failed", response=failed)]
+
+
+class ResponseAggregate:
+    """Collects the backend's items into one non-streamed Response object: the final snapshot of the same
+    event stream a streaming client gets, so both shapes agree by construction."""
+
+    def __init__(self, model: str, echo: dict):
+        self.stream = ResponseStream(model, echo)
+        self.stream.start()
+        self.final: dict | None = None
+
+    def feed(self, item: Any) -> None:
+        for name, data in self.stream.feed(item):
+            if name in ("response.completed", "response.incomplete"):
+                self.final = data["response"]
+
+    def response_json(self) -> dict:
+        return self.final or self.stream.final(Usage())
 
 
 def sse(event: str, data: dict) -> bytes:
