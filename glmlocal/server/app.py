@@ -242,20 +242,33 @@ def _sse_data(obj: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # OpenAI
 # ---------------------------------------------------------------------------------------------
-async def _openai_events(ticket: Ticket, run: Callable, feed: Callable, first: list[dict],
-                         config: ServerConfig) -> AsyncIterator[bytes]:
-    yield b"".join(_sse_data(c) for c in first)
+async def _sse_stream(ticket: Ticket, run: Callable, config: ServerConfig, *, first: bytes,
+                      frames: Callable[[Any], bytes], ping: bytes, on_error: Callable[[Exception], bytes],
+                      last: bytes = b"") -> AsyncIterator[bytes]:
+    """One SSE response in some API's shape: its opening frames, each batch of turn items as frames (a ping
+    while nothing comes), its closing frame; after the 200 went out, errors travel in-band (the SDKs raise
+    them). The ticket is released however the stream ends, a client that left included."""
+    yield first
     try:
         async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
-            out = b"".join(_sse_data(c) for item in batch for c in feed(item))
-            yield out or (b"" if batch else b": ping\n\n")
-        yield b"data: [DONE]\n\n"
+            out = b"".join(frames(item) for item in batch)
+            yield out or (b"" if batch else ping)
+        if last:
+            yield last
     except ClientGone:
         return
-    except Exception as exc:  # noqa: BLE001 - after the 200 went out, errors travel in the stream (the SDK raises them)
-        yield _sse_data(from_exception(exc).openai_body())
+    except Exception as exc:  # noqa: BLE001 - reported in the stream, in the API's own error shape
+        yield on_error(exc)
     finally:
         ticket.close()
+
+
+def _openai_events(ticket: Ticket, run: Callable, feed: Callable, first: list[dict],
+                   config: ServerConfig) -> AsyncIterator[bytes]:
+    return _sse_stream(ticket, run, config, first=b"".join(_sse_data(c) for c in first),
+                       frames=lambda item: b"".join(_sse_data(c) for c in feed(item)), ping=b": ping\n\n",
+                       on_error=lambda exc: _sse_data(from_exception(exc).openai_body()),
+                       last=b"data: [DONE]\n\n")
 
 
 def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
@@ -298,19 +311,12 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
 # ---------------------------------------------------------------------------------------------
 # Anthropic
 # ---------------------------------------------------------------------------------------------
-async def _anthropic_events(ticket: Ticket, run: Callable, stream: an.MessageStream,
-                            config: ServerConfig) -> AsyncIterator[bytes]:
-    yield b"".join(an.sse(name, data) for name, data in stream.start())
-    try:
-        async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
-            out = b"".join(an.sse(name, data) for item in batch for name, data in stream.feed(item))
-            yield out or (b"" if batch else an.sse("ping", {"type": "ping"}))
-    except ClientGone:
-        return
-    except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
-        yield an.sse("error", from_exception(exc).anthropic_body())
-    finally:
-        ticket.close()
+def _anthropic_events(ticket: Ticket, run: Callable, stream: an.MessageStream,
+                      config: ServerConfig) -> AsyncIterator[bytes]:
+    return _sse_stream(ticket, run, config, first=b"".join(an.sse(name, data) for name, data in stream.start()),
+                       frames=lambda item: b"".join(an.sse(name, data) for name, data in stream.feed(item)),
+                       ping=an.sse("ping", {"type": "ping"}),
+                       on_error=lambda exc: an.sse("error", from_exception(exc).anthropic_body()))
 
 
 def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
@@ -342,19 +348,14 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
 # ---------------------------------------------------------------------------------------------
 # OpenAI Responses
 # ---------------------------------------------------------------------------------------------
-async def _responses_events(ticket: Ticket, run: Callable, stream: rs.ResponseStream,
-                            config: ServerConfig) -> AsyncIterator[bytes]:
-    yield b"".join(rs.sse(name, data) for name, data in stream.start())
-    try:
-        async for batch in ticket.stream(run, heartbeat=config.heartbeat_s, coalesce=config.coalesce_s):
-            out = b"".join(rs.sse(name, data) for item in batch for name, data in stream.feed(item))
-            yield out or (b"" if batch else b": ping\n\n")
-    except ClientGone:
-        return
-    except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
-        yield b"".join(rs.sse(name, data) for name, data in stream.fail(from_exception(exc).openai_body()["error"]))
-    finally:
-        ticket.close()
+def _responses_events(ticket: Ticket, run: Callable, stream: rs.ResponseStream,
+                      config: ServerConfig) -> AsyncIterator[bytes]:
+    def frames(events) -> bytes:
+        return b"".join(rs.sse(name, data) for name, data in events)
+
+    return _sse_stream(ticket, run, config, first=frames(stream.start()), frames=lambda item: frames(stream.feed(item)),
+                       ping=b": ping\n\n",
+                       on_error=lambda exc: frames(stream.fail(from_exception(exc).openai_body()["error"])))
 
 
 def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
