@@ -5,7 +5,6 @@ Usage: python bench/glm_template.py [turns]
 
 from __future__ import annotations
 
-import sys
 import time
 
 from glmlocal.glm import ChatTemplate
@@ -36,7 +35,11 @@ def best_of(fn, repeat: int = 5, number: int = 20) -> float:
 
 
 def main() -> None:
-    turns = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("turns", type=int, nargs="?", default=50, help="conversation length (default 50)")
+    turns = ap.parse_args().turns
     msgs = conversation(turns)
     for family in ("glm45", "glm47"):
         tpl = ChatTemplate.builtin(family)

@@ -361,8 +361,7 @@ def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
     host, port = parse_endpoint(endpoint)
     if not _reachable(host, port, timeout):
         raise EngineError(f"no RPC server answers at {endpoint}",
-                          hint="start one there (llama.cpp's rpc-server, or `python -m glmlocal.llama_ffi "
-                               "rpc-server HOST:PORT`)")
+                          hint="start one there: `glmlocal rpc-server HOST:PORT` (or llama.cpp's rpc-server)")
     llama_cpp.llama_backend_init()
     reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
     if not reg:
