@@ -262,6 +262,8 @@ def probe(overrides: Overrides | None = None, *, nvml=None,
             gpus = [replace(g, bandwidth=ov.gpu_bw_gbs * 1e9) for g in gpus]
         gpus = rpc_gpus(ov.rpc_devices, ov.gpu_bw_gbs) + [replace(g, device=g.device_name) for g in gpus]
     cores = ov.cores or physical_cores()
+    if not ov.cores and ov.ram:  # planning for another machine: our core count says little about it
+        notes.append(f"threads {cores} (this machine's physical cores); set --threads for the machine you plan for")
     if ov.ram:
         ram_total = ram_avail = parse_size(ov.ram)
     else:

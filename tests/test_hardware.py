@@ -53,6 +53,8 @@ def test_overrides_describe_a_machine_we_do_not_have():
     assert hw.ram_total == hw.ram_available == 128 * GIB and hw.cores == 16 and hw.cpu_bandwidth == 200e9
     hw = probe(Overrides(gpu_mem="24GiB", ram="64GiB"))
     assert hw.cpu_bandwidth == DEFAULT_CPU_BW and any("assumed" in n for n in hw.notes)
+    assert any(n.startswith(f"threads {hw.cores} (this machine's") and "--threads" in n for n in hw.notes)
+    assert not any(n.startswith("threads") for n in probe(Overrides(ram="64GiB", cores=8)).notes)
 
 
 def test_cpu_only_and_real_ram_probe():
