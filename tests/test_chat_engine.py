@@ -270,7 +270,7 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     try:
         wait_for(r"^› ")
         for attempt in range(3):  # a random model may end its answer by itself before the key arrives
-            child.send("Tell me a long story\r")
+            child.send(f"Tell me a long story, take {attempt}\r")  # distinct: prompt_toolkit skips repeats
             wait_for(r"answering|thinking")
             child.sendcontrol("c")
             wait_for(r"tok/s · first token")
@@ -285,11 +285,12 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
-    assert (tmp_path / "home" / "chat_history").read_text().count("Tell me a long story") == attempt + 1
+    history = (tmp_path / "home" / "chat_history").read_text()
+    assert all(f"+Tell me a long story, take {i}\n" in history for i in range(attempt + 1))
     # the chat autosaved; a script can continue it
     (saved,) = (tmp_path / "home" / "chats").glob("*.json")
     before = json.loads(saved.read_text())["messages"]
-    assert before[0] == {"role": "user", "content": "Tell me a long story"}
+    assert before[0] == {"role": "user", "content": "Tell me a long story, take 0"}
     more = run_cli([gguf, "--ctx", "2048", "--max-tokens", "4", "--resume"], "And then?", tmp_path)
     assert more.returncode == 0, more.stderr
     after = json.loads(saved.read_text())["messages"]
