@@ -223,6 +223,9 @@ class Engine:
         if bad:
             raise InputError(f"token id {bad[0]} outside the vocabulary of {self.n_vocab}")
         sampling = sampling or Sampling()
+        bad = [t for t in sampling.logit_bias if not 0 <= t < self.n_vocab]
+        if bad:  # llama.cpp would silently ignore them
+            raise InputError(f"logit_bias: token id {bad[0]} outside the vocabulary of {self.n_vocab}")
         C.llama_sampler_free(self._sampler(sampling, grammar))  # validate the grammar eagerly
         limit = room if max_tokens is None else max_tokens
         return self._run(prompt, sampling, grammar, limit, cancel, want_logits)

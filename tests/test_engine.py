@@ -297,3 +297,15 @@ def test_one_generation_at_a_time(engine):
     first.close()  # closing a stream early releases the lock
     t.join(30)
     assert done.is_set() and result["outs"][-1].finish_reason in ("stop", "length")
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused_before_generation(engine):
+    """llama.cpp ignores bias entries for ids it does not have; a client sending one has a bug worth hearing."""
+    prompt = _prompt(engine, "Hello")
+    for bad in (engine.n_vocab, -1):
+        with pytest.raises(InputError, match=f"logit_bias: token id {bad} outside the vocabulary of {engine.n_vocab}"):
+            engine.generate(prompt, replace(GREEDY, logit_bias={bad: 5.0}), max_tokens=2)
+    outs, _ = _run(engine, prompt, max_tokens=1)
+    banned = outs[0].token  # the greedy pick
+    outs, _ = _run(engine, prompt, replace(GREEDY, logit_bias={banned: float("-inf")}), max_tokens=1)
+    assert outs[0].token is not None and outs[0].token != banned  # an in-range bias still works

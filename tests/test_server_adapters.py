@@ -318,6 +318,10 @@ def test_context_overflow_speaks_each_apis_language():
     assert err.openai_body()["error"]["code"] == "context_length_exceeded"
     # Claude Code recognises Anthropic's own wording and offers /compact
     assert err.anthropic_body()["error"]["message"].startswith("prompt is too long: 5000 tokens > 4095 maximum")
+    # no max_tokens in the request: say the prompt leaves no room, not "asks for 0 more"
+    assert "5000 prompt tokens and leaves no room for an answer" in err.openai_body()["error"]["message"]
+    asked = from_exception(ContextOverflowError(4000, 200, 4096)).openai_body()["error"]["message"]
+    assert "4000 prompt tokens and asks for 200 more" in asked
 
 
 @pytest.mark.parametrize("fields", [

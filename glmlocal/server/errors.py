@@ -78,10 +78,11 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextOverflowError):
         hint = "Shorten the conversation or restart the server with a larger --ctx."
+        asks = f"asks for {exc.max_tokens} more" if exc.max_tokens else "leaves no room for an answer"
         return APIError(
             400,
             f"This model's maximum context length is {exc.n_ctx} tokens; the request has {exc.prompt_tokens} "
-            f"prompt tokens and asks for {exc.max_tokens} more. {hint}",
+            f"prompt tokens and {asks}. {hint}",
             param="messages",
             code="context_length_exceeded",
             # Anthropic's wording: Claude Code recognises it as context overflow (offers /compact).
