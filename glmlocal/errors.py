@@ -50,6 +50,10 @@ class HubError(GlmlocalError):
     """Download failures: missing/gated repository, no token, network failure, corrupt file."""
 
 
+class RepoNotFoundError(HubError):
+    """The hub has no such repository (or hides a private one from us)."""
+
+
 class ContextOverflowError(GlmlocalError):
     def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int):
         super().__init__(

@@ -32,7 +32,7 @@ from huggingface_hub import (
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from glmlocal.errors import DiskSpaceError, HubError
+from glmlocal.errors import DiskSpaceError, HubError, RepoNotFoundError
 from glmlocal.store import Store, free_bytes
 
 READ_CHUNK = 1 << 20
@@ -179,7 +179,7 @@ class HubClient:
             return HubError(f"{path or 'file'} not found in {repo} at {revision or 'main'}")
         if isinstance(e, hf_errors.RepositoryNotFoundError):
             extra = "" if self.token else "; if it is private, set HF_TOKEN"
-            return HubError(f"repository {repo} not found on {self.endpoint}{extra}")
+            return RepoNotFoundError(f"repository {repo} not found on {self.endpoint}{extra}")
         if isinstance(e, hf_errors.HfHubHTTPError):
             status = e.response.status_code if e.response is not None else "?"
             if status == 401:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from glmlocal import registry
-from glmlocal.errors import HubError, InputError
+from glmlocal.errors import HubError, InputError, RepoNotFoundError
 from glmlocal.hub import (
     Callback,
     FileDone,
@@ -385,7 +385,15 @@ def _source_listing(spec, quant: str, revision: str | None, requested: str | Non
         dtype = choose_source(spec, quant, {}, requested)
         return dtype, client.listing(spec.sources[dtype], revision)
     # --revision names a commit or branch of one repository; with two candidate repos it applies to both.
-    listings = {d: client.listing(repo, revision) for d, repo in spec.sources.items()}
+    # A mirror (HF_ENDPOINT) may carry only one of them: use what exists.
+    listings, missing = {}, []
+    for d, repo in spec.sources.items():
+        try:
+            listings[d] = client.listing(repo, revision)
+        except RepoNotFoundError as e:
+            missing.append(e)
+    if not listings:
+        raise missing[0]
     dtype = choose_source(spec, quant, listings, None)
     return dtype, listings[dtype]
 

@@ -61,6 +61,17 @@ def test_pull_from_source_prefers_fp8_and_matches_direct_conversion(fakehub, ckp
     assert "deleted the source checkpoint" in err and "done" in err
 
 
+def test_pull_from_source_uses_the_bf16_repo_when_a_mirror_lacks_the_fp8_one(fakehub, ckpt_factory):
+    fakehub.add_dir("zai-org/GLM-4.6", ckpt_factory("tiny"))  # no zai-org/GLM-4.6-FP8 on this hub
+    code, out, err = _cli("pull", "glm-4.6", "--quant", "q6_k", "--from-source")
+    assert code == 0, err
+    assert Store().read_manifest("glm-4.6", "q6_k").source["dtype"] == "bf16"
+    assert {repo for repo, _ in fakehub.bytes_sent} == {"zai-org/GLM-4.6"}
+    # asked for explicitly, the missing repository is still an error
+    code, _, err = _cli("pull", "glm-4.6", "--quant", "q4_k_m", "--from-source", "--source", "fp8")
+    assert code != 0 and "repository zai-org/GLM-4.6-FP8 not found" in err
+
+
 def test_pull_without_published_gguf_converts_bf16_and_keeps_source(fakehub, ckpt_factory):
     bf16 = ckpt_factory("tiny")
     fakehub.add_dir("zai-org/GLM-4.5-Air-Base", bf16)  # glm-4.5-air-base: no published GGUF in models.toml
