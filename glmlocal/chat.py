@@ -78,7 +78,9 @@ class ChatREPL:
                 if not self.handle(line):
                     break
             except KeyboardInterrupt:  # Ctrl-C outside a generation (e.g. during /load): back to the prompt
-                self.console.print(Text("interrupted", style="yellow"))
+                self.take_back_user_message()  # never leave a user message without its answer
+                retry = "; /retry sends your message again" if self.pending else ""
+                self.console.print(Text(f"interrupted{retry}", style="yellow"))
             self.save_auto()
         if self.autosave is not None and self.conv.messages:
             self.console.print(Text(f"conversation saved to {self.autosave} (--resume continues it)", "dim"))
@@ -141,26 +143,30 @@ class ChatREPL:
                 return
 
     def stream_turn(self) -> TurnRecord | None:
-        """One model turn on screen. Returns None when it failed (the error was shown)."""
+        """One model turn on screen. Returns None when it failed (the error was shown).
+
+        Ctrl-C cancels the turn from before the live view starts until the status line is printed (it never
+        raises in between, which could leave a spinner on screen or a turn half recorded)."""
         cancel = threading.Event()
         view = TurnView(self.console, show_thinking=self.show_thinking, thinking_tokens=self.runner.thinking_tokens)
-        try:
-            with quiet_tty(), view, cancel_on_sigint(cancel):
-                record = self.runner.run(cancel, view.on_event)
-                view.finish(record.reason)  # idempotent; covers a session that ends without Finish
-        except ContextOverflowError as e:
-            self.on_overflow(e)
-            return None
-        except GlmlocalError as e:
-            self.take_back_user_message()
-            self.console.print(Text(f"error: {e.one_line()}", style="red"))
-            return None
-        except Exception as e:  # a bug must not cost the user the conversation
-            self.take_back_user_message()
-            self.console.print(Text(f"internal error: {type(e).__name__}: {e} (the conversation is kept; "
-                                    "/save it and report the bug)", style="red"))  # fmt: skip
-            return None
-        return self.keep(record)
+        with cancel_on_sigint(cancel):
+            try:
+                with quiet_tty(), view:
+                    record = self.runner.run(cancel, view.on_event)
+                    view.finish(record.reason)  # idempotent; covers a session that ends without Finish
+            except ContextOverflowError as e:
+                self.on_overflow(e)
+                return None
+            except GlmlocalError as e:
+                self.take_back_user_message()
+                self.console.print(Text(f"error: {e.one_line()}", style="red"))
+                return None
+            except Exception as e:  # a bug must not cost the user the conversation
+                self.take_back_user_message()
+                self.console.print(Text(f"internal error: {type(e).__name__}: {e} (the conversation is kept; "
+                                        "/save it and report the bug)", style="red"))  # fmt: skip
+                return None
+            return self.keep(record)
 
     def keep(self, record: TurnRecord) -> TurnRecord:
         """Store the assistant message (also a partial, interrupted one) and show the status line."""

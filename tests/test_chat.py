@@ -107,7 +107,7 @@ class FakeSession:
         n = 0
         for ev in self.scripts.pop(0):
             time.sleep(self.delay)
-            if isinstance(ev, Exception):
+            if isinstance(ev, BaseException):  # KeyboardInterrupt too: a Ctrl-C that escaped the handler
                 raise ev
             if ev == "SIGINT":
                 os.kill(os.getpid(), signal.SIGINT)
@@ -215,6 +215,15 @@ def test_ctrl_c_before_any_output_takes_the_message_back_for_retry():
     assert "nothing was generated" in term.text() and "retried answer" in term.text()
     assert [m["role"] for m in repl.conv.messages] == ["user", "assistant"]
     assert session.calls[1]["messages"][-1]["content"] == "question"
+
+
+def test_an_interrupt_escaping_a_turn_never_leaves_an_unanswered_message():
+    """A KeyboardInterrupt that gets past the turn's SIGINT handler (a signal racing its installation)
+    must not leave the user's message in the history without an answer: it waits for /retry."""
+    session = FakeSession([ContentDelta("\nhalf"), KeyboardInterrupt()], answer("retried answer"))
+    repl, term = drive(session, "question" + ENTER + "/retry" + ENTER + CTRL_D)
+    assert "interrupted; /retry sends your message again" in term.flat() and "retried answer" in term.text()
+    assert [m["content"] for m in repl.conv.messages] == ["question", "retried answer"]
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_quits():

@@ -251,35 +251,49 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     gguf = str(gguf_factory("mid", "q4_k_m"))
     env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color",
            "PROMPT_TOOLKIT_NO_CPR": "1"}  # pyte does not answer cursor-position requests
+    rows = 200  # tall enough that nothing scrolls away: each attempt is judged by the lines below its prompt
     child = pexpect.spawn(sys.executable, ["-m", "glmlocal", "chat", gguf, "--ctx", "2048", "--no-think"],
-                          env=env, cwd=str(tmp_path), dimensions=(40, 100), encoding="utf-8", timeout=120)  # fmt: skip
-    screen = pyte.Screen(100, 40)
+                          env=env, cwd=str(tmp_path), dimensions=(rows, 100), encoding="utf-8", timeout=120)  # fmt: skip
+    screen = pyte.Screen(100, rows)
     stream = pyte.Stream(screen)
 
-    def wait_for(pattern: str, timeout: float = 120) -> None:
+    def wait_until(found, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 stream.feed(child.read_nonblocking(65536, timeout=0.2))
             except pexpect.TIMEOUT:
                 pass
-            if re.search(pattern, "\n".join(screen.display), re.M):
+            if found():
                 return
-        raise AssertionError(f"{pattern!r} never appeared:\n" + "\n".join(screen.display))
+        raise AssertionError(f"{what} never appeared:\n" + "\n".join(screen.display))
 
+    def below(marker: str) -> str:
+        """The screen from the last line containing `marker` down."""
+        lines = screen.display
+        at = max((i for i, line in enumerate(lines) if marker in line), default=None)
+        return "" if at is None else "\n".join(lines[at:])
+
+    def wait_below(marker: str, pattern: str) -> None:
+        wait_until(lambda: re.search(pattern, below(marker)), f"{pattern!r} below {marker!r}")
+
+    outcomes = {"stopped": r"stopped \(Ctrl-C\)", "ended": r"tok/s · first token", "empty": r"nothing was generated"}
     try:
-        wait_for(r"^› ")
-        for attempt in range(3):  # a random model may end its answer by itself before the key arrives
-            child.send(f"Tell me a long story, take {attempt}\r")  # distinct: prompt_toolkit skips repeats
-            wait_for(r"answering|thinking")
+        wait_until(lambda: re.search(r"^› ", "\n".join(screen.display), re.M), "the prompt")
+        for attempt in range(4):  # a random model may end its answer before the key arrives, or Ctrl-C may
+            sent = f"Tell me a long story, take {attempt}"  # land before the first token: then ask again
+            child.send(sent + "\r")  # distinct texts: prompt_toolkit's history skips a repeat
+            wait_below(sent, r"answering|thinking")
             child.sendcontrol("c")
-            wait_for(r"tok/s · first token")
-            if "stopped (Ctrl-C)" in "\n".join(screen.display):
+            wait_below(sent, "|".join(outcomes.values()))
+            if re.search(outcomes["stopped"], below(sent)):
+                wait_below(sent, outcomes["ended"])  # a stopped answer still gets its status line
                 break
         else:
             raise AssertionError("Ctrl-C never interrupted an answer")
         child.send("/stats\r")
-        wait_for(r"generated this run")
+        wait_below("/stats", r"generated this run")
+        assert "interrupted" not in "\n".join(screen.display)  # Ctrl-C never escaped a turn
         child.send("/exit\r")
         child.expect(pexpect.EOF, timeout=30)
     finally:
@@ -287,10 +301,12 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     assert child.exitstatus == 0
     history = (tmp_path / "home" / "chat_history").read_text()
     assert all(f"+Tell me a long story, take {i}\n" in history for i in range(attempt + 1))
-    # the chat autosaved; a script can continue it
+    # the chat autosaved, with no unanswered message left in it; a script can continue it
     (saved,) = (tmp_path / "home" / "chats").glob("*.json")
     before = json.loads(saved.read_text())["messages"]
-    assert before[0] == {"role": "user", "content": "Tell me a long story, take 0"}
+    assert before[0]["role"] == "user" and before[0]["content"].startswith("Tell me a long story, take ")
+    assert [m["role"] for m in before] == ["user", "assistant"] * (len(before) // 2) and len(before) % 2 == 0
+    assert before[-2]["content"] == sent  # the stopped answer is kept, with its question
     more = run_cli([gguf, "--ctx", "2048", "--max-tokens", "4", "--resume"], "And then?", tmp_path)
     assert more.returncode == 0, more.stderr
     after = json.loads(saved.read_text())["messages"]
