@@ -225,6 +225,7 @@ def serve(
 def rpc_server(
     endpoint: Annotated[str, typer.Argument(help="HOST:PORT to listen on, e.g. 0.0.0.0:50052")],
     threads: ThreadsOpt = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Keep large tensors sent by clients here, so a reload skips the transfer (llama.cpp rpc-server -c)")] = None,
 ) -> None:
     """Lend this machine's CPU to another machine's glmlocal (`--rpc HOST:PORT` there), as llama.cpp's rpc-server.
     Unauthenticated: anyone who can reach the port can use it, so bind a trusted network only."""
@@ -234,7 +235,7 @@ def rpc_server(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: {endpoint} is reachable from the network and the RPC protocol has no "
                     "authentication: use a trusted network only", fg=typer.colors.YELLOW, err=True)
-    llama_ffi.serve_rpc(endpoint, threads or 0)
+    llama_ffi.serve_rpc(endpoint, threads or 0, str(cache_dir) if cache_dir else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -417,7 +417,7 @@ class RpcServer:
         import time
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "glmlocal.llama_ffi", "rpc-server", self.endpoint, "--threads", str(self.threads)],
+            [sys.executable, "-m", "glmlocal", "rpc-server", self.endpoint, "--threads", str(self.threads)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.startup_s
         while not _reachable(self.host, self.port, 0.5):
@@ -446,16 +446,3 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m glmlocal.llama_ffi", description="ggml RPC server (CPU backend)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    srv = sub.add_parser("rpc-server", help="serve this machine's CPU backend at HOST:PORT")
-    srv.add_argument("endpoint")
-    srv.add_argument("--threads", type=int, default=0)
-    srv.add_argument("--cache-dir", default=None)
-    args = ap.parse_args()
-    serve_rpc(args.endpoint, args.threads, args.cache_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -25,28 +24,19 @@ def glmlocal(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           text=True, timeout=300, check=False, env={**__import__("os").environ, "COLUMNS": "200"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def rpc_server_process():
     """`glmlocal rpc-server 127.0.0.1:PORT` in a child process; yields (endpoint, process); after the block
-    the process has stopped and `proc.output` holds what it printed."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    the process has stopped and `proc.output` holds what it printed. (llama_ffi.RpcServer starts the same
+    command but discards its output.)"""
+    port = llama_ffi._free_port("127.0.0.1")
+    endpoint = f"127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "glmlocal", "rpc-server", endpoint, "--threads", "1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    host, port = endpoint.split(":")
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.2)
+    while not llama_ffi._reachable("127.0.0.1", port, 0.5):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
     try:
         yield endpoint, proc
     finally:
@@ -91,7 +81,7 @@ def test_chat_with_rpc_generates_through_the_remote_device(mid):
 
 
 def test_unreachable_or_malformed_rpc_endpoint_is_one_error_line(mid):
-    res = glmlocal("plan", mid, "--rpc", f"127.0.0.1:{_free_port()}", "--ctx", "1024")
+    res = glmlocal("plan", mid, "--rpc", f"127.0.0.1:{llama_ffi._free_port('127.0.0.1')}", "--ctx", "1024")
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:"), res.stderr
     assert "RPC" in res.stderr
