@@ -25,9 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glmlocal import hardware, llama_ffi, planner  # noqa: E402
-from glmlocal.engine import Engine  # noqa: E402
-from glmlocal.generation import Sampling  # noqa: E402
+from glmlocal.engine.engine import Engine  # noqa: E402
+from glmlocal.engine.generation import Sampling  # noqa: E402
+from glmlocal.llama import ggml, rpc  # noqa: E402
+from glmlocal.llama import log as llama_log  # noqa: E402
+from glmlocal.plan import hardware, planner  # noqa: E402
+from glmlocal.plan.options import PlanOptions  # noqa: E402
 
 MIB = 1024 * 1024
 EXPERTS = r"\.ffn_(up|down|gate)_exps"
@@ -68,7 +71,7 @@ def measure(path: Path, placement, n_tokens: int, repeat: int = 1) -> dict:
             runs.append(list(eng.generate(prompt, no_eog, max_tokens=n_tokens))[-1].stats)
         st = max(runs, key=lambda r: r.tokens_per_s)
         prompt_best = max(r.prompt_tokens_per_s for r in runs)
-        real = {dev: sum(kinds.values()) for dev, kinds in llama_ffi.buffers_by_device(eng.report.buffers).items()}
+        real = {dev: sum(kinds.values()) for dev, kinds in llama_log.buffers_by_device(eng.report.buffers).items()}
     predicted = {d.name: d.total for d in getattr(placement, "devices", []) if d.total}
     return {"prompt_tok_s": prompt_best, "decode_tok_s": st.tokens_per_s, "real_bytes": real,
             "predicted_bytes": predicted, "flags": placement.llama_cpp_flags()}
@@ -88,11 +91,11 @@ def main() -> int:
                     "its tensors; with mmap llama.cpp maps the whole file range they span)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(llama_ffi.RpcServer(threads=1)) for _ in range(args.rpc)]
+        servers = [stack.enter_context(rpc.RpcServer(threads=1)) for _ in range(args.rpc)]
         for srv in servers:
-            llama_ffi.add_rpc_server(srv.endpoint)
-        rpc = tuple((d.name, d.free_bytes, d.total_bytes) for d in llama_ffi.gpu_devices() if d.name.startswith("RPC"))
-        hw = hardware.probe(hardware.Overrides(gpu_mem=args.gpu_mem, rpc_devices=rpc))
+            rpc.add_rpc_server(srv.endpoint)
+        rpc_devs = tuple((d.name, d.free_bytes, d.total_bytes) for d in ggml.gpu_devices() if d.name.startswith("RPC"))
+        hw = hardware.probe(PlanOptions(gpu_mem=args.gpu_mem), rpc_devices=rpc_devs)
         margin = int(args.margin_mib * MIB) if args.margin_mib is not None else planner.GPU_MARGIN
         plans = placements(args.gguf, args.ctx, hw, margin)
         if args.no_mmap:

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from huggingface_hub import hf_hub_download  # noqa: E402
 
-from glmlocal.hub import HubClient  # noqa: E402
-from glmlocal.pull import download_set, select_gguf  # noqa: E402
-from glmlocal.store import FileEntry, Manifest, Store  # noqa: E402
+from glmlocal.models.hub import HubClient  # noqa: E402
+from glmlocal.models.pull import download_set, select_gguf  # noqa: E402
+from glmlocal.models.store import FileEntry, Manifest, Store  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 
 REPO = "bench/GLM-GGUF"

@@ -60,8 +60,8 @@ def stream_chat(url: str, body: dict) -> dict:
 
 def engine_decode(model, messages: list, tokens: int) -> dict:
     """The same request through Session in this process, timed the same way (first to last text event)."""
-    from glmlocal.generation import Sampling
-    from glmlocal.session import TurnResult
+    from glmlocal.engine.generation import Sampling
+    from glmlocal.engine.session import TurnResult
 
     first = last = None
     result = None
@@ -86,14 +86,15 @@ def bench_decode(path: Path, ctx: int, tokens: int, reps: int) -> tuple[float, f
     other processes on a shared machine hits both sides alike."""
     from rich.console import Console
 
-    from glmlocal.chat_load import PlanOptions, open_chat_model
+    from glmlocal.launch import open_model
+    from glmlocal.plan.options import PlanOptions
 
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     body = {"model": "bench", "messages": messages, "max_tokens": tokens, "temperature": 0, "seed": 1,
             "chat_template_kwargs": NO_THINK}
     engine_runs, server_runs = [], []
     srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench")
-    model = open_chat_model(str(path), PlanOptions(ctx=ctx), Console(quiet=True))
+    model = open_model(str(path), PlanOptions(ctx=ctx), Console(quiet=True))
     try:
         stream_chat(srv.url, body), engine_decode(model, messages, tokens)  # warm-up both
         for _ in range(reps):

@@ -1,3 +1,3 @@
-from glmlocal.cli import main
+from glmlocal.cli.app import main
 
 main()

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
+from quantize.errors import ConversionError, DiskSpaceError, InputError, ToolError
 
-class GlmlocalError(Exception):
-    """Base class for every expected failure. `hint` says what to run next."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def one_line(self) -> str:
-        return f"{self.message}" + (f" ({self.hint})" if self.hint else "")
+__all__ = ["ConversionError", "ContextOverflowError", "DiskSpaceError", "EngineError", "GlmlocalError", "HubError",
+           "InputError", "PlanError", "RepoNotFoundError", "TemplateError"]
 
 
-class InputError(GlmlocalError):
-    """Bad user input: unknown model, wrong quant name, malformed file, wrong architecture."""
-
-    exit_code = 2
-
-
-class ConversionError(GlmlocalError):
-    """The source checkpoint cannot be converted (missing shard, truncated file, unknown tensor...)."""
-
-
-class DiskSpaceError(GlmlocalError):
-    def __init__(self, path: str, needed: int, available: int, what: str = "output"):
-        gib = 1024**3
-        super().__init__(
-            f"not enough disk space for {what} at {path}: need {needed / gib:.2f} GiB, "
-            f"{available / gib:.2f} GiB free",
-            hint="free some space or choose another directory",
-        )
-        self.path, self.needed, self.available = path, needed, available
+# The hierarchy's root and the errors the converter raises live in quantize (which stands alone); everything
+# glmlocal raises derives from the same root, so `except GlmlocalError` catches a conversion failure too.
+GlmlocalError = ToolError
 
 
 class PlanError(GlmlocalError):

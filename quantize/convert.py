@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from glmlocal.errors import DiskSpaceError, InputError
 from quantize import glm4moe, metadata, recipe, vocab
+from quantize.errors import DiskSpaceError, InputError
 from quantize.ggml import (
     MIN_CHUNK_ELEMENTS,
     GGMLType,

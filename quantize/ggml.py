@@ -3,7 +3,7 @@
 The type table is pure data (usable without the library, e.g. by the GGUF reader). The quantizer is the
 real `ggml_quantize_chunk`, so our bytes are exactly llama.cpp's. ctypes releases the GIL during the
 call, so a thread pool over row chunks scales with cores. The library opened is the very file libllama
-links (glmlocal.llama_libs), so the quantizer and llama.cpp share one ggml in a process.
+links (quantize.libs), so the quantizer and llama.cpp share one ggml in a process.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glmlocal import llama_libs
-from glmlocal.errors import GlmlocalError
+from quantize import libs
+from quantize.errors import ToolError
 
 
 class GGMLType(IntEnum):
@@ -83,7 +83,7 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
 MIN_CHUNK_ELEMENTS = 32 * 512
 
 
-class QuantizerUnavailable(GlmlocalError):
+class QuantizerUnavailable(ToolError):
     """libggml-base from llama-cpp-python could not be loaded."""
 
 
@@ -109,7 +109,7 @@ def is_quantized(ggml_type: int) -> bool:
 
 def lib_dir() -> Path:
     """Directory holding llama-cpp-python's shared libraries (found without importing llama_cpp)."""
-    path = llama_libs.lib_dir()
+    path = libs.lib_dir()
     if path is None:
         raise QuantizerUnavailable("llama-cpp-python is not installed", hint="pip install llama-cpp-python==0.3.36")
     return path
@@ -117,7 +117,7 @@ def lib_dir() -> Path:
 
 def lib_path() -> Path:
     """The libggml-base file the quantizer opens: the one libllama links, so there is one ggml per process."""
-    return llama_libs.lib_path("ggml-base", lib_dir())
+    return libs.lib_path("ggml-base", lib_dir())
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from glmlocal.errors import InputError
+from quantize.errors import InputError
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"

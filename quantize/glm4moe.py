@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmlocal.errors import ConversionError, InputError
+from quantize.errors import ConversionError, InputError
 from quantize.gguf_reader import GGUFValueType as VT
 
 ARCH = "glm4moe"

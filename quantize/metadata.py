@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from glmlocal.errors import ConversionError
+from quantize.errors import ConversionError
 from quantize.gguf_reader import GGUFValueType as VT
 
 # generation_config.json key -> general.sampling.* key and type, in gguf-py's write order

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glmlocal.errors import ConversionError
+from quantize.errors import ConversionError
 
 _ELEM_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
 SUPPORTED = ("BF16", "F16", "F32", "F8_E4M3")

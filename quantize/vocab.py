@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glmlocal.errors import ConversionError
+from quantize.errors import ConversionError
 from quantize.gguf_reader import GGUFValueType as VT
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5

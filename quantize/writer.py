@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from glmlocal.errors import ConversionError, DiskSpaceError
+from quantize.errors import ConversionError, DiskSpaceError
 from quantize.ggml import GGMLType, tensor_nbytes
 from quantize.gguf_reader import GGUF_MAGIC, SCALAR_FMT, GGUFValueType
 

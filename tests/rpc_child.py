@@ -22,14 +22,15 @@ MIB = 2**20
 
 
 def _plan(req: dict, names: list[str]):
-    from glmlocal.hardware import GIB, GPU, Hardware
-    from glmlocal.planner import footprint_from_gguf, plan
+    from glmlocal.plan.hardware import GIB, GPU, Hardware
+    from glmlocal.plan.planner import footprint_from_gguf, plan
 
     if req.get("probe_rpc"):  # the product path: hardware.probe registers the servers (`--rpc HOST:PORT`)
-        from glmlocal.hardware import Overrides, probe
+        from glmlocal.plan.hardware import probe
+        from glmlocal.plan.options import PlanOptions
 
         sizes = ",".join(f"{m}MiB" for m in req["gpu_mib"])
-        machine = probe(Overrides(rpc=tuple(req["endpoints"]), gpu_mem=sizes, ram="16GiB", cores=2, cpu_bw_gbs=20))
+        machine = probe(PlanOptions(rpc=tuple(req["endpoints"]), gpu_mem=sizes, ram="16GiB", threads=2, cpu_bw=20))
         return plan(footprint_from_gguf(req["gguf"]), machine, ctx=req["ctx"], margin=0)
 
     names = [""] * len(names) if req.get("generic_names") else names  # as a `--gpu-mem` plan: CUDA0, CUDA1
@@ -48,7 +49,7 @@ def _plan(req: dict, names: list[str]):
 def _without_repack() -> None:
     """Load with llama_model_params.use_extra_bufts off: no CPU_REPACK, so RAM weights use the same plain
     ggml-cpu kernels as the RPC server's buffers (the repacked Q4_K kernels sum in another order)."""
-    from glmlocal import engine
+    from glmlocal.engine import engine
 
     plain = engine._model_params
 
@@ -66,27 +67,28 @@ def run(req: dict) -> dict:
     if req.get("no_repack"):
         _without_repack()
 
-    from glmlocal import llama_ffi
-    from glmlocal.engine import Engine
+    from glmlocal.engine.engine import Engine
+    from glmlocal.engine.generation import Sampling
     from glmlocal.errors import GlmlocalError
-    from glmlocal.generation import Sampling
+    from glmlocal.llama import ggml, rpc
+    from glmlocal.llama import log as llama_log
 
     with ExitStack() as stack:
         n_servers = req.get("servers", len(req["gpu_mib"]))
-        servers = [stack.enter_context(llama_ffi.RpcServer(threads=1)) for _ in range(n_servers)]
+        servers = [stack.enter_context(rpc.RpcServer(threads=1)) for _ in range(n_servers)]
         req["endpoints"] = [s.endpoint for s in servers]
-        names = [] if req.get("probe_rpc") else [n for s in servers for n in llama_ffi.add_rpc_server(s.endpoint)]
+        names = [] if req.get("probe_rpc") else [n for s in servers for n in rpc.add_rpc_server(s.endpoint)]
         names += [f"RPC{i}" for i in range(len(names), len(req["gpu_mib"]))]  # planned, not running
         p = _plan(req, names)
         if req.get("naive"):  # no per-device plan: llama.cpp's own device list, everything offloaded
-            from glmlocal.planner import Placement
+            from glmlocal.plan.planner import Placement
 
             p = replace(Placement.cpu_only(req["ctx"], 1), n_gpu_layers=999, use_mmap=False)
         out = {"devices": [{"name": d.name, "weights": d.weights, "kv": d.kv, "compute": d.compute,
                             "capacity": d.capacity, "repack": d.repack, "layers": list(d.layers),
                             "expert_layers": list(d.expert_layers)} for d in p.devices],
                "flags": p.llama_cpp_flags(), "overrides": p.tensor_overrides, "n_gpu_layers": p.n_gpu_layers,
-               "gpu_devices": [d.name for d in llama_ffi.gpu_devices()]}
+               "gpu_devices": [d.name for d in ggml.gpu_devices()]}
         try:
             eng = stack.enter_context(Engine.load(req["gguf"], p))
         except GlmlocalError as e:
@@ -96,7 +98,7 @@ def run(req: dict) -> dict:
         outs = list(eng.generate(prompt, no_eog, max_tokens=req.get("max_tokens", 16), want_logits=True))
         first = np.asarray(outs[0].logits, dtype=np.float64)
         return {**out, "buffers": eng.report.buffers, "overridden": eng.report.overridden,
-                "by_device": llama_ffi.buffers_by_device(eng.report.buffers),
+                "by_device": llama_log.buffers_by_device(eng.report.buffers),
                 "engine_devices": eng.report.devices, "tokens": [o.token for o in outs],
                 "first_logits": first.tolist(), "log": [ln for ln in eng.report.log if "buffer size" in ln]}
 

@@ -24,11 +24,16 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.vt100 import Vt100_Output
 from rich.console import Console
 
-from glmlocal.chat import ChatREPL
-from glmlocal.chat_piped import PipedChat, split_prompts
-from glmlocal.chat_input import PromptReader, SlashCompleter
-from glmlocal.chat_transcript import Conversation, latest_chat, load_tools, new_chat_path
-from glmlocal.chat_view import HELP, TrimmedMarkdown, stable_split
+from glmlocal.chat.input import PromptReader, SlashCompleter
+from glmlocal.chat.piped import PipedChat, split_prompts
+from glmlocal.chat.repl import ChatREPL
+from glmlocal.chat.transcript import (
+    Conversation,
+    latest_chat,
+    load_tools,
+    new_chat_path,
+)
+from glmlocal.chat.view import HELP, TrimmedMarkdown, stable_split
 from glmlocal.errors import ContextOverflowError, InputError
 from glmlocal.glm.events import (
     ContentDelta,

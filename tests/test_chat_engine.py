@@ -23,10 +23,11 @@ import pyte
 import pytest
 from rich.console import Console
 
-from glmlocal.chat_load import ChatModel, PlanOptions, open_chat_model
-from glmlocal.chat_transcript import Conversation
-from glmlocal.generation import Sampling
-from glmlocal.session import Session
+from glmlocal.chat.transcript import Conversation
+from glmlocal.engine.generation import Sampling
+from glmlocal.engine.session import Session
+from glmlocal.launch import LoadedModel, open_model
+from glmlocal.plan.options import PlanOptions
 from tests.test_chat import CTRL_D, ENTER, Terminal, drive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,20 +43,20 @@ GREEDY = {"sampling": Sampling(temperature=0.0, seed=0)}
 def glm45(gguf_factory):
     """The GLM-4.5/4.6-layout fixture loaded through the chat's own start-up path; the screen it printed."""
     term = Terminal(width=100, height=40)
-    model = open_chat_model(str(gguf_factory("tiny", "q4_k_m")), PlanOptions(ctx=CTX), term.console)
+    model = open_model(str(gguf_factory("tiny", "q4_k_m")), PlanOptions(ctx=CTX), term.console)
     yield model, term
     model.close()
 
 
 @pytest.fixture(scope="module")
 def glm47(gguf_factory):
-    model = open_chat_model(str(gguf_factory("tiny", "q4_k_m", family="glm47")), PlanOptions(ctx=CTX),
+    model = open_model(str(gguf_factory("tiny", "q4_k_m", family="glm47")), PlanOptions(ctx=CTX),
                             Console(file=io.StringIO()))  # fmt: skip
     yield model
     model.close()
 
 
-def budgeted(model: ChatModel, chars: int = 40) -> Session:
+def budgeted(model: LoadedModel, chars: int = 40) -> Session:
     """A session whose grammar closes the think block after `chars`: a random model then really moves from
     reasoning to an answer (response_format json_object) or to a tool call (tool_choice required)."""
     return Session(model.engine, model.session.template, model.family, think_budget=chars)

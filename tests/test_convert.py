@@ -142,7 +142,7 @@ def test_cli_convert_writes_file_and_summary(tiny_ckpt, tmp_path):
 def test_default_output_name_beside_checkpoint_or_in_cwd_for_hf_snapshots(tmp_path, monkeypatch):
     """A plain checkpoint dir gets `<dir>-<QUANT>.gguf` beside it; a Hugging Face cache snapshot
     (named by commit) gets `./<repo name>-<QUANT>.gguf`, never a file inside the cache."""
-    from glmlocal.cli_render import default_convert_output
+    from glmlocal.cli.convert import default_convert_output
 
     plain = tmp_path / "GLM-4.5-Air"
     plain.mkdir()

@@ -204,8 +204,8 @@ def test_q8_0_same_content_as_convert_hf_to_gguf(ckpt_factory, reference, tmp_pa
 def test_pull_from_source_equals_converting_the_repository_by_hand(fakehub, ckpt_factory, reference, tmp_path):
     """`glmlocal pull --from-source` downloads the model card too and names the model after the repository:
     its BF16 file is byte-identical to convert_hf_to_gguf.py run on a clone of the repository."""
-    from glmlocal.pull import pull
-    from glmlocal.store import resolve_model
+    from glmlocal.models.pull import pull
+    from glmlocal.models.store import resolve_model
 
     ckpt = ckpt_factory("tiny")
     fakehub.add_dir("zai-org/GLM-4.6", ckpt)

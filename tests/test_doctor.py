@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from glmlocal import doctor
-from glmlocal.doctor import (
+from glmlocal.doctor import checks as doctor
+from glmlocal.doctor.checks import (
     ChildResult,
     backend_check,
     cpu_cmake_args,
     smoke_check,
     unsupported_features,
 )
-from glmlocal.hardware import GPU
+from glmlocal.plan.hardware import GPU
 
 
 def test_smoke_passes_with_the_installed_build():
@@ -71,7 +71,7 @@ def test_cpu_only_build_on_a_gpu_machine_prints_the_cuda_rebuild(monkeypatch):
 def test_child_needs_no_torch(tmp_path):
     # Doctor runs on a user install without the test extra: make importing torch fail in the child.
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "from glmlocal.doctor import _child_main; sys.exit(_child_main(['smoke', sys.argv[1]]))")
+            "from glmlocal.doctor.checks import _child_main; sys.exit(_child_main(['smoke', sys.argv[1]]))")
     res = doctor.run_child([sys.executable, "-c", code, str(tmp_path)], timeout=300)
     assert res.returncode == 0 and res.result["ok"], res.output[-2000:]
 

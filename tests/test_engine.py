@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from glmlocal.engine import CacheConfig, Engine
+from glmlocal.engine.engine import CacheConfig, Engine
+from glmlocal.engine.generation import Sampling
 from glmlocal.errors import ContextOverflowError, EngineError, InputError, PlanError
-from glmlocal.generation import Sampling
-from glmlocal.planner import Placement
+from glmlocal.plan.planner import Placement
 from quantize.gguf_reader import read_gguf
 
 EOG_TEXTS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
@@ -107,15 +107,16 @@ def test_kv_cache_types(gguf):
 
 
 def test_plan_that_does_not_fit_is_refused_before_loading(gguf):
-    from glmlocal import hardware
+    from glmlocal.plan import hardware
+    from glmlocal.plan.options import PlanOptions
 
-    tiny_machine = hardware.probe(hardware.Overrides(cpu_only=True, ram="1MiB", cpu_bw_gbs=10))
+    tiny_machine = hardware.probe(PlanOptions(cpu_only=True, ram="1MiB", cpu_bw=10))
     with pytest.raises(PlanError):
         Engine.load(gguf, None, n_ctx=1024, hardware=tiny_machine)
 
 
 def test_placement_predicted_not_to_fit_is_refused(gguf):
-    from glmlocal.planner import DevicePlan
+    from glmlocal.plan.planner import DevicePlan
 
     full_gpu = DevicePlan("CUDA0", weights=20 << 30, kv=4 << 30, compute=1 << 30, capacity=24 << 30)
     with pytest.raises(PlanError, match="25.0 GiB on CUDA0, which has 24.0 GiB free"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from glmlocal.generation import (
+from glmlocal.engine.generation import (
     GenerationStats,
     StateCache,
     StopMatcher,

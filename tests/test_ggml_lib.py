@@ -32,8 +32,8 @@ def quantizer():
     return ggml
 
 def model(path):
-    from glmlocal.engine import Engine
-    from glmlocal.planner import Placement
+    from glmlocal.engine.engine import Engine
+    from glmlocal.plan.planner import Placement
     eng = Engine.load(path, Placement.cpu_only(ctx=256, threads=1))
     eng.close()
 

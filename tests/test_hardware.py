@@ -12,10 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from glmlocal.errors import InputError
-from glmlocal.hardware import (
+from glmlocal.plan.hardware import (
     DEFAULT_CPU_BW,
     GIB,
-    Overrides,
     gpu_bandwidth,
     measure_cpu_bandwidth,
     parse_size,
@@ -24,6 +23,7 @@ from glmlocal.hardware import (
     probe_gpus,
     visible_selection,
 )
+from glmlocal.plan.options import PlanOptions
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -47,20 +47,20 @@ def test_parse_sizes_one_per_gpu():
 
 
 def test_overrides_describe_a_machine_we_do_not_have():
-    hw = probe(Overrides(gpu_mem="24GiB,24GiB", ram="128GiB", cores=16, gpu_bw_gbs=1000, cpu_bw_gbs=200))
+    hw = probe(PlanOptions(gpu_mem="24GiB,24GiB", ram="128GiB", threads=16, gpu_bw=1000, cpu_bw=200))
     assert [g.total for g in hw.gpus] == [24 * GIB, 24 * GIB] and [g.free for g in hw.gpus] == [24 * GIB] * 2
     assert [g.index for g in hw.gpus] == [0, 1] and all(g.bandwidth == 1e12 for g in hw.gpus)
     assert hw.ram_total == hw.ram_available == 128 * GIB and hw.cores == 16 and hw.cpu_bandwidth == 200e9
-    hw = probe(Overrides(gpu_mem="24GiB", ram="64GiB"))
+    hw = probe(PlanOptions(gpu_mem="24GiB", ram="64GiB"))
     assert hw.cpu_bandwidth == DEFAULT_CPU_BW and any("assumed" in n for n in hw.notes)
     assert any(n.startswith(f"threads {hw.cores} (this machine's") and "--threads" in n for n in hw.notes)
-    assert not any(n.startswith("threads") for n in probe(Overrides(ram="64GiB", cores=8)).notes)
+    assert not any(n.startswith("threads") for n in probe(PlanOptions(ram="64GiB", threads=8)).notes)
 
 
 def test_cpu_only_and_real_ram_probe():
     import psutil
 
-    hw = probe(Overrides(cpu_only=True, gpu_mem="24GiB"), cpu_bw_probe=lambda threads: 50e9)
+    hw = probe(PlanOptions(cpu_only=True, gpu_mem="24GiB"), cpu_bw_probe=lambda threads: 50e9)
     assert hw.cpu_only and hw.gpus == ()
     assert hw.ram_total == psutil.virtual_memory().total
     assert 0 < hw.ram_available <= hw.ram_total
@@ -74,7 +74,7 @@ def test_cpu_bandwidth_measurement_is_plausible():
 
 
 def test_cpu_bandwidth_is_measured_once_and_remembered(tmp_path, monkeypatch):
-    import glmlocal.hardware as hardware
+    import glmlocal.plan.hardware as hardware
 
     monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path))
     calls = []
@@ -172,7 +172,7 @@ def test_no_driver_means_cpu_only_with_a_note():
 
 
 def test_probe_with_injected_nvml_and_gpu_bandwidth_override():
-    hw = probe(Overrides(ram="64GiB", gpu_bw_gbs=500), nvml=FakeNVML())
+    hw = probe(PlanOptions(ram="64GiB", gpu_bw=500), nvml=FakeNVML())
     assert len(hw.gpus) == 3 and all(g.bandwidth == 500e9 for g in hw.gpus)
 
 

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from glmlocal import hub as hubmod
 from glmlocal.errors import DiskSpaceError, HubError, InputError
-from glmlocal.hub import FileDone, FileRetry, HubClient
-from glmlocal.pull import PullStarted, pull
-from glmlocal.store import Store, resolve_model
+from glmlocal.models import hub as hubmod
+from glmlocal.models.hub import FileDone, FileRetry, HubClient
+from glmlocal.models.pull import PullStarted, pull
+from glmlocal.models.store import Store, resolve_model
 from tests.fakehub import Fault
 
 REPO = "unsloth/GLM-4.6-GGUF"  # the real registry entry for glm-4.6 q4_k_m (Q4_K_M/GLM-4.6-Q4_K_M-*.gguf)
@@ -156,7 +156,7 @@ def test_disk_preflight_refuses_with_numbers(fakehub, gguf_repo, monkeypatch):
     import shutil as _shutil
 
     real = _shutil.disk_usage
-    monkeypatch.setattr("glmlocal.store.shutil.disk_usage",
+    monkeypatch.setattr("glmlocal.models.store.shutil.disk_usage",
                         lambda p: real(p)._replace(free=500_000))
     with pytest.raises(DiskSpaceError) as exc:
         pull("glm-4.6", "q4_k_m", client=_client())
@@ -308,7 +308,7 @@ def test_private_repository_needs_a_token(fakehub, monkeypatch):
 
 
 def test_ctrl_c_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkeypatch):
-    monkeypatch.setattr("glmlocal.pull.PROGRESS_EVERY_S", 0.0)  # an event per received chunk
+    monkeypatch.setattr("glmlocal.models.pull.PROGRESS_EVERY_S", 0.0)  # an event per received chunk
 
     def interrupt(ev):
         if isinstance(ev, hubmod.FileProgress) and ev.done >= PART_SIZE + 50_000:

@@ -5,7 +5,7 @@ llama.cpp logs one line per buffer ("CPU_Mapped model buffer size", "CPU KV buff
 we capture them through llama_log_set and compare with the footprint (header only). Weights, KV,
 compute and their total must each be within 5% for every fixture preset and quant, flash attention
 on and off, f16 and q8_0 KV, and several n_ctx / n_batch / n_ubatch. The compute prediction replays
-ggml-alloc over a rebuilt graph (glmlocal.compute_graph), so it matches to the log's resolution where
+ggml-alloc over a rebuilt graph (glmlocal.plan.graph), so it matches to the log's resolution where
 a closed formula was off by up to 19% (allocator fragmentation around the logits).
 """
 
@@ -15,9 +15,9 @@ import re
 
 import pytest
 
-from glmlocal.footprint import footprint_from_gguf
-from glmlocal.hardware import GIB, Hardware
-from glmlocal.planner import compute_buffer_bytes, plan
+from glmlocal.plan.footprint import footprint_from_gguf
+from glmlocal.plan.hardware import GIB, Hardware
+from glmlocal.plan.planner import compute_buffer_bytes, plan
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -31,12 +31,12 @@ def load_and_measure(path, n_ctx: int, n_ubatch: int, kv: str = "f16", *, n_batc
                      flash_attn: bool = True) -> dict[str, float]:
     """Load with llama.cpp on CPU; return {'CPU_Mapped model': bytes, 'CPU KV': bytes, ...}.
 
-    Log lines are collected through glmlocal.llama_ffi's process-wide router, so this test does not
+    Log lines are collected through glmlocal.llama.log's process-wide router, so this test does not
     replace the log callback other tests (and the engine) rely on.
     """
-    from glmlocal.llama_ffi import ROUTER
+    from glmlocal.llama.log import router
 
-    with ROUTER.capture() as lines:
+    with router().capture() as lines:
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch or max(n_ubatch, 512), n_ubatch=n_ubatch,
                               flash_attn=flash_attn, n_gpu_layers=0, n_threads=2, verbose=False,
                               type_k=_TYPES[kv], type_v=_TYPES[kv])
@@ -107,8 +107,8 @@ def test_replaying_a_few_layers_equals_the_whole_model(model):
     """The planner replays the dense layers + STEADY_LAYERS MoE layers, not all 46 / 92: the allocator's
     state repeats layer after layer. Check that on the real shapes, flash attention on and off, short
     and long contexts, small and large micro-batches (the fixtures have too few layers to show it)."""
-    from glmlocal.footprint import footprint_from_spec
-    from glmlocal.registry import get_model
+    from glmlocal.models.registry import get_model
+    from glmlocal.plan.footprint import footprint_from_spec
 
     fp = footprint_from_spec(get_model(model), "q4_k_m")
     for n_ctx, n_ubatch, fa, kv in [(4096, 512, True, "f16"), (131072, 2048, True, "q8_0"),
@@ -151,8 +151,8 @@ def test_llama_cpp_applies_the_planned_expert_overrides(ggufs):
     engine: exactly the expert tensors the plan keeps in RAM are logged as "buffer type overridden".
     The GPU is hypothetical (this build is CPU-only), sized so one MoE layer's experts fit whole and
     another's only in part: the partial-layer pattern is exercised too."""
-    from glmlocal.engine import Engine
-    from glmlocal.hardware import GPU
+    from glmlocal.engine.engine import Engine
+    from glmlocal.plan.hardware import GPU
 
     path = ggufs[("tiny", "q4_k_m")]
     fp = footprint_from_gguf(path)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from glmlocal.cli import app
+from glmlocal.cli.app import app
 
 HW = ["--gpu-mem", "24GiB", "--ram", "64GiB", "--threads", "16", "--gpu-bw", "936", "--cpu-bw", "89.6"]
 
@@ -85,7 +85,7 @@ def test_local_gguf_uses_its_header(gguf_factory):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["footprint_source"].startswith("GGUF header") and doc["quant"] == "q4_k_m"
-    from glmlocal.footprint import footprint_from_gguf
+    from glmlocal.plan.footprint import footprint_from_gguf
 
     assert doc["weights_bytes"] == footprint_from_gguf(path).weights_bytes
 

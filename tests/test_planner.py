@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmlocal.errors import InputError, PlanError
-from glmlocal.footprint import footprint_from_spec
-from glmlocal.hardware import GIB, Overrides, probe
-from glmlocal.planner import GPU_MARGIN, HOST_RESERVE, Placement, plan
-from glmlocal.registry import get_model
+from glmlocal.models.registry import get_model
+from glmlocal.plan.footprint import footprint_from_spec
+from glmlocal.plan.hardware import GIB, probe
+from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.planner import GPU_MARGIN, HOST_RESERVE, Placement, plan
 
 
 def fp(model: str, quant: str = "q4_k_m"):
@@ -25,7 +26,7 @@ def fp(model: str, quant: str = "q4_k_m"):
 
 
 def hw(gpu_mem: str | None, ram: str, cpu_only: bool = False):
-    return probe(Overrides(gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, cores=16, gpu_bw_gbs=936, cpu_bw_gbs=89.6))
+    return probe(PlanOptions(gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=16, gpu_bw=936, cpu_bw=89.6))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_op_offload_weight_copy_is_reserved_on_the_first_gpu():
     """For prompt batches llama.cpp runs RAM-resident expert matmuls on CUDA0, copying the weight into
     its compute buffer: with experts in RAM CUDA0 reserves the largest expert tensor; with the whole
     model on the GPU (Air Q4_K_M on a 96 GiB card) nothing is copied and nothing is overridden."""
-    from glmlocal.planner import compute_buffer_bytes
+    from glmlocal.plan.planner import compute_buffer_bytes
 
     f = fp("glm-4.5-air")
     largest = max(nb for layer in f.trunk for _, nb in layer.expert_tensors)
@@ -290,7 +291,7 @@ def test_unequal_gpus_get_layers_in_proportion_and_both_get_experts():
 def test_split_gguf_parts_are_all_read():
     from pathlib import Path
 
-    from glmlocal.footprint import _split_paths
+    from glmlocal.plan.footprint import _split_paths
 
     parts = _split_paths(Path("/m/Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00005.gguf"))
     assert [p.name for p in parts] == [f"GLM-4.6-Q4_K_M-0000{i}-of-00005.gguf" for i in range(1, 6)]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from glmlocal.cli import app
-from glmlocal.store import Store, resolve_model
+from glmlocal.cli.app import app
+from glmlocal.models.store import Store, resolve_model
 from tests.fakehub import Fault, split_gguf
 
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_source_preflight_counts_conversion_output(fakehub, ckpt_factory, monkey
     fakehub.add_dir("zai-org/GLM-4.5-Air-Base", bf16)
     download = sum(p.stat().st_size for p in bf16.iterdir() if not p.name.startswith("."))
     real = shutil.disk_usage
-    monkeypatch.setattr("glmlocal.store.shutil.disk_usage", lambda p: real(p)._replace(free=download + 1000))
+    monkeypatch.setattr("glmlocal.models.store.shutil.disk_usage", lambda p: real(p)._replace(free=download + 1000))
     code, _, err = _cli("pull", "glm-4.5-air-base", "--quant", "bf16")
     assert code == 1 and err.count("\n") == 1
     assert "error: not enough disk space for glm-4.5-air-base bf16" in err and "GiB free" in err
@@ -137,7 +137,7 @@ def test_pulled_split_gguf_loads_from_first_file(fakehub, tiny_gguf, tmp_path, m
     assert meta[0]["split.tensors.count"] == len(read_gguf(tiny_gguf).tensors)
     assert "general.architecture" in meta[0] and "general.architecture" not in meta[1]
     fakehub.add_repo("unsloth/GLM-4.6-GGUF", {f"Q4_K_M/{p.name}": p for p in parts})
-    monkeypatch.setattr("glmlocal.hub.DEFAULT_RETRY_WAIT", 0.0)
+    monkeypatch.setattr("glmlocal.models.hub.DEFAULT_RETRY_WAIT", 0.0)
     fakehub.faults.append(Fault(path="*-00002-of-00003.gguf", kind="drop", at=1000, times=4))  # > 3 retries
     code, _, err = _cli("pull", "glm-4.6")
     last = err.strip().splitlines()[-1]  # progress lines above it, then exactly one error line
@@ -194,7 +194,7 @@ def test_cli_list_and_rm(fakehub):
 def test_failed_conversion_keeps_the_downloaded_source(fakehub, ckpt_factory, monkeypatch):
     import quantize.convert
     from glmlocal.errors import ConversionError
-    from glmlocal.pull import pull
+    from glmlocal.models.pull import pull
 
     fakehub.add_dir("zai-org/GLM-4.5-Air-Base", ckpt_factory("tiny"))
     real = quantize.convert.convert
@@ -217,7 +217,7 @@ def test_failed_conversion_keeps_the_downloaded_source(fakehub, ckpt_factory, mo
 
 
 def test_list_shows_how_to_resume_an_interrupted_conversion_pull(fakehub, ckpt_factory, monkeypatch):
-    monkeypatch.setattr("glmlocal.hub.DEFAULT_RETRY_WAIT", 0.0)
+    monkeypatch.setattr("glmlocal.models.hub.DEFAULT_RETRY_WAIT", 0.0)
     fakehub.add_dir("zai-org/GLM-4.6", ckpt_factory("tiny"))
     fakehub.faults.append(Fault(path="model-00002-of-00003.safetensors", kind="drop", at=10_000, times=4))  # 1 try + 3 retries
     code, _, err = _cli("pull", "glm-4.6", "-q", "q8_0", "--from-source", "--keep-source")

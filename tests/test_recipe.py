@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from quantize.ggml import GGMLType as T
-from quantize.recipe import (allows_quantization, category, fallback, plan_types, source_type, tensor_type,
-                             use_more_bits, RecipeContext)
+from quantize.recipe import (
+    RecipeContext,
+    allows_quantization,
+    category,
+    fallback,
+    plan_types,
+    source_type,
+    tensor_type,
+    use_more_bits,
+)
 from tests.llamacpp_src import llamacpp_source
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from glmlocal.errors import InputError
-from glmlocal.registry import (
+from glmlocal.models.registry import (
     QUANTS,
     all_models,
     canonical_quant,

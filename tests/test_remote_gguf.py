@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from glmlocal.cli import app
-from glmlocal.registry import get_model
-from glmlocal.store import Store
+from glmlocal.cli.app import app
+from glmlocal.models.registry import get_model
+from glmlocal.models.store import Store
 from tests.fakehub import split_gguf
 
 REPO = "unsloth/GLM-4.6-GGUF"
@@ -41,7 +41,7 @@ def ud_parts(gguf_factory, tmp_path_factory) -> list[Path]:
 @pytest.fixture
 def published(fakehub, ud_parts, monkeypatch):
     """The split set published at UD-Q2_K_XL/...; small first reads so the doubling loop is exercised."""
-    monkeypatch.setattr("glmlocal.remote_gguf.FIRST_READ", 16 << 10)
+    monkeypatch.setattr("glmlocal.models.remote.FIRST_READ", 16 << 10)
     fakehub.add_repo(REPO, {f"UD-Q2_K_XL/{p.name}": p for p in ud_parts})
     return fakehub
 
@@ -84,7 +84,7 @@ def test_plan_from_remote_headers_equals_plan_of_downloaded_files(published, ud_
     assert after["sizes_from"] == "local-file" and after["quant"] == "ud-q2_k_xl"
     for key in ("model", "file_bytes", "weights_bytes", "kv_bytes_per_token", "placement"):
         assert before[key] == after[key], key
-    from glmlocal.footprint import footprint_from_gguf
+    from glmlocal.plan.footprint import footprint_from_gguf
 
     assert before["file_bytes"] == footprint_from_gguf(ud_parts[0]).file_bytes
 
@@ -137,7 +137,7 @@ def test_redirected_downloads_and_tokens_are_handled(published, monkeypatch):
 def test_dropped_connection_while_reading_a_header_is_retried(published, monkeypatch):
     from tests.fakehub import Fault
 
-    monkeypatch.setattr("glmlocal.hub.DEFAULT_RETRY_WAIT", 0.0)
+    monkeypatch.setattr("glmlocal.models.hub.DEFAULT_RETRY_WAIT", 0.0)
     published.faults.append(Fault(path="*-00001-of-00003.gguf", kind="drop", at=1000, times=2))
     doc = _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
     assert doc["sizes_from"] == "remote-header" and not published.faults[0].times
@@ -225,7 +225,7 @@ def test_no_fit_hint_offline_without_cache_says_what_it_could_not_size(fakehub, 
 
 def test_published_quants_larger_than_the_machine_are_not_fetched(published):
     """Only headers of candidates that could fit are read: a quant bigger than RAM + VRAM is skipped by size."""
-    from glmlocal.remote_gguf import SmallerQuants
+    from glmlocal.models.remote import SmallerQuants
 
     alts = SmallerQuants(get_model("glm-4.6"), current_bytes=10**12, limit_bytes=1 << 20)  # 1 MiB machine
     assert list(alts) == []

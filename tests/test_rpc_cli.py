@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from glmlocal import llama_ffi
+from glmlocal.llama import rpc
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not llama_ffi.rpc_available(),
+pytestmark = pytest.mark.skipif(not rpc.rpc_available(),
                                 reason="llama-cpp-python built without -DGGML_RPC=ON (see glmlocal doctor --cmake-args)")
 
 
@@ -27,14 +27,14 @@ def glmlocal(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 @contextlib.contextmanager
 def rpc_server_process():
     """`glmlocal rpc-server 127.0.0.1:PORT` in a child process; yields (endpoint, process); after the block
-    the process has stopped and `proc.output` holds what it printed. (llama_ffi.RpcServer starts the same
+    the process has stopped and `proc.output` holds what it printed. (rpc.RpcServer starts the same
     command but discards its output.)"""
-    port = llama_ffi._free_port("127.0.0.1")
+    port = rpc._free_port("127.0.0.1")
     endpoint = f"127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "glmlocal", "rpc-server", endpoint, "--threads", "1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not llama_ffi._reachable("127.0.0.1", port, 0.5):
+    while not rpc._reachable("127.0.0.1", port, 0.5):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.2)
     try:
@@ -81,7 +81,7 @@ def test_chat_with_rpc_generates_through_the_remote_device(mid):
 
 
 def test_unreachable_or_malformed_rpc_endpoint_is_one_error_line(mid):
-    res = glmlocal("plan", mid, "--rpc", f"127.0.0.1:{llama_ffi._free_port('127.0.0.1')}", "--ctx", "1024")
+    res = glmlocal("plan", mid, "--rpc", f"127.0.0.1:{rpc._free_port('127.0.0.1')}", "--ctx", "1024")
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:"), res.stderr
     assert "RPC" in res.stderr

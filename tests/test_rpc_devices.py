@@ -22,14 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from glmlocal import llama_ffi
 from glmlocal.errors import EngineError, InputError
-from glmlocal.hardware import GIB, GPU, Hardware, Overrides, probe
-from glmlocal.planner import footprint_from_gguf, plan
+from glmlocal.llama import rpc
+from glmlocal.plan.hardware import GIB, GPU, Hardware, probe
+from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.planner import footprint_from_gguf, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
-needs_rpc = pytest.mark.skipif(not llama_ffi.rpc_available(),
+needs_rpc = pytest.mark.skipif(not rpc.rpc_available(),
                                reason="llama-cpp-python built without -DGGML_RPC=ON (see glmlocal doctor --cmake-args)")
 
 
@@ -130,12 +131,12 @@ def test_refuses_before_loading_when_the_rpc_device_is_too_small(mid):
 # ---------------------------------------------------------------------------------------------
 @needs_rpc
 def test_an_unreachable_rpc_server_is_a_clear_error():
-    with llama_ffi.RpcServer() as srv:
+    with rpc.RpcServer() as srv:
         port = srv.port
     with pytest.raises(EngineError, match="no RPC server answers"):  # ggml-rpc itself would abort()
-        llama_ffi.add_rpc_server(f"127.0.0.1:{port}", timeout=0.5)
+        rpc.add_rpc_server(f"127.0.0.1:{port}", timeout=0.5)
     with pytest.raises(InputError):
-        llama_ffi.add_rpc_server("no-port-here")
+        rpc.add_rpc_server("no-port-here")
 
 
 def test_gpus_without_op_offload_keep_expert_work_on_the_cpu(gguf_factory):
@@ -156,10 +157,10 @@ def test_gpus_without_op_offload_keep_expert_work_on_the_cpu(gguf_factory):
 
 def test_rpc_devices_become_gpus_in_llama_cpp_order():
     rpc = (("RPC0", 20 * GIB, 24 * GIB), ("RPC1", 10 * GIB, 12 * GIB))
-    hw = probe(Overrides(rpc_devices=rpc, ram="64GiB", cores=4), nvml=FakeNoNvml)
+    hw = probe(PlanOptions(ram="64GiB", threads=4), rpc_devices=rpc, nvml=FakeNoNvml)
     assert [(g.device_name, g.free, g.op_offload) for g in hw.gpus] == [("RPC0", 20 * GIB, False),
                                                                          ("RPC1", 10 * GIB, False)]
-    given = probe(Overrides(rpc_devices=rpc[:1], gpu_mem="8GiB,24GiB", ram="64GiB", cores=4))
+    given = probe(PlanOptions(gpu_mem="8GiB,24GiB", ram="64GiB", threads=4), rpc_devices=rpc[:1])
     assert [(g.device_name, g.free, g.op_offload) for g in given.gpus] == [("RPC0", 8 * GIB, False),
                                                                            ("CUDA1", 24 * GIB, True)]
 
@@ -175,7 +176,7 @@ class FakeNoNvml:
 @needs_rpc
 def test_llama_cpp_default_devices_include_a_registered_rpc_server(mid, cpu_run):
     """A placement without per-device predictions leaves the device list to llama.cpp, which must see the
-    server registered through glmlocal.llama_ffi (one ggml instance: the wheel ships libggml.so and
+    server registered through glmlocal.llama (one ggml instance: the wheel ships libggml.so and
     libggml.so.0 as two copies, and registering in the wrong one made the server invisible)."""
     res = run_child(gguf=mid, gpu_mib=[30], ctx=1024, naive=True, no_repack=True)
     assert res["engine_devices"] is None and res["by_device"]["RPC0"]["model"] > 40 * MIB
@@ -199,7 +200,7 @@ def test_a_plan_for_more_gpus_than_llama_cpp_has_is_refused(mid):
 
 @needs_rpc
 def test_hardware_probe_registers_rpc_servers_as_gpus(mid):
-    """`Overrides(rpc=("HOST:PORT",))` (what a `--rpc` option fills in): probe registers the servers, and
+    """`PlanOptions(rpc=("HOST:PORT",))` (what a `--rpc` option fills in): probe registers the servers, and
     the plan uses them as GPUs without op offload, under their llama.cpp names; it loads as planned."""
     res = run_child(gguf=mid, gpu_mib=[26, 26], ctx=1024, probe_rpc=True)
     assert [d["name"] for d in res["devices"]] == ["RPC0", "RPC1", "CPU"] and res["engine_devices"] == ["RPC0", "RPC1"]

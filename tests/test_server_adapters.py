@@ -250,10 +250,10 @@ def test_anthropic_aggregate_blocks():
 def test_backend_passes_stops_to_the_session_and_reports_its_stop_sequence():
     from types import SimpleNamespace
 
-    from glmlocal.generation import Sampling
+    from glmlocal.engine.generation import Sampling
+    from glmlocal.engine.session import TurnResult
     from glmlocal.server.backend import SessionBackend
     from glmlocal.server.types import TurnRequest
-    from glmlocal.session import TurnResult
 
     seen, closed = {}, []
 

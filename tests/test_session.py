@@ -11,9 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from glmlocal.engine import CacheConfig, Engine
+from glmlocal.engine.engine import CacheConfig, Engine
+from glmlocal.engine.generation import Sampling
+from glmlocal.engine.session import Session, TurnResult
 from glmlocal.errors import ContextOverflowError, InputError
-from glmlocal.generation import Sampling
 from glmlocal.glm.events import (
     ContentDelta,
     Finish,
@@ -22,8 +23,7 @@ from glmlocal.glm.events import (
     ToolCallStart,
 )
 from glmlocal.glm.template import ChatTemplate
-from glmlocal.planner import Placement
-from glmlocal.session import Session, TurnResult
+from glmlocal.plan.planner import Placement
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -250,9 +250,9 @@ def test_parallel_tool_calls_off_ends_the_turn_after_the_first_call():
     real parser: with one call allowed the turn ends, as "tool_calls", right after the first call's end."""
     from types import SimpleNamespace
 
-    from glmlocal.generation import GenerationStats, TokenOut
+    from glmlocal.engine.generation import GenerationStats, TokenOut
+    from glmlocal.engine.session import TurnStream
     from glmlocal.glm.parser import StreamParser
-    from glmlocal.session import TurnStream
 
     pieces = ["<tool_call>", "lights", "\n<arg_key>", "on", "</arg_key>", "\n<arg_value>", "true", "</arg_value>",
               "\n</tool_call>", "<tool_call>", "weather", "\n<arg_key>city</arg_key><arg_value>Rome</arg_value>",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from glmlocal.errors import DiskSpaceError, InputError
-from glmlocal.store import (
+from glmlocal.models.store import (
     FileEntry,
     Manifest,
     Store,
@@ -99,7 +99,7 @@ def test_lock_refuses_a_second_pull(store):
 def test_free_space_check(tmp_path, monkeypatch):
     real = shutil.disk_usage
     assert free_bytes(tmp_path / "not" / "yet") == real(tmp_path).free
-    monkeypatch.setattr("glmlocal.store.shutil.disk_usage", lambda p: real(p)._replace(free=5 * 1024**3))
+    monkeypatch.setattr("glmlocal.models.store.shutil.disk_usage", lambda p: real(p)._replace(free=5 * 1024**3))
     check_free(tmp_path, 4 * 1024**3, "download")
     with pytest.raises(DiskSpaceError) as exc:
         check_free(tmp_path, 6 * 1024**3, "download")

@@ -11,10 +11,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from glmlocal.generation import Sampling
+from glmlocal.engine.generation import Sampling
+from glmlocal.engine.session import TurnResult
 from glmlocal.glm.events import Finish
 from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
-from glmlocal.session import TurnResult
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from glmlocal.errors import InputError
+from glmlocal.launch import LoadedModel, open_model
+from glmlocal.plan.options import PlanOptions
 from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.backend import SessionBackend
 from glmlocal.server.security import check_bind, is_loopback
@@ -21,7 +23,7 @@ from glmlocal.server.security import check_bind, is_loopback
 
 @dataclass
 class ServeArgs:
-    """Everything `glmlocal serve` was given (planner overrides travel in `plan`, a chat_load.PlanOptions)."""
+    """Everything `glmlocal serve` was given (planner inputs travel in `plan`)."""
 
     model: str
     host: str = "127.0.0.1"
@@ -35,7 +37,7 @@ class ServeArgs:
     template: Path | None = None
     no_think: bool = False
     log_level: str = "warning"
-    plan: object = None
+    plan: PlanOptions = field(default_factory=PlanOptions)
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -58,10 +60,10 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_aliases(model, args: ServeArgs) -> tuple[str, ...]:
+def model_aliases(model: LoadedModel, args: ServeArgs) -> tuple[str, ...]:
     """Names the server answers to besides its id: what the user typed, the file name, registry aliases."""
     names = {args.model, Path(model.path).name, Path(model.path).stem, *args.aliases}
-    from glmlocal.store import lookup_model
+    from glmlocal.models.store import lookup_model
 
     spec = lookup_model(model.name) if model.name else None
     if spec is not None:
@@ -80,14 +82,12 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     import uvicorn
     from rich.console import Console
 
-    from glmlocal.chat_load import PlanOptions, open_chat_model
-
     err = err or sys.stderr
     api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)
     sock = open_socket(args.host, args.port)
     console = Console(file=err)
-    model = open_chat_model(args.model, args.plan or PlanOptions(), console, quant=args.quant, template=args.template)
+    model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template)
     try:
         config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
                               max_queue=args.max_queue, cors_origins=tuple(args.cors),

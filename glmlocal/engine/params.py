@@ -1,0 +1,125 @@
+"""From a planner Placement to llama.cpp's load parameters: which devices, llama_model_params and
+llama_context_params, plus the checks done before anything is loaded (a plan that cannot fit).
+
+Placements are read by attribute (duck-typed), so Placement.cpu_only and hand-built ones work alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp.llama_cpp as C
+
+from glmlocal.errors import EngineError, InputError, PlanError
+from glmlocal.llama import ggml
+
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+
+
+def check_fits(placement: Any) -> None:
+    """Refuse, before touching llama.cpp, a placement its own prediction says cannot load: a GPU whose
+    weights + KV + compute exceed its free memory (a certain out-of-memory), or a CPU without room for
+    KV + compute (weights are memory-mapped and may page)."""
+    hint = "run `glmlocal plan MODEL` to see what fits (smaller context, KV type or quant)"
+    for dev in getattr(placement, "devices", None) or []:
+        need = dev.total if dev.name != "CPU" else dev.kv + dev.compute
+        if dev.capacity and need > dev.capacity:
+            raise PlanError(f"the placement needs {need / 2**30:.1f} GiB on {dev.name}, which has "
+                            f"{dev.capacity / 2**30:.1f} GiB free", hint=hint)
+
+
+def device_names(placement: Any) -> list[str] | None:
+    """llama.cpp devices for the placement's GPUs, in its order; None leaves llama.cpp's default (every GPU).
+
+    Planner GPU i is the device the plan names when llama.cpp has one by that name ("RPC1"), else the
+    i-th GPU-type device llama.cpp offloads to (a plan made from `--gpu-mem` says "CUDA0" whatever the
+    backend). A planned CPU-only placement gets no device at all, so nothing lands on a GPU it did not
+    plan for. A placement without per-device predictions (Placement.cpu_only) keeps the default.
+    """
+    planned = getattr(placement, "devices", None) or []
+    if not planned:
+        return None
+    available = [d.name for d in ggml.gpu_devices()]
+    wanted = [d.name for d in planned if d.name != "CPU"]
+    if not available:
+        return None  # a CPU-only build: llama.cpp keeps every layer on the CPU whatever -ngl says
+    if len(wanted) > len(available):
+        raise EngineError(f"the placement uses {len(wanted)} GPUs ({', '.join(wanted)}) but llama.cpp has "
+                          f"{len(available)} ({', '.join(available)})",
+                          hint="plan again for this machine (drop --gpu-mem), or add the missing devices")
+    chosen: list[str] = []
+    for name in wanted:
+        pick = name if name in available and name not in chosen else next(a for a in available if a not in chosen)
+        chosen.append(pick)
+    return chosen
+
+
+def model_params(placement: Any, keep: list, progress: Callable[[float], None] | None,
+                 names: list[str] | None = None) -> Any:
+    """llama_model_params for the placement on devices `names`; ctypes arrays and callbacks the params point
+    to are appended to `keep`, which must outlive the model."""
+    mp = C.llama_model_default_params()
+    if names is not None:
+        arr_dev = ggml.device_array(names)
+        keep.append(arr_dev)
+        mp.devices = ctypes.cast(arr_dev, ctypes.c_void_p).value
+    mp.n_gpu_layers = int(placement.n_gpu_layers)
+    mp.main_gpu = int(getattr(placement, "main_gpu", 0) or 0)
+    mp.split_mode = 1  # LLAMA_SPLIT_MODE_LAYER
+    mp.load_mode = 1 if getattr(placement, "use_mmap", True) else 0  # MMAP / NONE
+    overrides = list(getattr(placement, "tensor_overrides", None) or [])
+    if overrides:
+        arr = ggml.OverrideArray([(str(p), str(b)) for p, b in overrides])
+        keep.append(arr)
+        mp.tensor_buft_overrides = arr.pointer
+    split = getattr(placement, "tensor_split", None)
+    if split:
+        n = C.llama_max_devices()
+        if len(split) > n:
+            raise EngineError(f"tensor_split has {len(split)} entries; this build supports {n} devices")
+        arr_split = (ctypes.c_float * n)(*[float(x) for x in split])
+        keep.append(arr_split)
+        mp.tensor_split = arr_split
+    if progress is not None:
+        cb = _progress_callback(progress)
+        keep.append(cb)
+        mp.progress_callback = cb
+    return mp
+
+
+def _progress_callback(progress: Callable[[float], None]) -> Any:
+    def _cb(frac: float, _user: Any) -> bool:
+        try:
+            progress(float(frac))
+        except Exception:  # noqa: BLE001, S110 (never unwind into C; a failing callback does not abort the load)
+            pass
+        return True
+
+    return C.llama_progress_callback(_cb)
+
+
+def _kv_type(name: str) -> int:
+    try:
+        return KV_TYPES[str(name).lower()]
+    except KeyError:
+        raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
+
+
+def context_params(placement: Any, n_ctx: int) -> Any:
+    """llama_context_params for the placement with `n_ctx` tokens of context."""
+    cp = C.llama_context_default_params()
+    cp.n_ctx = n_ctx
+    cp.n_batch = int(getattr(placement, "n_batch", 512) or 512)
+    cp.n_ubatch = min(int(getattr(placement, "n_ubatch", 512) or 512), cp.n_batch)
+    cp.n_seq_max = 1
+    threads = int(getattr(placement, "n_threads", 0) or 0)
+    if threads > 0:
+        cp.n_threads = cp.n_threads_batch = threads
+    cp.flash_attn_type = 1 if getattr(placement, "flash_attn", False) else 0
+    cp.type_k = _kv_type(getattr(placement, "type_k", "f16"))
+    cp.type_v = _kv_type(getattr(placement, "type_v", "f16"))
+    cp.no_perf = False
+    cp.op_offload = bool(getattr(placement, "op_offload", True))
+    return cp

@@ -1,0 +1,295 @@
+"""One assistant turn: chat messages -> GLM prompt -> tokens -> engine -> stream parser -> events.
+
+The single place that turns a chat request into events, shared by `glmlocal chat` and `glmlocal serve`:
+
+    session = Session(engine, ChatTemplate.for_model(meta, family), family)
+    for item in session.turn(messages, tools, tool_choice="auto", max_tokens=512, cancel=event):
+        if isinstance(item, TurnResult): usage = item          # always last
+        else: handle(item)                                     # glmlocal.glm.events.*
+
+`turn()` validates everything (template, tools, grammar, context size) before it returns, so errors
+(InputError, TemplateError, ContextOverflowError, EngineError) surface before the first event. The
+returned `TurnStream` holds the engine lock while it runs: exhaust it or call `.close()` on it.
+
+Stop strings end the visible answer: they are matched in the content only, never in reasoning or tool-call
+markup (as Anthropic's stop_sequences), and `TurnResult.stop_sequence` says which one ended the turn.
+tool_choice "none" keeps the tools in the prompt (so the prompt, and its KV cache, match the turns that do
+allow calls, as vLLM renders it) and bans the `<tool_call>` token, so the answer is always plain content.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from glmlocal.engine.generation import GenerationStats, Sampling, StopMatcher, TokenOut
+from glmlocal.errors import InputError
+from glmlocal.glm.events import (
+    ContentDelta,
+    Event,
+    Finish,
+    ReasoningDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from glmlocal.glm.parser import CALL_OPEN, StreamParser
+from glmlocal.glm.tools import json_schema_grammar, tool_call_grammar
+
+
+@dataclass
+class TurnResult:
+    """The end of a turn: finish reason, usage and the aggregated assistant message."""
+
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tokens_per_s: float
+    prompt_s: float = 0.0
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)  # {"id", "name", "arguments": dict}; completed calls only
+    raw_text: str = ""  # what the model wrote, markup included
+    reasoning_tokens: int = 0  # generated tokens inside thinking blocks (the tags opening/closing them included)
+    stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason is then "stop")
+
+    def message(self) -> dict:
+        """The assistant message in OpenAI chat format, ready to append to the history."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": json.dumps(c["arguments"],
+                                                                                          ensure_ascii=False)}}
+                                 for c in self.tool_calls]
+        return msg
+
+
+@dataclass(frozen=True)
+class PreparedTurn:
+    """A rendered, tokenized request: what `turn()` will run (exposed for count_tokens and debugging)."""
+
+    prompt: str
+    tokens: list[int]
+    grammar: str | None
+    tools: list[Mapping[str, Any]] | None  # the tools the parser recognises (None for tool_choice "none")
+    starts_in_thinking: bool
+    banned: tuple[int, ...] = ()  # tokens never sampled (tool_choice "none": `<tool_call>`)
+
+
+def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[bool, Mapping[str, Any] | None]:
+    """(constrain?, schema) for an OpenAI response_format."""
+    if not response_format:
+        return False, None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        return True, schema if isinstance(schema, Mapping) else None
+    raise InputError(f"unsupported response_format type {kind!r}", hint="use text, json_object or json_schema")
+
+
+def _normalize_tool_choice(choice: Any) -> Any:
+    """OpenAI or Anthropic tool_choice -> "auto" | "none" | "required" | {"type": "function", ...}."""
+    if not isinstance(choice, Mapping):
+        return choice or "auto"
+    kind = choice.get("type")
+    if kind in ("auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str):  # Anthropic's named tool
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+class Session:
+    """Binds an Engine to a GLM chat template and family ("glm45" or "glm47")."""
+
+    def __init__(self, engine: Any, template: Any, family: str, *, default_sampling: Sampling | None = None,
+                 think_budget: int | None = None):
+        self.engine, self.template, self.family = engine, template, family
+        self.default_sampling = default_sampling or Sampling()
+        self.think_budget = think_budget  # caps forced-output thinking (chars) so a grammar cannot think forever
+
+    def prepare(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
+                tool_choice: Any = "auto", enable_thinking: bool = True, clear_thinking: bool | None = None,
+                response_format: Mapping[str, Any] | None = None) -> PreparedTurn:
+        """Render and tokenize a request and pick its grammar (no generation)."""
+        tools = list(tools) if tools else None
+        tool_choice = _normalize_tool_choice(tool_choice)
+        # Tools stay in the prompt for "none" too: the system turn (what agents' KV caches reuse) is unchanged.
+        prompt = self.template.render(messages, tools, add_generation_prompt=True,
+                                      enable_thinking=enable_thinking, clear_thinking=clear_thinking)
+        grammar = tool_call_grammar(tools, self.family, tool_choice, enable_thinking=enable_thinking,
+                                    think_budget=self.think_budget) if tools else None
+        if grammar is None and tool_choice not in (None, "auto", "none") and not tools:
+            raise InputError(f"tool_choice {tool_choice!r} needs tools")
+        constrain, schema = _response_schema(response_format)
+        if grammar is None and constrain:
+            grammar = json_schema_grammar(schema, family=self.family, enable_thinking=enable_thinking,
+                                          think_budget=self.think_budget)
+        no_calls = tool_choice == "none" and tools is not None
+        call_token = self.engine.token_id(CALL_OPEN) if no_calls else None
+        return PreparedTurn(prompt, self.engine.tokenize(prompt), grammar, None if no_calls else tools,
+                            self.template.starts_in_thinking(enable_thinking),
+                            banned=() if call_token is None else (call_token,))
+
+    def count_tokens(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None,
+                     *, enable_thinking: bool = True, tool_choice: Any = "auto") -> int:
+        """Prompt tokens a request would use (for Anthropic's count_tokens and context checks)."""
+        return len(self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking).tokens)
+
+    def turn(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
+             tool_choice: Any = "auto", enable_thinking: bool = True, clear_thinking: bool | None = None,
+             response_format: Mapping[str, Any] | None = None, sampling: Sampling | None = None,
+             max_tokens: int | None = None, cancel: threading.Event | None = None,
+             stop: Sequence[str] = (), parallel_tool_calls: bool = True) -> TurnStream:
+        """Run one assistant turn; yields glm events, then one TurnResult (see the module docstring).
+
+        `stop` (and `sampling.stop`) are stop strings for the answer's content. `parallel_tool_calls=False`
+        ends the turn after its first tool call (OpenAI's parallel_tool_calls, Anthropic's
+        disable_parallel_tool_use)."""
+        prep = self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
+                            clear_thinking=clear_thinking, response_format=response_format)
+        sampling = sampling or self.default_sampling
+        stops = (*stop, *sampling.stop)
+        bias = {**sampling.logit_bias, **{t: float("-inf") for t in prep.banned}}
+        stream = self.engine.generate(prep.tokens, replace(sampling, stop=(), logit_bias=bias),
+                                      grammar=prep.grammar, max_tokens=max_tokens, cancel=cancel)
+        parser = StreamParser(self.family, prep.tools, starts_in_thinking=prep.starts_in_thinking)
+        return TurnStream(self.engine, stream, parser, stops, max_calls=None if parallel_tool_calls else 1)
+
+
+class TurnStream:
+    """The iterator `Session.turn` returns: glm events, then one TurnResult.
+
+    While it runs, `completion_tokens` and `reasoning_tokens` count the tokens generated so far (the chat's
+    "Thought for N tokens" reads the latter when the thinking block closes). `close()` stops the generation
+    and releases the engine."""
+
+    def __init__(self, engine: Any, stream: Iterator[TokenOut], parser: StreamParser, stops: Sequence[str], *,
+                 max_calls: int | None = None):
+        self._engine, self._stream, self._parser, self._max_calls = engine, stream, parser, max_calls
+        self._stops = StopMatcher(stops)
+        self._agg = _Aggregate()
+        self.completion_tokens = 0
+        self.reasoning_tokens = 0
+        self._t_first: float | None = None
+        self._gen = self._run()
+
+    def __iter__(self) -> TurnStream:
+        return self
+
+    def __next__(self) -> Event | TurnResult:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def _run(self) -> Iterator[Event | TurnResult]:
+        try:
+            for out in self._stream:
+                events = self._feed(out)
+                for ev in events:
+                    yield from self._emit(ev)
+                    reason = self._cut_reason(ev)
+                    if reason is not None:
+                        yield from self._emit(Finish(reason))
+                        yield self._stopped()
+                        return
+                if out.finish_reason is not None:
+                    yield self._agg.result(out.stats, self.reasoning_tokens)
+                    return
+        finally:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+
+    def _feed(self, out: TokenOut) -> list[Event]:
+        """Parse one step; a token counts as thinking when the parser is in a thinking block before or after it."""
+        was_reasoning = self._parser.in_reasoning
+        self._agg.raw.append(out.text)
+        events = self._parser.feed(out.text)
+        if out.token is not None:
+            self.completion_tokens += 1
+            self._t_first = self._t_first or time.perf_counter()
+            if not out.eog:
+                self.reasoning_tokens += was_reasoning or self._parser.in_reasoning
+        if out.finish_reason is not None:
+            events += self._parser.finish(out.finish_reason)
+        return events
+
+    def _emit(self, ev: Event) -> Iterator[Event]:
+        """Events out, with stop strings matched in the content (held-back text is released before anything else)."""
+        if isinstance(ev, ContentDelta) and self._stops.stops:
+            text, _ = self._stops.push(ev.text)
+            out = [ContentDelta(text)] if text else []
+        else:
+            held = self._stops.flush()
+            out = [ContentDelta(held), ev] if held else [ev]
+        for item in out:
+            self._agg.add(item)
+            yield item
+
+    def _cut_reason(self, ev: Event) -> str | None:
+        """Why the turn ends right after `ev` although the model has not stopped (None: it goes on)."""
+        if self._stops.matched is not None:
+            return "stop"
+        if isinstance(ev, ToolCallEnd) and self._max_calls is not None and len(self._agg.calls) >= self._max_calls:
+            return "tool_calls"
+        return None
+
+    def _stopped(self) -> TurnResult:
+        """The result of a turn ended early (stop string, tool-call limit): the engine stream is closed
+        before its end, so its stats are finished here."""
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+        stats = getattr(self._engine, "last_stats", None) or GenerationStats()
+        if self._t_first is not None and not stats.decode_s:
+            stats.decode_s = time.perf_counter() - self._t_first
+        return self._agg.result(stats, self.reasoning_tokens, stop_sequence=self._stops.matched)
+
+
+class _Aggregate:
+    """Collects a turn's events into the final TurnResult."""
+
+    def __init__(self) -> None:
+        self.raw: list[str] = []
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.calls: list[dict] = []
+        self.ids: dict[int, str] = {}
+        self.finish = "stop"
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, ReasoningDelta):
+            self.reasoning.append(ev.text)
+        elif isinstance(ev, ContentDelta):
+            self.content.append(ev.text)
+        elif isinstance(ev, ToolCallStart):
+            self.ids[ev.index] = ev.id
+        elif isinstance(ev, ToolCallEnd):
+            self.calls.append({"id": ev.id or self.ids.get(ev.index, ""), "name": ev.name,
+                               "arguments": dict(ev.arguments)})
+        elif isinstance(ev, Finish):
+            self.finish = ev.reason
+
+    def result(self, st: GenerationStats, reasoning_tokens: int, stop_sequence: str | None = None) -> TurnResult:
+        return TurnResult(
+            finish_reason=self.finish, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
+            completion_tokens=st.completion_tokens, ttft_s=st.ttft_s, tokens_per_s=st.tokens_per_s,
+            prompt_s=st.prompt_s, reasoning="".join(self.reasoning), content="".join(self.content),
+            tool_calls=self.calls, raw_text="".join(self.raw), reasoning_tokens=reasoning_tokens,
+            stop_sequence=stop_sequence)

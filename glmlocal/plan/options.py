@@ -1,0 +1,25 @@
+"""What a user may say about planning, in one type shared by `plan`, `chat`, `serve` and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Planner inputs from the command line; None (or empty) lets the planner decide or the probe measure.
+
+    gpu_mem "24GiB,24GiB" and ram "128GiB" plan for those sizes instead of this machine's; bandwidths are GB/s;
+    rpc lists llama.cpp RPC servers (HOST:PORT) to register and use as GPUs (process-global: every later load
+    in this process offloads to them).
+    """
+
+    ctx: int | None = None
+    kv_type: str | None = None
+    gpu_mem: str | None = None
+    ram: str | None = None
+    cpu_only: bool = False
+    threads: int | None = None
+    gpu_bw: float | None = None
+    cpu_bw: float | None = None
+    rpc: tuple[str, ...] = ()

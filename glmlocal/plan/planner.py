@@ -1,0 +1,311 @@
+"""Pure placement: footprint + hardware + wanted context -> where every tensor lives (a Placement).
+
+Priorities (the ones users and llama.cpp's `--fit` converged on):
+1. What every token touches stays on the GPUs: attention, dense FFN, shared expert, router, the
+   output layer, the KV cache and the compute buffers, with a safety margin per device.
+2. Remaining VRAM is filled with whole layers' routed experts (the largest first), per GPU within
+   that GPU's own layers, so several GPUs share the experts; the rest stay in RAM (`-ot ...=CPU`).
+3. If even (1) does not fit, an automatic context shrinks (multiples of 256, not below 4096); then
+   the first layers leave the GPU entirely (-ngl counts from the end).
+4. If RAM + VRAM cannot hold the model, PlanError says the largest context or smaller quant that fits.
+
+GPUs are whatever llama.cpp offloads to (hardware.GPU: CUDA0, RPC0, ...), named as llama.cpp names
+them. How the compute buffers split between a GPU and the CPU depends on the backend: CUDA runs
+big-batch ops on RAM-resident weights itself (op_offload); RPC (or --no-op-offload) leaves them to
+the CPU backend, and then glmlocal.plan.graph_sched replays llama.cpp's scheduler for the buffers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from glmlocal.errors import InputError, PlanError
+from glmlocal.plan.footprint import (  # re-exported: planner is the public entry point
+    Footprint,
+    LayerFootprint,
+    compute_buffer_bytes,
+    compute_buffers_split,
+    footprint_from_gguf,
+    footprint_from_spec,
+    kv_row_bytes,
+)
+from glmlocal.plan.hardware import GIB, Hardware, probe
+from glmlocal.plan.layout import (
+    Budget,
+    Layout,
+    bytes_of,
+    fits_gpu,
+    fits_host,
+    gpu_tensors,
+    kv_layer_bytes,
+    layout,
+)
+from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.placement import (  # re-exported: they used to live here
+    DevicePlan,
+    Placement,
+)
+
+__all__ = [
+    "DevicePlan",
+    "Footprint",
+    "LayerFootprint",
+    "Placement",
+    "compute_buffer_bytes",
+    "compute_buffers_split",
+    "footprint_from_gguf",
+    "footprint_from_spec",
+    "plan",
+]
+
+GPU_MARGIN = 1 * GIB  # free VRAM left per device, as llama.cpp's --fit (-fitt 1024 MiB)
+HOST_RESERVE = 2 * GIB  # RAM left for the OS, the Python process and page cache churn
+DEFAULT_CTX = 65536  # agents (Claude Code) want >= 64K; clipped to the model's trained context
+MIN_CTX = 4096  # as llama.cpp's --fit (-fitc 4096)
+CTX_STEP = 256  # llama.cpp pads n_ctx to a multiple of 256
+SPEED_CTX = 4096  # tokens/s is estimated with this many tokens already in the KV cache
+GPU_EFFICIENCY = 0.75  # fraction of peak memory bandwidth decode reaches (weights stream once/token)
+CPU_EFFICIENCY = 0.60
+
+
+# --------------------------------------------------------------------------------------------
+# Search: how many layers leave the GPU, how much context fits
+# --------------------------------------------------------------------------------------------
+def _best_layout(b: Budget, ctx: int) -> Layout | None:
+    """The layout keeping the most layers on GPU at this context; None if RAM cannot hold the rest."""
+    n_trunk = b.fp.n_layer
+    lay = layout(b, ctx, 0)
+    if b.hw.gpus and not fits_gpu(b, lay):
+        lo, hi = 1, n_trunk  # smallest number of CPU layers that makes the GPUs fit (monotone)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits_gpu(b, layout(b, ctx, mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        lay = layout(b, ctx, lo)  # lo == n_trunk: not even one layer fits, CPU only
+    return lay if fits_host(b, lay) else None
+
+
+def _all_on_gpu(b: Budget, ctx: int) -> bool:
+    return bool(b.hw.gpus) and fits_gpu(b, layout(b, ctx, 0))
+
+
+def _largest_ctx(b: Budget, lo: int, hi: int, ok) -> int | None:
+    """Largest multiple of CTX_STEP in [lo, hi] with ok(ctx), assuming ok is monotone decreasing."""
+    lo_s, hi_s = -(-lo // CTX_STEP), hi // CTX_STEP
+    if hi_s < lo_s or not ok(lo_s * CTX_STEP):
+        return None
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s + 1) // 2
+        if ok(mid * CTX_STEP):
+            lo_s = mid
+        else:
+            hi_s = mid - 1
+    return lo_s * CTX_STEP
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_type: str = "f16", *,
+         kv_type_v: str | None = None, n_batch: int | None = None, n_ubatch: int = 512,
+         margin: int = GPU_MARGIN, host_reserve: int = HOST_RESERVE, min_ctx: int = MIN_CTX,
+         alternatives: Mapping[str, Footprint] | None = None, op_offload: bool = True) -> Placement:
+    """Place `footprint` on `hardware` with `ctx` tokens of context (None: the largest that fits,
+    at most 64K). An explicit ctx is never shrunk: if it does not fit, PlanError names the largest
+    one that does. `alternatives` (quant -> Footprint) lets the error name a smaller quant that fits.
+    `op_offload=False` plans for llama.cpp's --no-op-offload (big-batch ops on RAM weights stay on the CPU).
+    """
+    type_v = kv_type_v or kv_type
+    kv_row_bytes(kv_type, 256), kv_row_bytes(type_v, 256)  # validates the names
+    if ctx is not None and ctx < 1:
+        raise InputError(f"context must be positive, got {ctx}")
+    b = Budget(footprint, hardware, kv_type, type_v, n_ubatch, margin, host_reserve, op_offload)
+    notes: list[str] = []
+    if ctx is None:
+        want = min(footprint.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+        lay = _auto_ctx_layout(b, want, min_ctx, notes)
+    else:
+        want = -(-ctx // CTX_STEP) * CTX_STEP
+        lay = _best_layout(b, want)
+        if ctx > footprint.n_ctx_train > 0:
+            notes.append(f"context {ctx} exceeds the trained context {footprint.n_ctx_train}")
+    if lay is None:
+        raise _no_fit_error(b, want, min_ctx, alternatives)
+    return _placement(b, lay, n_batch, notes)
+
+
+def plan_gguf(path: str | Path, options: PlanOptions | None = None, hw: Hardware | None = None) -> Placement:
+    """The placement of the GGUF at `path` on `hw` (None: this machine, probed with the user's options)."""
+    options = options or PlanOptions()
+    hw = hw or probe(options)
+    return plan(footprint_from_gguf(path), hw, ctx=options.ctx, kv_type=options.kv_type or "f16")
+
+
+def _auto_ctx_layout(b: Budget, want: int, min_ctx: int, notes: list[str]) -> Layout | None:
+    """Shrink the context first to keep every layer's attention on GPU, then to fit RAM."""
+    ctx = want
+    if b.hw.gpus and not _all_on_gpu(b, want):
+        best = _largest_ctx(b, min_ctx, want, lambda c: _all_on_gpu(b, c))
+        if best is not None:
+            keep = (f" (--ctx {want} keeps it, running the first layers on the CPU)"
+                    if _best_layout(b, want) is not None else "")
+            notes.append(f"context reduced from {want} to {best} so attention and KV stay on the GPU{keep}")
+            ctx = best
+    lay = _best_layout(b, ctx)
+    if lay is None:
+        best = _largest_ctx(b, min_ctx, ctx, lambda c: _best_layout(b, c) is not None)
+        if best is None:
+            return None
+        notes.append(f"context reduced from {ctx} to {best} to fit in RAM + VRAM")
+        lay = _best_layout(b, best)
+    return lay
+
+
+def _no_fit_error(b: Budget, want: int, min_ctx: int, alternatives) -> PlanError:
+    fp, hw = b.fp, b.hw
+    vram = sum(max(g.free - b.margin, 0) for g in hw.gpus)
+    have = vram + max(hw.ram_available - b.host_reserve, 0)
+    need = fp.weights_bytes + kv_layer_bytes(b, want) * fp.n_layer
+    what = f"{fp.label} {fp.quant} with {want} tokens of context needs about {need / GIB:.1f} GiB"
+    largest = _largest_ctx(b, min(min_ctx, want), want, lambda c: _best_layout(b, c) is not None)
+    if largest is not None:
+        return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
+                         hint=f"the largest context that fits is {largest} (--ctx {largest})")
+    for quant, alt in (alternatives or {}).items():
+        alt_b = replace(b, fp=alt)
+        if _best_layout(alt_b, min(want, max(min_ctx, CTX_STEP))) is not None:
+            return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
+                             hint=f"--quant {quant} fits")
+    return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
+                     hint="no smaller quant fits either: add RAM or GPUs, or pick a smaller model")
+
+
+# --------------------------------------------------------------------------------------------
+# Placement from a layout
+# --------------------------------------------------------------------------------------------
+def _cpu_expert_tensors(fp: Footprint, on_gpu: dict[int, set[str]]) -> dict[int, list[str]]:
+    """layer -> its routed-expert tensors that stay in RAM."""
+    out = {}
+    for layer in fp.trunk:
+        names = [n for n, _ in layer.expert_tensors if n not in on_gpu.get(layer.index, ())]
+        if names:
+            out[layer.index] = names
+    return out
+
+
+def _kind(name: str) -> str:
+    """'blk.7.ffn_down_exps.weight' -> 'down'."""
+    return re.search(r"ffn_(\w+)_exps", name).group(1)
+
+
+def _expert_overrides(fp: Footprint, on_gpu: dict[int, set[str]]) -> list[tuple[str, str]]:
+    """`-ot` patterns: one listing every layer whose experts all stay in RAM, one per partial layer."""
+    cpu = _cpu_expert_tensors(fp, on_gpu)
+    whole = [i for i, names in cpu.items() if len(names) == len(fp.layers[i].expert_tensors)]
+    out = [(rf"blk\.({'|'.join(map(str, whole))})\.ffn_(up|down|gate)_exps", "CPU")] if whole else []
+    for i, names in cpu.items():
+        if i not in whole:
+            kinds = "|".join(_kind(n) for n in names)
+            out.append((rf"blk\.{i}\.ffn_({kinds})_exps", "CPU"))
+    return out
+
+
+def _placement(b: Budget, lay: Layout, n_batch: int | None, notes: list[str]) -> Placement:
+    fp, hw = b.fp, b.hw
+    on_gpu_experts = gpu_tensors(lay)
+    devices = _device_plans(b, lay, on_gpu_experts)
+    n_gpus_used = sum(1 for run in lay.gpu_layers if run)
+    split = None
+    if n_gpus_used > 1:  # tensor_split in layer slots; the NextN slot and output go to the last GPU
+        split = [float(len(run)) for run in lay.gpu_layers]
+        split[-1] += fp.n_nextn + 1
+    est = _tokens_per_s(devices)
+    notes = notes + _explain(b, lay, devices, est)
+    return Placement(
+        n_gpu_layers=lay.ngl, tensor_overrides=_expert_overrides(fp, on_gpu_experts) if lay.ngl else [],
+        tensor_split=split, main_gpu=0, n_ctx=lay.ctx, type_k=b.type_k, type_v=b.type_v, flash_attn=True,
+        n_batch=n_batch or (2048 if lay.ngl else 512), n_ubatch=b.n_ubatch, n_threads=hw.cores,
+        use_mmap=True, devices=devices, est_tokens_per_s=est, notes=notes, model=f"{fp.label} {fp.quant}",
+        op_offload=b.op_offload,
+    )
+
+
+def _device_plans(b: Budget, lay: Layout, on_gpu_experts: dict[int, set[str]]) -> list[DevicePlan]:
+    fp, out = b.fp, []
+    kv_tok_layer = kv_layer_bytes(b, 1)
+    for d, gpu in enumerate(b.hw.gpus[: len(lay.gpu_layers)]):
+        run, exps = lay.gpu_layers[d], lay.gpu_experts[d]
+        expert_bytes = bytes_of(fp, exps)
+        read = lay.gpu_fixed[d] + _active(fp, expert_bytes) + kv_tok_layer * SPEED_CTX * len(run)
+        out.append(DevicePlan(gpu.device_name, lay.gpu_fixed[d] + expert_bytes, lay.gpu_kv[d],
+                              lay.gpu_compute[d], gpu.free, tuple(run), tuple(exps), gpu.bandwidth, read))
+    cpu_layers = [layer.index for layer in fp.trunk][: fp.n_layer - sum(len(r) for r in lay.gpu_layers)]
+    cpu_exps = _cpu_expert_tensors(fp, on_gpu_experts)
+    weights = lay.host_need - lay.host_kv - lay.host_compute
+    cpu_expert_bytes = fp.expert_bytes - sum(bytes_of(fp, exps) for exps in lay.gpu_experts)
+    read = sum(fp.layers[i].non_expert for i in cpu_layers) + _active(fp, cpu_expert_bytes)
+    read += kv_tok_layer * SPEED_CTX * len(cpu_layers) + (fp.output if not lay.ngl else 0)
+    out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, b.hw.ram_available,
+                          tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read,
+                          _repack_on_cpu(fp, set(cpu_layers), cpu_exps, output=not lay.ngl)))
+    return out
+
+
+def _repack_on_cpu(fp: Footprint, cpu_layers: set[int], cpu_exps: dict[int, list[str]], *, output: bool) -> int:
+    """Bytes of the RAM-resident weights llama.cpp's CPU backend repacks (a CPU_REPACK buffer holds them:
+    with mmap that is a copy on top of the mapped file, without mmap it replaces their part of the CPU buffer)."""
+    in_ram = {n for names in cpu_exps.values() for n in names}
+    total = 0
+    for name, nbytes in fp.repack.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            total += nbytes if output else 0  # output.weight (token_embd never repacks)
+        elif int(m.group(1)) < fp.n_layer and (int(m.group(1)) in cpu_layers or name in in_ram):
+            total += nbytes
+    return total
+
+
+def _active(fp: Footprint, expert_bytes: int) -> int:
+    """Expert bytes one token reads: only the used experts of each layer."""
+    return expert_bytes * fp.n_expert_used // max(fp.n_expert, 1)
+
+
+def _tokens_per_s(devices: list[DevicePlan]) -> float:
+    """Decode is serial through the layers, so per-token times of the devices add up."""
+    seconds = 0.0
+    for d in devices:
+        eff = CPU_EFFICIENCY if d.name == "CPU" else GPU_EFFICIENCY
+        if d.bytes_per_token and d.bandwidth:
+            seconds += d.bytes_per_token / (d.bandwidth * eff)
+    return 1.0 / seconds if seconds else 0.0
+
+
+def _explain(b: Budget, lay: Layout, devices: list[DevicePlan], est: float) -> list[str]:
+    fp = b.fp
+    on_gpu = gpu_tensors(lay)
+    whole = sum(1 for i, names in on_gpu.items() if len(names) == len(fp.layers[i].expert_tensors))
+    partial = [f"{i} ({', '.join(_kind(n) for n in sorted(names))})"
+               for i, names in on_gpu.items() if len(names) < len(fp.layers[i].expert_tensors)]
+    n_moe = sum(1 for layer in fp.trunk if layer.experts)
+    lines = []
+    if b.hw.gpus and lay.ngl:
+        lines.append(f"routed experts of {whole}/{n_moe} MoE layers on GPU"
+                     + (f", part of layer {', '.join(partial)}" if partial else "") + ", the rest in RAM")
+        if lay.ngl < fp.n_layer_all + 1:
+            lines.append(f"{fp.n_layer - sum(len(r) for r in lay.gpu_layers)} first layers run entirely on CPU")
+    elif b.hw.gpus:
+        lines.append("the GPUs cannot hold even the output layer and compute buffers: running on CPU")
+    parts = [f"{d.name} {d.bytes_per_token / 1e9:.2f} GB / {d.bandwidth / 1e9:.0f} GB/s" for d in devices
+             if d.bytes_per_token]
+    lines.append(
+        f"speed estimate {est:.1f} tok/s = 1 / sum(bytes read per token / (bandwidth x efficiency)); "
+        f"per token: {'; '.join(parts)}; experts count {fp.n_expert_used}/{fp.n_expert} of their bytes; "
+        f"efficiency GPU {GPU_EFFICIENCY}, CPU {CPU_EFFICIENCY}; KV read at {SPEED_CTX} tokens")
+    if b.type_v != "f16" or b.type_k != "f16":
+        lines.append("quantized KV cache: needs flash attention (on); may slightly reduce tool-call accuracy")
+    return lines
