@@ -10,13 +10,8 @@ import sys
 import pytest
 
 from glmlocal.doctor import checks as doctor
-from glmlocal.doctor.checks import (
-    ChildResult,
-    backend_check,
-    cpu_cmake_args,
-    smoke_check,
-    unsupported_features,
-)
+from glmlocal.doctor.build import cpu_cmake_args, cpu_flags, unsupported_features
+from glmlocal.doctor.checks import ChildResult, backend_check, smoke_check
 from glmlocal.plan.hardware import GPU
 
 
@@ -47,7 +42,7 @@ def test_cmake_args_follow_the_cpu():
     args = cpu_cmake_args(zen4)
     assert "-DGGML_AVX_VNNI=OFF" in args and "-DGGML_AVX512_VNNI=ON" in args and "-DGGML_NATIVE=OFF" in args
     assert "-DGGML_AVX512=OFF" in cpu_cmake_args({"avx", "avx2", "fma", "f16c"})
-    assert doctor.cpu_flags("processor : 0\nflags\t\t: fpu avx avx2\n") == {"fpu", "avx", "avx2"}
+    assert cpu_flags("processor : 0\nflags\t\t: fpu avx avx2\n") == {"fpu", "avx", "avx2"}
 
 
 def test_build_features_missing_on_this_cpu_are_named():
