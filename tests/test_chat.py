@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyte
@@ -34,6 +33,7 @@ from glmlocal.chat.transcript import (
     new_chat_path,
 )
 from glmlocal.chat.view import HELP, TrimmedMarkdown, stable_split
+from glmlocal.engine.session import TurnResult
 from glmlocal.errors import ContextOverflowError, InputError
 from glmlocal.glm.events import (
     ContentDelta,
@@ -87,13 +87,24 @@ def drive(session, keys: str, *, conv: Conversation | None = None, history: Path
 
 
 # -- the fake session ----------------------------------------------------------------------------------
-@dataclass
-class Usage:
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    tokens_per_s: float
+def usage(prompt: int, cached: int, completion: int, ttft: float, tps: float) -> TurnResult:
+    return TurnResult("stop", prompt, cached, completion, ttft, tps)
+
+
+class FakeStream:
+    """What Session.turn returns (chat.turn.TurnItems), over a scripted generator. It counts no thinking
+    tokens, so the view falls back to counting reasoning deltas."""
+
+    reasoning_tokens = 0
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return self.items
+
+    def close(self):
+        self.items.close()
 
 
 class FakeSession:
@@ -106,6 +117,9 @@ class FakeSession:
         self.max_messages = max_messages
 
     def turn(self, messages, tools=None, *, enable_thinking=True, cancel=None, max_tokens=None):
+        return FakeStream(self._play(messages, tools, enable_thinking, cancel))
+
+    def _play(self, messages, tools, enable_thinking, cancel):
         self.calls.append({"messages": [dict(m) for m in messages], "tools": tools, "thinking": enable_thinking})
         if self.max_messages is not None and len(messages) > self.max_messages:
             raise ContextOverflowError(len(messages) * 100, 64, self.max_messages * 100)
@@ -120,11 +134,11 @@ class FakeSession:
                 continue
             if cancel is not None and cancel.is_set():
                 yield Finish("cancelled")
-                yield Usage(len(messages) * 10, 0, n, 0.05, 50.0)
+                yield usage(len(messages) * 10, 0, n, 0.05, 50.0)
                 return
             n += 1
             yield ev
-        yield Usage(len(messages) * 10, 5, n, 0.25, 42.5)  # like Session: events, then the usage
+        yield usage(len(messages) * 10, 5, n, 0.25, 42.5)  # like Session: events, then the usage
 
 
 def answer(text: str, thinking: str = "") -> list:

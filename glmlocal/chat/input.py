@@ -8,16 +8,18 @@ ends the chat (EOFError).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
-from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.output import Output
 
 
 def default_history_path() -> Path:
@@ -47,7 +49,7 @@ class SlashCompleter(Completer):
     def __init__(self, commands: list[str]):
         self.commands = commands
 
-    def get_completions(self, document: Document, complete_event: Any):
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
         text = document.text_before_cursor
         if not text.startswith("/") or " " in text or "\n" in text:
             return
@@ -60,7 +62,7 @@ def _bindings() -> KeyBindings:
     kb = KeyBindings()
 
     @kb.add("escape", "enter")
-    def _newline(event: Any) -> None:
+    def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
     return kb
@@ -69,7 +71,7 @@ def _bindings() -> KeyBindings:
 class PromptReader:
     """Reads user lines with prompt_toolkit. Pass `input`/`output` (e.g. a pipe input) to drive it in tests."""
 
-    def __init__(self, history_path: Path | None = None, *, input: Any = None, output: Any = None,
+    def __init__(self, history_path: Path | None = None, *, input: Input | None = None, output: Output | None = None,
                  commands: list[str] | None = None):  # fmt: skip
         from glmlocal.chat.view import HELP
 

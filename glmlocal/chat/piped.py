@@ -8,12 +8,13 @@ The whole of stdin is one prompt (so `cat file | glmlocal chat M` and multi-line
 from __future__ import annotations
 
 import threading
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import TextIO
 
 from glmlocal.chat.transcript import Conversation
-from glmlocal.chat.turn import TurnRecord, TurnRunner
+from glmlocal.chat.turn import ChatSession, TurnRecord, TurnRunner
 from glmlocal.errors import GlmlocalError
-from glmlocal.glm.events import ContentDelta, ReasoningDelta
+from glmlocal.glm.events import ContentDelta, Event, ReasoningDelta
 
 
 def split_prompts(text: str, each_line: bool) -> list[str]:
@@ -26,9 +27,9 @@ def split_prompts(text: str, each_line: bool) -> list[str]:
 class PipedChat:
     """Non-interactive chat: each prompt's answer goes to `out` as plain text, problems to `err`."""
 
-    def __init__(self, session: Any, conversation: Conversation, *, out: TextIO, err: TextIO,
+    def __init__(self, session: ChatSession, conversation: Conversation, *, out: TextIO, err: TextIO,
                  show_thinking: bool = False, max_tokens: int | None = None,
-                 turn_kwargs: dict[str, Any] | None = None):  # fmt: skip
+                 turn_kwargs: Mapping[str, object] | None = None):  # fmt: skip
         self.conv = conversation
         self.runner = TurnRunner(session, conversation, max_tokens, turn_kwargs)
         self.out, self.err = out, err
@@ -56,7 +57,7 @@ class PipedChat:
                 return code
         return 0
 
-    def on_event(self, ev: Any) -> None:
+    def on_event(self, ev: Event) -> None:
         if isinstance(ev, ReasoningDelta):
             if self.show_thinking:
                 self.out.write(ev.text if self.in_thinking else "<think>\n" + ev.text.lstrip())

@@ -8,44 +8,51 @@ in chat_piped.py, start-up (resolve, plan, load) in chat_load.py, rendering in c
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
 
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.text import Text
 
-from glmlocal.chat.transcript import Conversation
-from glmlocal.chat.turn import TurnRecord, TurnRunner, cancel_on_sigint, quiet_tty
+from glmlocal.chat.input import PromptReader
+from glmlocal.chat.transcript import Conversation, ToolCall
+from glmlocal.chat.turn import (
+    ChatSession,
+    TurnRecord,
+    TurnRunner,
+    cancel_on_sigint,
+    quiet_tty,
+)
 from glmlocal.chat.view import (
     TurnView,
     help_table,
     stats_table,
     status_line,
     thinking_panel,
-    usage_value,
 )
+from glmlocal.engine.session import TurnResult
 from glmlocal.errors import ContextOverflowError, GlmlocalError
 
 SKIPPED_TOOL = "The user skipped this tool call; no result is available."
 
 
 class ChatREPL:
-    """The interactive chat. `reader` has `.read(status) -> str` and `.ask(question) -> str` (chat_input)."""
+    """The interactive chat: `reader` reads the user's lines, `session` answers them."""
 
     def __init__(
         self,
-        session: Any,
+        session: ChatSession,
         conversation: Conversation,
         *,
         console: Console,
-        reader: Any,
+        reader: PromptReader,
         n_ctx: int | None = None,
         show_thinking: bool = False,
         max_tokens: int | None = None,
         info: list[tuple[str, str]] | None = None,
-        turn_kwargs: dict[str, Any] | None = None,
+        turn_kwargs: Mapping[str, object] | None = None,
         autosave: Path | None = None,
     ):
         self.conv = conversation
@@ -57,7 +64,7 @@ class ChatREPL:
         self.info = info or []
         self.autosave = autosave  # the conversation is written here after every command and turn
         self.last_reasoning = ""
-        self.last_usage: Any = None
+        self.last_usage: TurnResult | None = None
         self.pending: str | None = None  # a message that did not fit, kept for /retry
         self.totals = {"turns": 0, "prompt": 0, "cached": 0, "completion": 0, "seconds": 0.0}
         self.commands: dict[str, Callable[[str], bool | None]] = {
@@ -197,18 +204,15 @@ class ChatREPL:
     def context_used(self) -> int:
         if self.last_usage is None:
             return 0
-        u = self.last_usage
-        return int(usage_value(u, "prompt_tokens", default=0)) + int(usage_value(u, "completion_tokens", default=0))
+        return self.last_usage.prompt_tokens + self.last_usage.completion_tokens
 
-    def add_totals(self, usage: Any) -> None:
+    def add_totals(self, usage: TurnResult) -> None:
         t = self.totals
         t["turns"] += 1
-        t["prompt"] += int(usage_value(usage, "prompt_tokens", default=0))
-        t["cached"] += int(usage_value(usage, "cached_tokens", default=0))
-        completion = int(usage_value(usage, "completion_tokens", default=0))
-        t["completion"] += completion
-        tps = usage_value(usage, "tokens_per_s", "tok_per_s", "tokens_per_second", "tps", default=0.0)
-        t["seconds"] += completion / tps if tps else 0.0
+        t["prompt"] += usage.prompt_tokens
+        t["cached"] += usage.cached_tokens
+        t["completion"] += usage.completion_tokens
+        t["seconds"] += usage.completion_tokens / usage.tokens_per_s if usage.tokens_per_s else 0.0
 
     def take_back_user_message(self) -> None:
         """An unanswered user message leaves the history (so it stays valid) and waits for /retry."""
@@ -225,7 +229,7 @@ class ChatREPL:
         )  # fmt: skip
         self.console.print(Panel(body, title="context full", title_align="left", border_style="yellow"))
 
-    def answer_tool_calls(self, calls: list[dict[str, Any]]) -> bool:
+    def answer_tool_calls(self, calls: list[ToolCall]) -> bool:
         """Ask the user for each call's result. False when they stopped (Ctrl-C / Ctrl-D) instead."""
         self.console.print(Text("The model called a tool. Type its result (Enter skips, Ctrl-C stops).", "dim"))
         go_on = True

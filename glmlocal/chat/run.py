@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from rich.console import Console
 
@@ -46,7 +46,7 @@ class ChatArgs:
     resume: bool = False
 
 
-def turn_options(args: ChatArgs) -> dict[str, Any]:
+def turn_options(args: ChatArgs) -> dict[str, object]:
     """Extra keyword arguments for Session.turn (sampling), only those the user set."""
     if args.temperature is None and args.seed is None:
         return {}

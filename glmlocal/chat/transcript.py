@@ -10,13 +10,27 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from glmlocal.errors import InputError
 
 ROLES = ("system", "user", "assistant", "tool")
+
+
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(TypedDict):
+    """One entry of an assistant message's `tool_calls`, in OpenAI wire form."""
+
+    id: str
+    type: str
+    function: FunctionCall
 
 
 @dataclass
@@ -25,11 +39,11 @@ class Conversation:
 
     model: str = "glmlocal"
     system: str | None = None
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    messages: list[dict[str, object]] = field(default_factory=list)
+    tools: list[dict[str, object]] | None = None
     enable_thinking: bool = True
 
-    def request_messages(self) -> list[dict[str, Any]]:
+    def request_messages(self) -> list[dict[str, object]]:
         """The messages to render: the system prompt (if any) followed by the history."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + list(self.messages)
@@ -56,16 +70,16 @@ class Conversation:
         """Forget the history; the system prompt and tools stay."""
         self.messages.clear()
 
-    def to_request(self) -> dict[str, Any]:
+    def to_request(self) -> dict[str, object]:
         """An OpenAI chat-completions request body holding the whole conversation."""
-        body: dict[str, Any] = {"model": self.model, "messages": self.request_messages()}
+        body: dict[str, object] = {"model": self.model, "messages": self.request_messages()}
         if self.tools:
             body["tools"] = self.tools
         body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
         return body
 
     @classmethod
-    def from_request(cls, body: Any, source: str = "transcript") -> "Conversation":
+    def from_request(cls, body: object, source: str = "transcript") -> Conversation:
         """Build a conversation from a request body; raise InputError naming what is wrong."""
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise InputError(f"{source}: expected a JSON object with a \"messages\" list")
@@ -97,13 +111,13 @@ class Conversation:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from e
 
     @classmethod
-    def load(cls, path: Path) -> "Conversation":
+    def load(cls, path: Path) -> Conversation:
         """Read a transcript or any OpenAI chat-completions request body."""
         path = Path(path).expanduser()
         return cls.from_request(_read_json(path), source=str(path))
 
 
-def _text_of(content: Any) -> str:
+def _text_of(content: object) -> str:
     """Flatten OpenAI content (a string or a list of text parts) to a string."""
     if content is None:
         return ""
@@ -114,7 +128,7 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-def _check_message(m: Any, i: int, source: str) -> dict[str, Any]:
+def _check_message(m: object, i: int, source: str) -> dict[str, object]:
     if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise InputError(f"{source}: message {i} needs a role of {', '.join(ROLES)}")
     msg = dict(m)
@@ -129,12 +143,12 @@ def _check_message(m: Any, i: int, source: str) -> dict[str, Any]:
     return msg
 
 
-def _is_call(c: Any) -> bool:
+def _is_call(c: object) -> bool:
     fn = c.get("function") if isinstance(c, dict) else None
     return isinstance(fn, dict) and isinstance(fn.get("name"), str)
 
 
-def check_tools(tools: Any, source: str) -> list[dict[str, Any]]:
+def check_tools(tools: object, source: str) -> list[dict[str, object]]:
     """Validate OpenAI-format tool definitions (`[{"type": "function", "function": {...}}]`)."""
     if isinstance(tools, dict) and "tools" in tools:
         tools = tools["tools"]
@@ -147,13 +161,13 @@ def check_tools(tools: Any, source: str) -> list[dict[str, Any]]:
     return tools
 
 
-def load_tools(path: Path) -> list[dict[str, Any]]:
+def load_tools(path: Path) -> list[dict[str, object]]:
     """Read `--tools FILE`: a JSON list of OpenAI tool definitions, or an object with a "tools" list."""
     path = Path(path).expanduser()
     return check_tools(_read_json(path), str(path))
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> object:
     """A JSON file's contents; unreadable or invalid files are one-line InputErrors."""
     try:
         return json.loads(path.read_text("utf-8"))
@@ -163,7 +177,7 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path} is not valid JSON: {e}") from e
 
 
-def tool_call_message(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+def tool_call_message(call_id: str, name: str, arguments: Mapping[str, object]) -> ToolCall:
     """One entry of an assistant message's `tool_calls`, in OpenAI wire form (arguments as JSON text)."""
     return {
         "id": call_id,

@@ -8,21 +8,41 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Protocol, TextIO
 
-from glmlocal.chat.transcript import Conversation, tool_call_message
+from glmlocal.chat.transcript import Conversation, ToolCall, tool_call_message
+from glmlocal.engine.session import TurnResult
 from glmlocal.glm.events import (
     ContentDelta,
+    Event,
     Finish,
     ReasoningDelta,
-    ToolCallArgsDelta,
     ToolCallEnd,
     ToolCallStart,
 )
 
-EVENT_TYPES = (ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd, Finish)
+
+class TurnItems(Protocol):
+    """A running turn (glmlocal.engine.session.TurnStream): glm events, then one TurnResult. While it runs,
+    `reasoning_tokens` counts the tokens generated inside thinking blocks; `close()` releases the engine."""
+
+    reasoning_tokens: int
+
+    def __iter__(self) -> Iterator[Event | TurnResult]: ...
+
+    def close(self) -> None: ...
+
+
+class ChatSession(Protocol):
+    """What the chat needs of a Session (glmlocal.engine.session.Session; tests script one).
+    `options` are further Session.turn keywords: sampling, tool_choice, response_format."""
+
+    def turn(self, messages: Sequence[Mapping[str, object]], tools: list[Mapping[str, object]] | None = None, *,
+             enable_thinking: bool = True, cancel: threading.Event | None = None, max_tokens: int | None = None,
+             **options: object) -> TurnItems: ...
 
 
 @contextmanager
@@ -39,7 +59,7 @@ def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
 
 
 @contextmanager
-def quiet_tty(stream: Any = None) -> Iterator[None]:
+def quiet_tty(stream: TextIO | None = None) -> Iterator[None]:
     """While generating, keys typed ahead are neither echoed into the live output nor lost: echo and line
     editing go off (prompt_toolkit reads them at the next prompt); ISIG stays on, so Ctrl-C still signals."""
     stream = stream or sys.stdin
@@ -69,11 +89,11 @@ class TurnRecord:
     reasoning: str = ""
     content: str = ""
     call_ids: dict[int, str] = field(default_factory=dict)
-    calls: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
     reason: str = "stop"
-    usage: Any = None
+    usage: TurnResult | None = None
 
-    def add(self, ev: Any) -> None:
+    def add(self, ev: Event) -> None:
         if isinstance(ev, ReasoningDelta):
             self.reasoning += ev.text
         elif isinstance(ev, ContentDelta):
@@ -81,7 +101,7 @@ class TurnRecord:
         elif isinstance(ev, ToolCallStart):
             self.call_ids[ev.index] = ev.id
         elif isinstance(ev, ToolCallEnd):  # only ended calls count: a cut-off call has no End
-            call_id = getattr(ev, "id", "") or self.call_ids.get(ev.index) or f"call_{ev.index}"
+            call_id = ev.id or self.call_ids.get(ev.index) or f"call_{ev.index}"
             self.calls.append(tool_call_message(call_id, ev.name, ev.arguments))
         elif isinstance(ev, Finish):
             self.reason = ev.reason
@@ -90,8 +110,8 @@ class TurnRecord:
     def empty(self) -> bool:
         return not (self.reasoning.strip() or self.content.strip() or self.calls)
 
-    def message(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"role": "assistant", "content": self.content.strip()}
+    def message(self) -> dict[str, object]:
+        msg: dict[str, object] = {"role": "assistant", "content": self.content.strip()}
         if self.reasoning.strip():
             msg["reasoning_content"] = self.reasoning.strip()
         if self.calls:
@@ -102,40 +122,38 @@ class TurnRecord:
 class TurnRunner:
     """Runs one model turn for either front end; knows the session's calling convention."""
 
-    def __init__(self, session: Any, conversation: Conversation, max_tokens: int | None = None,
-                 turn_kwargs: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(self, session: ChatSession, conversation: Conversation, max_tokens: int | None = None,
+                 turn_kwargs: Mapping[str, object] | None = None):  # fmt: skip
         self.session = session
         self.conversation = conversation
         self.max_tokens = max_tokens
         self.turn_kwargs = dict(turn_kwargs or {})  # e.g. sampling settings from the command line
-        self.stream: Any = None  # the running turn (a session.TurnStream)
+        self.stream: TurnItems | None = None  # the running turn
 
     def thinking_tokens(self) -> int | None:
-        """Tokens the running turn has generated inside thinking blocks (None if the session does not say)."""
-        return getattr(self.stream, "reasoning_tokens", None)
+        """Tokens the running turn has generated inside thinking blocks (None before it starts)."""
+        return None if self.stream is None else self.stream.reasoning_tokens
 
-    def items(self, cancel: threading.Event) -> Iterator[Any]:
+    def items(self, cancel: threading.Event) -> TurnItems:
         conv = self.conversation
-        kwargs: dict[str, Any] = {**self.turn_kwargs, "enable_thinking": conv.enable_thinking, "cancel": cancel}
-        if self.max_tokens is not None:
-            kwargs["max_tokens"] = self.max_tokens
-        # Session.turn yields glm events, then one TurnResult (the usage); see glmlocal/session.py.
-        self.stream = self.session.turn(conv.request_messages(), conv.tools, **kwargs)
+        # Session.turn yields glm events, then one TurnResult (the usage); see glmlocal/engine/session.py.
+        self.stream = self.session.turn(conv.request_messages(), conv.tools, enable_thinking=conv.enable_thinking,
+                                        cancel=cancel, max_tokens=self.max_tokens, **self.turn_kwargs)
         return self.stream
 
-    def run(self, cancel: threading.Event, on_event: Callable[[Any], None]) -> TurnRecord:
+    def run(self, cancel: threading.Event, on_event: Callable[[Event], None]) -> TurnRecord:
         """Stream one turn, feeding each event to `on_event`; the record holds message, reason and usage."""
         record = TurnRecord()
         items = self.items(cancel)
         try:
             for item in items:
-                if isinstance(item, EVENT_TYPES):
+                if isinstance(item, TurnResult):
+                    record.usage = item
+                else:
                     record.add(item)
                     on_event(item)
-                else:
-                    record.usage = item
         finally:
-            getattr(items, "close", lambda: None)()  # releases the engine even when rendering failed mid-turn
+            items.close()  # releases the engine even when rendering failed mid-turn
         if cancel.is_set() and record.reason != "cancelled":
             record.reason = "cancelled"
         return record

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.panel import Panel
@@ -23,8 +23,10 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from glmlocal.engine.session import TurnResult
 from glmlocal.glm.events import (
     ContentDelta,
+    Event,
     Finish,
     ReasoningDelta,
     ToolCallArgsDelta,
@@ -58,7 +60,7 @@ class TrimmedMarkdown:
     def __init__(self, text: str):
         self.markdown = Markdown(text, code_theme=CODE_THEME)
 
-    def __rich_console__(self, console: Console, options: Any):
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         lines = console.render_lines(self.markdown, options, pad=False)
         empty = [not "".join(seg.text for seg in line) for line in lines]
         start = empty.index(False) if False in empty else len(lines)
@@ -82,35 +84,21 @@ def thinking_panel(text: str, title: str = "thinking") -> Panel:
     return Panel(Text(text.strip(), style="dim italic"), title=title, title_align="left", border_style="dim")
 
 
-def tool_call_panel(name: str, arguments: dict[str, Any], call_id: str = "") -> Panel:
+def tool_call_panel(name: str, arguments: Mapping[str, object], call_id: str = "") -> Panel:
     body = Syntax(json.dumps(arguments, indent=2, ensure_ascii=False), "json", theme=CODE_THEME, word_wrap=True)
     return Panel(body, title=f"tool call: {name}", subtitle=call_id or None, title_align="left", border_style="cyan")
 
 
-def usage_value(usage: Any, *names: str, default: float | None = None) -> Any:
-    """Read a usage field by any of its likely names (object attribute or mapping key)."""
-    for name in names:
-        v = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
-        if v is not None:
-            return v
-    return default
-
-
-def status_line(usage: Any, n_ctx: int | None) -> Text:
+def status_line(usage: TurnResult, n_ctx: int | None) -> Text:
     """`12.3 tok/s · first token 0.41 s · context 812 / 4096 · cached 640 · 57 tokens`."""
-    prompt = int(usage_value(usage, "prompt_tokens", default=0))
-    completion = int(usage_value(usage, "completion_tokens", default=0))
-    cached = int(usage_value(usage, "cached_tokens", default=0))
-    tps = usage_value(usage, "tokens_per_s", "tok_per_s", "tokens_per_second", "tps", default=0.0)
-    ttft = usage_value(usage, "ttft_s", "ttft", "time_to_first_token", default=0.0)
-    used = prompt + completion
+    used = usage.prompt_tokens + usage.completion_tokens
     limit = f" / {n_ctx}" if n_ctx else ""
     parts = [
-        f"{tps:.1f} tok/s",
-        f"first token {ttft:.2f} s",
+        f"{usage.tokens_per_s:.1f} tok/s",
+        f"first token {usage.ttft_s:.2f} s",
         f"context {used}{limit}",
-        f"cached {cached}",
-        f"{completion} tokens",
+        f"cached {usage.cached_tokens}",
+        f"{usage.completion_tokens} tokens",
     ]
     style = "yellow" if n_ctx and used > 0.9 * n_ctx else "dim"
     return Text(" · ".join(parts), style=style)
@@ -122,7 +110,7 @@ class _LiveBody:
     def __init__(self, view: "TurnView"):
         self.view = view
 
-    def __rich_console__(self, console: Console, options: Any):
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         v = self.view
         height = max(4, (options.height or console.height) - 4)
         if v.thinking_open:
@@ -182,7 +170,7 @@ class TurnView:
         self._ticker.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._ticker.join()
         with self.lock:
@@ -200,12 +188,12 @@ class TurnView:
         return (self.think_t1 if not self.thinking_open else self.clock()) - self.think_t0
 
     # -- events -----------------------------------------------------------------------------------
-    def on_event(self, ev: Any) -> None:
+    def on_event(self, ev: Event) -> None:
         """Update the screen for one parser event."""
         with self.lock:
             self._on_event(ev)
 
-    def _on_event(self, ev: Any) -> None:
+    def _on_event(self, ev: Event) -> None:
         if isinstance(ev, ReasoningDelta):
             self._on_reasoning(ev.text)
         elif isinstance(ev, ContentDelta):
@@ -219,7 +207,7 @@ class TurnView:
             self.open_call = (self.open_call[0], self.open_call[1] + ev.text)
         elif isinstance(ev, ToolCallEnd):
             self.open_call = None
-            self.console.print(tool_call_panel(ev.name, ev.arguments, getattr(ev, "id", "")))
+            self.console.print(tool_call_panel(ev.name, ev.arguments, ev.id))
         elif isinstance(ev, Finish):
             self._finish(ev.reason)
 

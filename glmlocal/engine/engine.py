@@ -13,10 +13,9 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import llama_cpp.llama_cpp as C
 import numpy as np
@@ -41,11 +40,14 @@ from glmlocal.engine.params import (
 )
 from glmlocal.errors import ContextOverflowError, EngineError, InputError
 from glmlocal.llama import log as llama_log
+from glmlocal.plan.hardware import Hardware
 from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.placement import Placement
 from glmlocal.plan.planner import plan_gguf
 
 _SEQ = 0  # the engine keeps a single live sequence; other conversations live in the StateCache
 _LOAD_LOCK = threading.Lock()  # llama.cpp's log is global: one load at a time keeps its capture clean
+StateBlob = ctypes.Array[ctypes.c_uint8]  # a sequence's KV state, as llama_state_seq_get_data writes it
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,8 @@ class LoadReport:
 class Engine:
     """A loaded model plus one context. Create with `Engine.load`; close with `close()` or `with`."""
 
-    def __init__(self, path: Path, model: Any, ctx: Any, placement: Any, report: LoadReport,
-                 keep: list, cache: CacheConfig):
+    def __init__(self, path: Path, model: C.llama_model_p, ctx: C.llama_context_p, placement: Placement,
+                 report: LoadReport, keep: list[object], cache: CacheConfig):
         self.path, self.placement, self.report = path, placement, report
         self._model, self._ctx, self._keep = model, ctx, keep
         self._vocab = C.llama_model_get_vocab(model)
@@ -85,15 +87,15 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._live: list[int] = []  # tokens whose KV is in the live sequence, in order
         self._cache_cfg = cache
-        self.state_cache = StateCache(cache.max_entries, cache.max_bytes)
+        self.state_cache: StateCache[StateBlob] = StateCache(cache.max_entries, cache.max_bytes)
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, placement: Any = None, *, n_ctx: int | None = None,
+    def load(cls, path: str | Path, placement: Placement | None = None, *, n_ctx: int | None = None,
              progress: Callable[[float], None] | None = None, cache: CacheConfig = CacheConfig(),
-             hardware: Any = None) -> Engine:
+             hardware: Hardware | None = None) -> Engine:
         """Load a GGUF with a Placement (when None, planned for `hardware`, default: this machine, probed).
 
         Raises PlanError before loading when the plan does not fit, InputError for a missing or non-GGUF
@@ -109,8 +111,8 @@ class Engine:
         if placement is None:
             placement = plan_gguf(path, PlanOptions(ctx=n_ctx), hardware)
         check_fits(placement)
-        want_ctx = int(n_ctx or getattr(placement, "n_ctx", 0) or 4096)
-        keep: list = []
+        want_ctx = int(n_ctx or placement.n_ctx or 4096)
+        keep: list[object] = []
         devices = device_names(placement)
         mp = _model_params(placement, keep, progress, devices)
         cp = context_params(placement, want_ctx)
@@ -202,7 +204,8 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_tokens: Sequence[int], sampling: Sampling | None = None, *,
                  grammar: str | None = None, max_tokens: int | None = None,
-                 cancel: threading.Event | None = None, want_logits: bool = False) -> Iterator[TokenOut]:
+                 cancel: threading.Event | None = None,
+                 want_logits: bool = False) -> Generator[TokenOut, None, None]:
         """Stream the continuation of prompt_tokens.
 
         Raises ContextOverflowError (prompt + max_tokens > n_ctx) and EngineError (bad grammar) before
@@ -232,7 +235,7 @@ class Engine:
         return self._run(prompt, sampling, grammar, limit, cancel, want_logits)
 
     def _run(self, prompt: list[int], sampling: Sampling, grammar: str | None, limit: int,
-             cancel: threading.Event | None, want_logits: bool) -> Iterator[TokenOut]:
+             cancel: threading.Event | None, want_logits: bool) -> Generator[TokenOut, None, None]:
         # Built here, not in generate(), so a stream that is never started leaks nothing.
         sampler = self._sampler(sampling, grammar)
         try:
@@ -250,8 +253,9 @@ class Engine:
         finally:
             C.llama_sampler_free(sampler)
 
-    def _sample_loop(self, sampler: Any, sampling: Sampling, limit: int, cancel: threading.Event | None,
-                     want_logits: bool, stats: GenerationStats, t0: float) -> Iterator[TokenOut]:
+    def _sample_loop(self, sampler: C.llama_sampler_p_ctypes, sampling: Sampling, limit: int,
+                     cancel: threading.Event | None, want_logits: bool, stats: GenerationStats,
+                     t0: float) -> Generator[TokenOut, None, None]:
         text_in, stops = self.utf8_stream(), StopMatcher(sampling.stop)
         t_first = None
         for i in range(limit):
@@ -276,7 +280,7 @@ class Engine:
             self._eval([tok], None)  # the last token is never decoded: the next prompt re-evaluates it
 
     def _final(self, tok: int | None, text: str, reason: str, stats: GenerationStats, t_first: float | None,
-               *, eog: bool = False, logits: Any = None) -> TokenOut:
+               *, eog: bool = False, logits: np.ndarray | None = None) -> TokenOut:
         if t_first is not None:
             stats.decode_s = time.perf_counter() - t_first
         return TokenOut(tok, text, reason, stats, eog=eog, logits=logits)
@@ -285,7 +289,7 @@ class Engine:
         ptr = C.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def _sampler(self, s: Sampling, grammar: str | None) -> Any:
+    def _sampler(self, s: Sampling, grammar: str | None) -> C.llama_sampler_p_ctypes:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = lambda smpl: C.llama_sampler_chain_add(chain, smpl)
         if s.logit_bias:
@@ -352,7 +356,7 @@ class Engine:
         if n:
             self.state_cache.put(self._live, buf, n)
 
-    def _restore(self, tokens: Sequence[int], data: Any) -> None:
+    def _restore(self, tokens: Sequence[int], data: StateBlob) -> None:
         C.llama_memory_seq_rm(self._mem, _SEQ, -1, -1)
         self._live = []
         if not C.llama_state_seq_set_data(self._ctx, data, len(data), _SEQ):

@@ -1,5 +1,6 @@
 """Pure pieces of generation the engine composes: sampling settings, streamed outputs and stats,
-stop-string matching, incremental UTF-8 decoding and the bounded multi-conversation KV state cache.
+stop-string matching, incremental UTF-8 decoding, the bounded multi-conversation KV state cache, and
+`TokenEngine`, what a Session needs of an engine.
 
 Nothing here touches llama.cpp, so all of it is tested with plain tables.
 """
@@ -7,10 +8,14 @@ Nothing here touches llama.cpp, so all of it is tested with plain tables.
 from __future__ import annotations
 
 import codecs
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class TokenOut:
     finish_reason: str | None = None
     stats: GenerationStats | None = None
     eog: bool = False
-    logits: Any = None  # numpy copy of the raw logits this token was sampled from, when asked for
+    logits: np.ndarray | None = None  # numpy copy of the raw logits this token was sampled from, when asked for
 
 
 class StopMatcher:
@@ -134,14 +139,34 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+class TokenEngine(Protocol):
+    """What a Session and the server's backend need of an engine: glmlocal.engine.engine.Engine, or a
+    scripted token stream in tests. `generate` returns a generator: closing it releases the engine."""
+
+    n_ctx: int
+    last_stats: GenerationStats | None
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]: ...
+
+    def token_id(self, text: str) -> int | None: ...
+
+    def generate(self, prompt_tokens: Sequence[int], sampling: Sampling | None = None, *,
+                 grammar: str | None = None, max_tokens: int | None = None,
+                 cancel: threading.Event | None = None,
+                 want_logits: bool = False) -> Generator[TokenOut, None, None]: ...
+
+
+Blob = TypeVar("Blob")  # an opaque state blob (the engine's: a ctypes byte array from llama_state_seq_get_data)
+
+
 @dataclass
-class _Entry:
+class _Entry(Generic[Blob]):
     tokens: tuple[int, ...]
-    data: Any  # an opaque state blob (a ctypes byte array from llama_state_seq_get_data)
+    data: Blob
     nbytes: int
 
 
-class StateCache:
+class StateCache(Generic[Blob]):
     """Bounded LRU of saved KV states keyed by the token sequence they hold.
 
     The engine keeps one live sequence; when a request would discard a long live state it is stashed
@@ -151,7 +176,7 @@ class StateCache:
 
     def __init__(self, max_entries: int = 4, max_bytes: int = 2 << 30):
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._entries: OrderedDict[int, _Entry[Blob]] = OrderedDict()
         self._next = 0
 
     def __len__(self) -> int:
@@ -170,7 +195,7 @@ class StateCache:
                 key, best = k, n
         return key, best
 
-    def put(self, tokens: Sequence[int], data: Any, nbytes: int) -> bool:
+    def put(self, tokens: Sequence[int], data: Blob, nbytes: int) -> bool:
         """Store a state; entries whose tokens are a prefix of it are dominated and dropped."""
         if self.max_entries <= 0 or nbytes > self.max_bytes:
             return False
@@ -183,7 +208,7 @@ class StateCache:
             self._entries.popitem(last=False)
         return True
 
-    def take(self, key: int) -> tuple[tuple[int, ...], Any]:
+    def take(self, key: int) -> tuple[tuple[int, ...], Blob]:
         """Remove and return (tokens, data) of an entry (it becomes the live state)."""
         e = self._entries.pop(key)
         return e.tokens, e.data

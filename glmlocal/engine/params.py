@@ -1,36 +1,34 @@
 """From a planner Placement to llama.cpp's load parameters: which devices, llama_model_params and
 llama_context_params, plus the checks done before anything is loaded (a plan that cannot fit).
-
-Placements are read by attribute (duck-typed), so Placement.cpu_only and hand-built ones work alike.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import Any
 
 import llama_cpp.llama_cpp as C
 
 from glmlocal.errors import EngineError, InputError, PlanError
 from glmlocal.llama import ggml
+from glmlocal.plan.placement import Placement
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
-def check_fits(placement: Any) -> None:
+def check_fits(placement: Placement) -> None:
     """Refuse, before touching llama.cpp, a placement its own prediction says cannot load: a GPU whose
     weights + KV + compute exceed its free memory (a certain out-of-memory), or a CPU without room for
     KV + compute (weights are memory-mapped and may page)."""
     hint = "run `glmlocal plan MODEL` to see what fits (smaller context, KV type or quant)"
-    for dev in getattr(placement, "devices", None) or []:
+    for dev in placement.devices:
         need = dev.total if dev.name != "CPU" else dev.kv + dev.compute
         if dev.capacity and need > dev.capacity:
             raise PlanError(f"the placement needs {need / 2**30:.1f} GiB on {dev.name}, which has "
                             f"{dev.capacity / 2**30:.1f} GiB free", hint=hint)
 
 
-def device_names(placement: Any) -> list[str] | None:
+def device_names(placement: Placement) -> list[str] | None:
     """llama.cpp devices for the placement's GPUs, in its order; None leaves llama.cpp's default (every GPU).
 
     Planner GPU i is the device the plan names when llama.cpp has one by that name ("RPC1"), else the
@@ -38,7 +36,7 @@ def device_names(placement: Any) -> list[str] | None:
     backend). A planned CPU-only placement gets no device at all, so nothing lands on a GPU it did not
     plan for. A placement without per-device predictions (Placement.cpu_only) keeps the default.
     """
-    planned = getattr(placement, "devices", None) or []
+    planned = placement.devices
     if not planned:
         return None
     available = [d.name for d in ggml.gpu_devices()]
@@ -56,8 +54,8 @@ def device_names(placement: Any) -> list[str] | None:
     return chosen
 
 
-def model_params(placement: Any, keep: list, progress: Callable[[float], None] | None,
-                 names: list[str] | None = None) -> Any:
+def model_params(placement: Placement, keep: list[object], progress: Callable[[float], None] | None,
+                 names: list[str] | None = None) -> C.llama_model_params:
     """llama_model_params for the placement on devices `names`; ctypes arrays and callbacks the params point
     to are appended to `keep`, which must outlive the model."""
     mp = C.llama_model_default_params()
@@ -66,15 +64,14 @@ def model_params(placement: Any, keep: list, progress: Callable[[float], None] |
         keep.append(arr_dev)
         mp.devices = ctypes.cast(arr_dev, ctypes.c_void_p).value
     mp.n_gpu_layers = int(placement.n_gpu_layers)
-    mp.main_gpu = int(getattr(placement, "main_gpu", 0) or 0)
+    mp.main_gpu = int(placement.main_gpu)
     mp.split_mode = 1  # LLAMA_SPLIT_MODE_LAYER
-    mp.load_mode = 1 if getattr(placement, "use_mmap", True) else 0  # MMAP / NONE
-    overrides = list(getattr(placement, "tensor_overrides", None) or [])
-    if overrides:
-        arr = ggml.OverrideArray([(str(p), str(b)) for p, b in overrides])
+    mp.load_mode = 1 if placement.use_mmap else 0  # MMAP / NONE
+    if placement.tensor_overrides:
+        arr = ggml.OverrideArray([(str(p), str(b)) for p, b in placement.tensor_overrides])
         keep.append(arr)
         mp.tensor_buft_overrides = arr.pointer
-    split = getattr(placement, "tensor_split", None)
+    split = placement.tensor_split
     if split:
         n = C.llama_max_devices()
         if len(split) > n:
@@ -89,8 +86,8 @@ def model_params(placement: Any, keep: list, progress: Callable[[float], None] |
     return mp
 
 
-def _progress_callback(progress: Callable[[float], None]) -> Any:
-    def _cb(frac: float, _user: Any) -> bool:
+def _progress_callback(progress: Callable[[float], None]) -> C.llama_progress_callback:
+    def _cb(frac: float, _user: int | None) -> bool:
         try:
             progress(float(frac))
         except Exception:  # noqa: BLE001, S110 (never unwind into C; a failing callback does not abort the load)
@@ -107,19 +104,18 @@ def _kv_type(name: str) -> int:
         raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
 
 
-def context_params(placement: Any, n_ctx: int) -> Any:
-    """llama_context_params for the placement with `n_ctx` tokens of context."""
+def context_params(placement: Placement, n_ctx: int) -> C.llama_context_params:
+    """llama_context_params for the placement with `n_ctx` tokens of context (0 threads: llama.cpp's default)."""
     cp = C.llama_context_default_params()
     cp.n_ctx = n_ctx
-    cp.n_batch = int(getattr(placement, "n_batch", 512) or 512)
-    cp.n_ubatch = min(int(getattr(placement, "n_ubatch", 512) or 512), cp.n_batch)
+    cp.n_batch = int(placement.n_batch)
+    cp.n_ubatch = min(int(placement.n_ubatch), cp.n_batch)
     cp.n_seq_max = 1
-    threads = int(getattr(placement, "n_threads", 0) or 0)
-    if threads > 0:
-        cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = 1 if getattr(placement, "flash_attn", False) else 0
-    cp.type_k = _kv_type(getattr(placement, "type_k", "f16"))
-    cp.type_v = _kv_type(getattr(placement, "type_v", "f16"))
+    if placement.n_threads > 0:
+        cp.n_threads = cp.n_threads_batch = int(placement.n_threads)
+    cp.flash_attn_type = 1 if placement.flash_attn else 0
+    cp.type_k = _kv_type(placement.type_k)
+    cp.type_v = _kv_type(placement.type_v)
     cp.no_perf = False
-    cp.op_offload = bool(getattr(placement, "op_offload", True))
+    cp.op_offload = bool(placement.op_offload)
     return cp

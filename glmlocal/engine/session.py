@@ -22,11 +22,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from glmlocal.engine.generation import GenerationStats, Sampling, StopMatcher, TokenOut
+from glmlocal.engine.generation import (
+    GenerationStats,
+    Sampling,
+    StopMatcher,
+    TokenEngine,
+    TokenOut,
+)
 from glmlocal.errors import InputError
 from glmlocal.glm.events import (
     ContentDelta,
@@ -37,7 +42,11 @@ from glmlocal.glm.events import (
     ToolCallStart,
 )
 from glmlocal.glm.parser import CALL_OPEN, StreamParser
-from glmlocal.glm.tools import json_schema_grammar, tool_call_grammar
+from glmlocal.glm.template import ChatTemplate
+from glmlocal.glm.tools import ToolChoice, json_schema_grammar, tool_call_grammar
+
+Messages = Sequence[Mapping[str, object]]  # OpenAI chat messages (glmlocal.glm.template normalises them)
+Tools = list[Mapping[str, object]]  # OpenAI function tools
 
 
 @dataclass
@@ -53,14 +62,14 @@ class TurnResult:
     prompt_s: float = 0.0
     reasoning: str = ""
     content: str = ""
-    tool_calls: list[dict] = field(default_factory=list)  # {"id", "name", "arguments": dict}; completed calls only
+    tool_calls: list[dict[str, object]] = field(default_factory=list)  # {"id", "name", "arguments": dict}; ended calls
     raw_text: str = ""  # what the model wrote, markup included
     reasoning_tokens: int = 0  # generated tokens inside thinking blocks (the tags opening/closing them included)
     stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason is then "stop")
 
-    def message(self) -> dict:
+    def message(self) -> dict[str, object]:
         """The assistant message in OpenAI chat format, ready to append to the history."""
-        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        msg: dict[str, object] = {"role": "assistant", "content": self.content}
         if self.reasoning:
             msg["reasoning_content"] = self.reasoning
         if self.tool_calls:
@@ -78,12 +87,12 @@ class PreparedTurn:
     prompt: str
     tokens: list[int]
     grammar: str | None
-    tools: list[Mapping[str, Any]] | None  # the tools the parser recognises (None for tool_choice "none")
+    tools: Tools | None  # the tools the parser recognises (None for tool_choice "none")
     starts_in_thinking: bool
     banned: tuple[int, ...] = ()  # tokens never sampled (tool_choice "none": `<tool_call>`)
 
 
-def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[bool, Mapping[str, Any] | None]:
+def _response_schema(response_format: Mapping[str, object] | None) -> tuple[bool, Mapping[str, object] | None]:
     """(constrain?, schema) for an OpenAI response_format."""
     if not response_format:
         return False, None
@@ -99,7 +108,7 @@ def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[bool, M
     raise InputError(f"unsupported response_format type {kind!r}", hint="use text, json_object or json_schema")
 
 
-def _normalize_tool_choice(choice: Any) -> Any:
+def _normalize_tool_choice(choice: ToolChoice) -> ToolChoice:
     """OpenAI or Anthropic tool_choice -> "auto" | "none" | "required" | {"type": "function", ...}."""
     if not isinstance(choice, Mapping):
         return choice or "auto"
@@ -116,15 +125,15 @@ def _normalize_tool_choice(choice: Any) -> Any:
 class Session:
     """Binds an Engine to a GLM chat template and family ("glm45" or "glm47")."""
 
-    def __init__(self, engine: Any, template: Any, family: str, *, default_sampling: Sampling | None = None,
-                 think_budget: int | None = None):
+    def __init__(self, engine: TokenEngine, template: ChatTemplate, family: str, *,
+                 default_sampling: Sampling | None = None, think_budget: int | None = None):
         self.engine, self.template, self.family = engine, template, family
         self.default_sampling = default_sampling or Sampling()
         self.think_budget = think_budget  # caps forced-output thinking (chars) so a grammar cannot think forever
 
-    def prepare(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
-                tool_choice: Any = "auto", enable_thinking: bool = True, clear_thinking: bool | None = None,
-                response_format: Mapping[str, Any] | None = None) -> PreparedTurn:
+    def prepare(self, messages: Messages, tools: Tools | None = None, *, tool_choice: ToolChoice = "auto",
+                enable_thinking: bool = True, clear_thinking: bool | None = None,
+                response_format: Mapping[str, object] | None = None) -> PreparedTurn:
         """Render and tokenize a request and pick its grammar (no generation)."""
         tools = list(tools) if tools else None
         tool_choice = _normalize_tool_choice(tool_choice)
@@ -145,14 +154,14 @@ class Session:
                             self.template.starts_in_thinking(enable_thinking),
                             banned=() if call_token is None else (call_token,))
 
-    def count_tokens(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None,
-                     *, enable_thinking: bool = True, tool_choice: Any = "auto") -> int:
+    def count_tokens(self, messages: Messages, tools: Tools | None = None, *, enable_thinking: bool = True,
+                     tool_choice: ToolChoice = "auto") -> int:
         """Prompt tokens a request would use (for Anthropic's count_tokens and context checks)."""
         return len(self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking).tokens)
 
-    def turn(self, messages: Sequence[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
-             tool_choice: Any = "auto", enable_thinking: bool = True, clear_thinking: bool | None = None,
-             response_format: Mapping[str, Any] | None = None, sampling: Sampling | None = None,
+    def turn(self, messages: Messages, tools: Tools | None = None, *, tool_choice: ToolChoice = "auto",
+             enable_thinking: bool = True, clear_thinking: bool | None = None,
+             response_format: Mapping[str, object] | None = None, sampling: Sampling | None = None,
              max_tokens: int | None = None, cancel: threading.Event | None = None,
              stop: Sequence[str] = (), parallel_tool_calls: bool = True) -> TurnStream:
         """Run one assistant turn; yields glm events, then one TurnResult (see the module docstring).
@@ -178,8 +187,8 @@ class TurnStream:
     "Thought for N tokens" reads the latter when the thinking block closes). `close()` stops the generation
     and releases the engine."""
 
-    def __init__(self, engine: Any, stream: Iterator[TokenOut], parser: StreamParser, stops: Sequence[str], *,
-                 max_calls: int | None = None):
+    def __init__(self, engine: TokenEngine, stream: Generator[TokenOut, None, None], parser: StreamParser,
+                 stops: Sequence[str], *, max_calls: int | None = None):
         self._engine, self._stream, self._parser, self._max_calls = engine, stream, parser, max_calls
         self._stops = StopMatcher(stops)
         self._agg = _Aggregate()
@@ -212,9 +221,7 @@ class TurnStream:
                     yield self._agg.result(out.stats, self.reasoning_tokens)
                     return
         finally:
-            close = getattr(self._stream, "close", None)
-            if close is not None:
-                close()
+            self._stream.close()
 
     def _feed(self, out: TokenOut) -> list[Event]:
         """Parse one step; a token counts as thinking when the parser is in a thinking block before or after it."""
@@ -253,10 +260,8 @@ class TurnStream:
     def _stopped(self) -> TurnResult:
         """The result of a turn ended early (stop string, tool-call limit): the engine stream is closed
         before its end, so its stats are finished here."""
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
-        stats = getattr(self._engine, "last_stats", None) or GenerationStats()
+        self._stream.close()
+        stats = self._engine.last_stats or GenerationStats()
         if self._t_first is not None and not stats.decode_s:
             stats.decode_s = time.perf_counter() - self._t_first
         return self._agg.result(stats, self.reasoning_tokens, stop_sequence=self._stops.matched)
@@ -269,7 +274,7 @@ class _Aggregate:
         self.raw: list[str] = []
         self.reasoning: list[str] = []
         self.content: list[str] = []
-        self.calls: list[dict] = []
+        self.calls: list[dict[str, object]] = []
         self.ids: dict[int, str] = {}
         self.finish = "stop"
 

@@ -10,7 +10,6 @@ prefix-stable across turns (the official template drops reasoning before the las
 from __future__ import annotations
 
 import json
-from typing import Any
 
 TOOLS_INTRO = (
     "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -25,12 +24,12 @@ TOOLS_FORMAT = {
 PREFIX = "[gMASK]<sop>"
 
 
-def tojson(value: Any) -> str:
+def tojson(value: object) -> str:
     """The templates' `tojson(ensure_ascii=False)`."""
     return json.dumps(value, ensure_ascii=False)
 
 
-def arg_text(value: Any) -> str:
+def arg_text(value: object) -> str:
     """How a tool-call argument value is written inside <arg_value>: strings raw, anything else as JSON."""
     return value if isinstance(value, str) else tojson(value)
 

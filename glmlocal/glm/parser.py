@@ -29,7 +29,6 @@ import json
 import secrets
 import string
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from glmlocal.glm import schema as sch
 from glmlocal.glm.events import (
@@ -79,7 +78,7 @@ def _find_first(buf: str, markers: tuple[str, ...]) -> tuple[int, str]:
 class StreamParser:
     """Incremental parser of one assistant turn. Feed decoded text; call finish() once at the end."""
 
-    def __init__(self, family: str, tools: list[Mapping[str, Any]] | None = None, *, starts_in_thinking: bool,
+    def __init__(self, family: str, tools: list[Mapping[str, object]] | None = None, *, starts_in_thinking: bool,
                  id_factory: Callable[[], str] = new_call_id):
         self.family = family
         self._tools = sch.tool_index(tools)
@@ -96,7 +95,7 @@ class StreamParser:
         self._committed = 0
         self._done = False
         self._finished = False
-        self._call: dict[str, Any] = {}
+        self._call: dict[str, object] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -317,7 +316,7 @@ class StreamParser:
         if self._call["mode"] == "string":
             self._args_delta(out, json.dumps(text, ensure_ascii=False)[1:-1])
 
-    def _set_arg(self, out: list[Event], value: Any) -> None:
+    def _set_arg(self, out: list[Event], value: object) -> None:
         self._args_delta(out, json.dumps(value, ensure_ascii=False))
         self._call["args"][self._call["key"]] = value
         self._state = "call_args"

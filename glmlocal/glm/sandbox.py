@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any
 
 import jinja2
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from glmlocal.errors import TemplateError
@@ -43,13 +43,13 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset(["*", "**", "%"])
 
-    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, context: Context, obj: object, /, *args: object, **kwargs: object) -> object:
         for value in (*args, *kwargs.values()):
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SEQUENCE:
                 raise TemplateError("chat template passes an oversized number to a function")
         return super().call(context, obj, *args, **kwargs)
 
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+    def call_binop(self, context: Context, operator: str, left: object, right: object) -> object:
         if operator == "%":
             if isinstance(left, str) and _WIDE_FORMAT.search(left):
                 raise TemplateError("chat template uses an oversized format width")
@@ -64,8 +64,8 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         return left * right
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Same semantics as transformers' and llama.cpp's tojson (jinja2's own HTML-escapes "<" and rejects kwargs).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -90,7 +90,7 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateError(f"chat template has a syntax error at line {exc.lineno}: {exc.message}") from None
 
 
-def render_template(template: jinja2.Template, variables: dict[str, Any]) -> str:
+def render_template(template: jinja2.Template, variables: dict[str, object]) -> str:
     """Render with a fresh work budget; output and work are bounded, all failures become TemplateError."""
     budget = _Budget()
 

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 ValueMode = Literal["string", "json", "guess"]
 
 
-def function_of(tool: Mapping[str, Any]) -> Mapping[str, Any]:
+def function_of(tool: Mapping[str, object]) -> Mapping[str, object]:
     """The function object of an OpenAI-format tool (or the tool itself when given bare)."""
     fn = tool.get("function")
     return fn if isinstance(fn, Mapping) else tool
 
 
-def tool_index(tools: list[Mapping[str, Any]] | None) -> dict[str, Mapping[str, Any]]:
+def tool_index(tools: list[Mapping[str, object]] | None) -> dict[str, Mapping[str, object]]:
     """name -> parameters schema, for the tools a request declared."""
-    out: dict[str, Mapping[str, Any]] = {}
+    out: dict[str, Mapping[str, object]] = {}
     for tool in tools or []:
         fn = function_of(tool)
         if isinstance(fn.get("name"), str):
@@ -34,7 +34,7 @@ def tool_index(tools: list[Mapping[str, Any]] | None) -> dict[str, Mapping[str, 
     return out
 
 
-def resolve_ref(schema: Any, root: Any, depth: int = 0) -> Any:
+def resolve_ref(schema: object, root: object, depth: int = 0) -> object:
     """Follow a local "$ref" ("#/$defs/Name") against `root`; anything unresolvable is returned unchanged."""
     ref = schema.get("$ref") if isinstance(schema, Mapping) else None
     if not isinstance(ref, str) or "#/" not in ref or depth > 16:
@@ -47,7 +47,7 @@ def resolve_ref(schema: Any, root: Any, depth: int = 0) -> Any:
     return resolve_ref(target, root, depth + 1)
 
 
-def value_mode(schema: Any, root: Any = None) -> ValueMode:
+def value_mode(schema: object, root: object = None) -> ValueMode:
     """How to read a value for this parameter schema (`root`: the parameters schema, for local $refs)."""
     schema = resolve_ref(schema, root)
     if not isinstance(schema, Mapping):
@@ -73,7 +73,7 @@ def value_mode(schema: Any, root: Any = None) -> ValueMode:
     return "guess"
 
 
-def param_mode(params: Mapping[str, Any] | None, key: str) -> ValueMode:
+def param_mode(params: Mapping[str, object] | None, key: str) -> ValueMode:
     """Mode for argument `key` of a tool whose parameters schema is `params` (None: unknown tool)."""
     if not isinstance(params, Mapping):
         return "guess"
@@ -83,7 +83,7 @@ def param_mode(params: Mapping[str, Any] | None, key: str) -> ValueMode:
     return value_mode(props[key], params)
 
 
-def convert_value(raw: str, mode: ValueMode) -> Any:
+def convert_value(raw: str, mode: ValueMode) -> object:
     """The typed value of an <arg_value> text."""
     if mode == "string":
         return raw

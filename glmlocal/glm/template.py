@@ -39,7 +39,6 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from glmlocal.errors import TemplateError
 from glmlocal.glm import native
@@ -90,7 +89,7 @@ class ChatTemplate:
         return cls(builtin_source(family), family, origin="builtin")
 
     @classmethod
-    def for_model(cls, gguf_metadata: Mapping[str, Any] | None, family: str,
+    def for_model(cls, gguf_metadata: Mapping[str, object] | None, family: str,
                   override_path: str | Path | None = None) -> ChatTemplate:
         """Pick the template for a model: user file, else the GGUF's GLM template, else the built-in one."""
         if override_path is not None:
@@ -110,7 +109,7 @@ class ChatTemplate:
         """"native" when the source is the official template, else "jinja"."""
         return "native" if self.official else "jinja"
 
-    def render(self, messages: Iterable[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None, *,
+    def render(self, messages: Iterable[Mapping[str, object]], tools: list[Mapping[str, object]] | None = None, *,
                add_generation_prompt: bool = True, enable_thinking: bool = True,
                clear_thinking: bool | None = None, renderer: str | None = None) -> str:
         """The prompt text for `messages` (OpenAI chat format) and OpenAI-format `tools`.
@@ -126,7 +125,7 @@ class ChatTemplate:
                 raise TemplateError("the native renderer only reproduces the official templates")
             return native.render_native(msgs, tool_list, self.family, add_generation_prompt=add_generation_prompt,
                                         enable_thinking=enable_thinking, keep_reasoning=keep)
-        variables: dict[str, Any] = {
+        variables: dict[str, object] = {
             "messages": msgs, "tools": tool_list or None, "add_generation_prompt": add_generation_prompt,
             "enable_thinking": enable_thinking, "bos_token": "[gMASK]", "eos_token": "<|endoftext|>"}
         if clear_thinking is not None or self.family == "glm47":
@@ -162,7 +161,7 @@ def _keep_reasoning(family: str, clear_thinking: bool | None) -> bool:
 
 # ---------------------------------------------------------------- normalisation
 
-def content_text(content: Any) -> str:
+def content_text(content: object) -> str:
     """Text of a message content: a string, None, or a list of parts ({"type": "text", "text": ...} or str)."""
     if content is None:
         return ""
@@ -179,7 +178,7 @@ def content_text(content: Any) -> str:
     raise TemplateError(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
-def parse_arguments(arguments: Any) -> dict:
+def parse_arguments(arguments: object) -> dict:
     """Tool call arguments as a mapping; OpenAI sends a JSON string, the templates need a mapping."""
     if arguments is None or arguments == "":
         return {}
@@ -193,7 +192,7 @@ def parse_arguments(arguments: Any) -> dict:
     return dict(arguments)
 
 
-def _normalize_call(call: Any) -> dict:
+def _normalize_call(call: object) -> dict:
     if not isinstance(call, Mapping):
         raise TemplateError("each tool call must be an object")
     fn = call.get("function") if isinstance(call.get("function"), Mapping) else call
@@ -203,14 +202,14 @@ def _normalize_call(call: Any) -> dict:
     return {"name": name, "arguments": parse_arguments(fn.get("arguments"))}
 
 
-def _normalize_message(m: Any) -> dict:
+def _normalize_message(m: object) -> dict:
     if not isinstance(m, Mapping):
         raise TemplateError("each message must be an object with a 'role'")
     role = m.get("role")
     role = "system" if role == "developer" else role
     if role not in ROLES:
         raise TemplateError(f"unknown message role {role!r}", hint="use system, user, assistant or tool")
-    out: dict[str, Any] = {"role": role, "content": content_text(m.get("content"))}
+    out: dict[str, object] = {"role": role, "content": content_text(m.get("content"))}
     if role == "assistant":
         reasoning = m.get("reasoning_content", m.get("reasoning"))
         if reasoning is not None:
@@ -220,14 +219,14 @@ def _normalize_message(m: Any) -> dict:
     return out
 
 
-def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict]:
+def normalize_messages(messages: Iterable[Mapping[str, object]]) -> list[dict]:
     """Messages in the shape both renderers expect: roles checked, text as strings, arguments as mappings."""
     if isinstance(messages, (str, bytes)) or messages is None:
         raise TemplateError("messages must be a list of message objects")
     return [_normalize_message(m) for m in messages]
 
 
-def normalize_tools(tools: Any) -> list[dict]:
+def normalize_tools(tools: object) -> list[dict]:
     """OpenAI-format tools; bare function objects ({"name", "parameters"}) are wrapped as type "function"."""
     if not tools:
         return []

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from glmlocal.errors import InputError
 from glmlocal.glm import schema as sch
 
+ToolChoice = str | Mapping[str, object] | None  # "auto" | "none" | "required" | {"type": "function", ...}
 _CLASS_SPECIAL = set("\\]^-[")
 MAX_BOUNDED_LENGTH = 1024  # longer maxLength strings use the unbounded rule
 
@@ -69,7 +69,7 @@ class _Grammar:
         self.rules[name] = rule
         return name
 
-    def register_defs(self, root: Mapping[str, Any]) -> dict:
+    def register_defs(self, root: Mapping[str, object]) -> dict:
         """A copy of `root` whose local $defs get names unique to it, registered with the converter.
 
         The converter names a referenced rule after the last part of its $ref, so two tools that both define
@@ -78,7 +78,7 @@ class _Grammar:
         self._n += 1
         prefix = f"d{self._n}"
 
-        def rename(node: Any, top: bool) -> Any:
+        def rename(node: object, top: bool) -> object:
             if isinstance(node, list):
                 return [rename(x, False) for x in node]
             if not isinstance(node, Mapping):
@@ -100,7 +100,7 @@ class _Grammar:
         except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
             raise InputError(f"unsupported JSON schema: {exc}") from None
 
-    def json_value(self, schema: Any, hint: str, *, resolved: bool = False) -> str:
+    def json_value(self, schema: object, hint: str, *, resolved: bool = False) -> str:
         """Rule for a JSON value matching `schema` (via the converter); `resolved`: refs already registered."""
         if not isinstance(schema, Mapping):
             schema = {}
@@ -139,7 +139,7 @@ class _Grammar:
         return "\n".join(lines) + "\n" + self.conv.format_grammar() + "\n"
 
 
-def _string_value(g: _Grammar, schema: Any, name: str) -> str:
+def _string_value(g: _Grammar, schema: object, name: str) -> str:
     """Raw (unquoted) text for a string parameter."""
     if isinstance(schema, Mapping):
         values = schema.get("enum") if "enum" in schema else ([schema["const"]] if "const" in schema else None)
@@ -152,7 +152,7 @@ def _string_value(g: _Grammar, schema: Any, name: str) -> str:
     return g.excluding("</arg_value>")
 
 
-def _arg_rule(g: _Grammar, key: str, prop: Any, family: str, tool: str, root: Mapping[str, Any]) -> str:
+def _arg_rule(g: _Grammar, key: str, prop: object, family: str, tool: str, root: Mapping[str, object]) -> str:
     nl = "\n" if family == "glm45" else ""
     mode = sch.value_mode(prop, root)
     if mode == "string":
@@ -165,7 +165,7 @@ def _arg_rule(g: _Grammar, key: str, prop: Any, family: str, tool: str, root: Ma
     return g.add(seq, "arg")
 
 
-def _call_rule(g: _Grammar, fn: Mapping[str, Any], family: str) -> str:
+def _call_rule(g: _Grammar, fn: Mapping[str, object], family: str) -> str:
     name = fn["name"]
     params = g.register_defs(fn["parameters"]) if isinstance(fn.get("parameters"), Mapping) else {}
     props = params.get("properties") if isinstance(params.get("properties"), Mapping) else {}
@@ -188,7 +188,8 @@ def _think_prefix(g: _Grammar, family: str, enable_thinking: bool, think_budget:
     return g.add(f'{body} "</think>"', "pre")  # GLM-4.7's prompt already opened <think>
 
 
-def chosen_functions(tools: list[Mapping[str, Any]] | None, tool_choice: Any) -> list[Mapping[str, Any]] | None:
+def chosen_functions(tools: list[Mapping[str, object]] | None,
+                     tool_choice: ToolChoice) -> list[Mapping[str, object]] | None:
     """The functions a tool_choice forces (None: nothing forced). Raises InputError for impossible choices."""
     fns = [sch.function_of(t) for t in tools or []]
     if tool_choice in (None, "auto", "none"):
@@ -207,7 +208,7 @@ def chosen_functions(tools: list[Mapping[str, Any]] | None, tool_choice: Any) ->
     raise InputError(f"unsupported tool_choice {tool_choice!r}", hint='use "auto", "none", "required" or a function')
 
 
-def tool_call_grammar(tools: list[Mapping[str, Any]] | None, family: str, tool_choice: Any, *,
+def tool_call_grammar(tools: list[Mapping[str, object]] | None, family: str, tool_choice: ToolChoice, *,
                       enable_thinking: bool = True, think_budget: int | None = None,
                       parallel: bool = False) -> str | None:
     """GBNF forcing a GLM tool call for tool_choice "required" / a named function; None for "auto"/"none".
@@ -225,7 +226,7 @@ def tool_call_grammar(tools: list[Mapping[str, Any]] | None, family: str, tool_c
     return g.text(f"{prefix} {body}".strip())
 
 
-def json_schema_grammar(schema: Mapping[str, Any] | None, *, family: str | None = None,
+def json_schema_grammar(schema: Mapping[str, object] | None, *, family: str | None = None,
                         enable_thinking: bool = False, think_budget: int | None = None) -> str:
     """GBNF for a JSON answer: any JSON object when `schema` is None/empty (json_object), else the schema.
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,9 +23,10 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmlocal.glm.tools import ToolChoice as TurnToolChoice
 from glmlocal.server.errors import APIError
 from glmlocal.server.openai import IMAGE_PLACEHOLDER
-from glmlocal.server.types import TurnRequest, Usage
+from glmlocal.server.types import ChatItem, TurnRequest, Usage
 
 # "x-anthropic-billing-header: cc_version=2.1.37.abc; cc_entrypoint=cli; cch=1a2b3;" - cch changes every request.
 BILLING_LINE = re.compile(r"^\s*x-anthropic-billing-header:[^\n]*(\n|$)", re.MULTILINE | re.IGNORECASE)
@@ -39,13 +40,13 @@ class Message(_Body):
     # Claude Code (2.1.3xx) also sends role "system" inside `messages` (its environment block, after the
     # first user turn); GLM's templates render a system turn anywhere, so it is kept in place.
     role: Literal["user", "assistant", "system"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, object]]
 
 
 class ToolDef(_Body):
     name: str = Field(min_length=1)
     description: str | None = None
-    input_schema: dict[str, Any] | None = None
+    input_schema: dict[str, object] | None = None
     type: str | None = None
 
 
@@ -65,7 +66,7 @@ class CountTokensRequest(_Body):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: str | list[dict[str, object]] | None = None
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
@@ -158,7 +159,7 @@ def _assistant(content: str | list[dict]) -> dict:
             calls.append({"id": str(block.get("id") or f"toolu_{len(calls)}"), "type": "function",
                           "function": {"name": str(block.get("name") or ""),
                                        "arguments": args if isinstance(args, dict) else {}}})
-    out: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+    out: dict[str, object] = {"role": "assistant", "content": "".join(texts)}
     if thinking:
         out["reasoning_content"] = "\n".join(thinking)
     if calls:
@@ -179,7 +180,7 @@ def _tools(tools: list[ToolDef] | None) -> list[dict] | None:
     return out or None
 
 
-def _tool_choice(choice: ToolChoice | None, tools: list[dict] | None) -> Any:
+def _tool_choice(choice: ToolChoice | None, tools: list[dict] | None) -> TurnToolChoice:
     if choice is None or choice.type == "auto":
         return "auto"
     if choice.type == "none":
@@ -273,7 +274,7 @@ class MessageStream:
     def _delta(self, delta: dict) -> tuple[str, dict]:
         return ("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
 
-    def feed(self, item: Any) -> list[tuple[str, dict]]:
+    def feed(self, item: ChatItem) -> list[tuple[str, dict]]:
         if isinstance(item, ReasoningDelta) and item.text:
             out = [] if self._open == "thinking" else self._open_block(
                 "thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -319,7 +320,7 @@ class MessageAggregate:
         else:
             self.blocks.append({"type": kind, key: text})
 
-    def feed(self, item: Any) -> None:
+    def feed(self, item: ChatItem) -> None:
         if isinstance(item, ReasoningDelta) and item.text:
             self._append_text("thinking", "thinking", item.text)
         elif isinstance(item, ContentDelta) and item.text:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -36,7 +36,12 @@ from glmlocal.server.security import (
     OriginGuard,
     is_anthropic_path,
 )
-from glmlocal.server.types import CompletionRequest, TurnRequest
+from glmlocal.server.types import (
+    ChatItem,
+    CompletionItem,
+    CompletionRequest,
+    TurnRequest,
+)
 
 
 class Backend(Protocol):
@@ -49,9 +54,15 @@ class Backend(Protocol):
 
     def count_text(self, text: str) -> int: ...
 
-    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[Any]: ...
+    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[ChatItem]: ...
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Any]: ...
+    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[CompletionItem]: ...
+
+
+class Sink(Protocol):
+    """A non-streamed response being built from a backend's items (the adapters' *Aggregate classes)."""
+
+    def feed(self, item: ChatItem | CompletionItem) -> object: ...
 
 
 @dataclass
@@ -162,7 +173,7 @@ async def _preflight_chat(backend: Backend, turn: TurnRequest) -> int:
     return n
 
 
-def _fit(backend: Backend, prompt_tokens: int, req: Any) -> None:
+def _fit(backend: Backend, prompt_tokens: int, req: TurnRequest | CompletionRequest) -> None:
     if prompt_tokens >= backend.n_ctx:
         raise ContextOverflowError(prompt_tokens, req.max_tokens or 0, backend.n_ctx)
     room = backend.n_ctx - prompt_tokens
@@ -183,7 +194,7 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
             return
 
 
-async def _collect(request: Request, ticket: Ticket, run: Callable, sink: Any) -> None:
+async def _collect(request: Request, ticket: Ticket, run: Callable, sink: Sink) -> None:
     """Run a non-streamed request, feeding `sink`; a client that disconnects cancels it."""
     watcher = asyncio.create_task(_watch_disconnect(request, ticket))
     try:
@@ -243,7 +254,8 @@ def _sse_data(obj: dict) -> bytes:
 # OpenAI
 # ---------------------------------------------------------------------------------------------
 async def _sse_stream(ticket: Ticket, run: Callable, config: ServerConfig, *, first: bytes,
-                      frames: Callable[[Any], bytes], ping: bytes, on_error: Callable[[Exception], bytes],
+                      frames: Callable[[ChatItem | CompletionItem], bytes], ping: bytes,
+                      on_error: Callable[[Exception], bytes],
                       last: bytes = b"") -> AsyncIterator[bytes]:
     """One SSE response in some API's shape: its opening frames, each batch of turn items as frames (a ping
     while nothing comes), its closing frame; after the 200 went out, errors travel in-band (the SDKs raise

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 from glmlocal.engine.generation import Sampling
-from glmlocal.engine.session import TurnResult
+from glmlocal.engine.session import Session, TurnResult, TurnStream
 from glmlocal.glm.events import Finish
-from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
+from glmlocal.server.types import (
+    ChatItem,
+    CompletionItem,
+    CompletionRequest,
+    TextDelta,
+    TurnRequest,
+    Usage,
+)
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
 
@@ -22,11 +28,11 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
 class SessionBackend:
     """Serves chat turns through `session` and raw completions through its engine."""
 
-    def __init__(self, session: Any):
+    def __init__(self, session: Session):
         self.session, self.engine = session, session.engine
         self.n_ctx = int(self.engine.n_ctx)
 
-    def _sampling(self, overrides: dict, stop: Sequence[str] = ()) -> Sampling:
+    def _sampling(self, overrides: Mapping[str, object], stop: Sequence[str] = ()) -> Sampling:
         base = self.session.default_sampling
         changes = {k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS}
         if "top_k" in changes and changes["top_k"] is not None and changes["top_k"] < 0:
@@ -44,7 +50,7 @@ class SessionBackend:
     def count_text(self, text: str) -> int:
         return len(self.engine.tokenize(text))
 
-    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[Any]:
+    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[ChatItem]:
         stream = self.session.turn(turn.messages, turn.tools, tool_choice=turn.tool_choice,
                                    enable_thinking=turn.enable_thinking, clear_thinking=turn.clear_thinking,
                                    response_format=turn.response_format, sampling=self._sampling(turn.sampling),
@@ -52,7 +58,7 @@ class SessionBackend:
                                    parallel_tool_calls=turn.parallel_tool_calls)
         return self._drive(stream)
 
-    def _drive(self, stream: Iterator[Any]) -> Iterator[Any]:
+    def _drive(self, stream: TurnStream) -> Iterator[ChatItem]:
         try:
             for item in stream:
                 if isinstance(item, TurnResult):
@@ -63,7 +69,7 @@ class SessionBackend:
         finally:
             stream.close()  # releases the engine lock when the client went away mid-turn
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Any]:
+    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[CompletionItem]:
         tokens = self.engine.tokenize(req.prompt)
         stream = self.engine.generate(tokens, self._sampling(req.sampling, req.stop), max_tokens=req.max_tokens,
                                       cancel=cancel)

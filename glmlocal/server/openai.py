@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,8 +21,16 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmlocal.glm.tools import ToolChoice
 from glmlocal.server.errors import APIError
-from glmlocal.server.types import CompletionRequest, TextDelta, TurnRequest, Usage
+from glmlocal.server.types import (
+    ChatItem,
+    CompletionItem,
+    CompletionRequest,
+    TextDelta,
+    TurnRequest,
+    Usage,
+)
 
 IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"
 
@@ -33,7 +41,7 @@ class _Body(BaseModel):
 
 class FunctionCall(_Body):
     name: str
-    arguments: str | dict[str, Any] | None = None
+    arguments: str | dict[str, object] | None = None
 
 
 class ToolCall(_Body):
@@ -44,19 +52,19 @@ class ToolCall(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any] | str] | None = None
+    content: str | list[dict[str, object] | str] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None  # vLLM's newer name for reasoning_content
-    reasoning_details: list[dict[str, Any]] | None = None  # OpenRouter's shape: [{"type": "reasoning.text", "text"}]
+    reasoning_details: list[dict[str, object]] | None = None  # OpenRouter's shape: [{"type": "reasoning.text", "text"}]
 
 
 class FunctionDef(_Body):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, object] | None = None
 
 
 class Tool(_Body):
@@ -79,7 +87,7 @@ class StreamOptions(_Body):
 
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, object] | None = None
 
 
 class _Sampling(_Body):
@@ -109,8 +117,8 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None  # z.ai style {"type": "enabled" | "disabled"}
+    chat_template_kwargs: dict[str, object] | None = None
+    thinking: dict[str, object] | None = None  # z.ai style {"type": "enabled" | "disabled"}
     reasoning_effort: str | None = None
 
 
@@ -154,7 +162,7 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [s for s in items if s]
 
 
-def text_of(content: Any) -> str:
+def text_of(content: object) -> str:
     """Flatten OpenAI content (string or parts) to text; images become a placeholder."""
     if content is None:
         return ""
@@ -184,7 +192,7 @@ def arguments_dict(arguments: str | dict | None) -> dict:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _details_text(details: list[dict[str, Any]] | None) -> str | None:
+def _details_text(details: list[dict[str, object]] | None) -> str | None:
     """The readable text of OpenRouter-style reasoning_details (encrypted or summary-only parts carry none)."""
     texts = [str(d.get("text") or "") for d in details or [] if d.get("type") == "reasoning.text"]
     return "".join(texts) if texts else None
@@ -192,7 +200,7 @@ def _details_text(details: list[dict[str, Any]] | None) -> str | None:
 
 def _message(m: ChatMessage) -> dict:
     role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-    out: dict[str, Any] = {"role": role, "content": text_of(m.content)}
+    out: dict[str, object] = {"role": role, "content": text_of(m.content)}
     if role == "assistant":
         reasoning = next((r for r in (m.reasoning_content, m.reasoning, _details_text(m.reasoning_details))
                           if r is not None), None)
@@ -222,7 +230,7 @@ def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple
     return enable, (None if clear is None else bool(clear))
 
 
-def _tool_choice(req: ChatCompletionRequest, tools: list[dict] | None) -> Any:
+def _tool_choice(req: ChatCompletionRequest, tools: list[dict] | None) -> ToolChoice:
     choice = req.tool_choice
     if isinstance(choice, NamedToolChoice):
         names = {t["function"]["name"] for t in tools or []}
@@ -304,7 +312,7 @@ class ChatStream:
     def start(self) -> dict:
         return self._chunk({"role": "assistant", "content": ""})
 
-    def feed(self, item: Any) -> list[dict]:
+    def feed(self, item: ChatItem) -> list[dict]:
         if isinstance(item, ContentDelta):
             return [self._chunk({"content": item.text})] if item.text else []
         if isinstance(item, ReasoningDelta):
@@ -342,7 +350,7 @@ class ChatAggregate:
         self.reason: str | None = None
         self.usage = Usage()
 
-    def feed(self, item: Any) -> None:
+    def feed(self, item: ChatItem) -> None:
         if isinstance(item, ToolCallStart):
             self.ids[item.index] = item.id
         elif isinstance(item, ContentDelta):
@@ -360,7 +368,7 @@ class ChatAggregate:
             self.usage = item
 
     def response(self) -> dict:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        message: dict[str, object] = {"role": "assistant", "content": "".join(self.content) or None}
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.calls:
@@ -393,7 +401,7 @@ class CompletionStream:
             obj["usage"] = usage_json(usage)
         return obj
 
-    def feed(self, item: Any) -> list[dict]:
+    def feed(self, item: CompletionItem) -> list[dict]:
         if isinstance(item, TextDelta) and item.text:
             self.text.append(item.text)
             return [self._obj(item.text, None)]

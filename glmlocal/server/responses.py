@@ -20,7 +20,6 @@ import binascii
 import json
 import time
 import uuid
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,9 +31,10 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmlocal.glm.tools import ToolChoice
 from glmlocal.server.errors import APIError
 from glmlocal.server.openai import arguments_dict, text_of
-from glmlocal.server.types import TurnRequest, Usage
+from glmlocal.server.types import ChatItem, TurnRequest, Usage
 
 ENCRYPTED_PREFIX = "glmlocal.v1:"
 STATELESS = ("this server is stateless: send the whole conversation in `input` (with store=false) instead of "
@@ -51,7 +51,7 @@ class ReasoningConfig(_Body):
 
 
 class TextConfig(_Body):
-    format: dict[str, Any] | None = None
+    format: dict[str, object] | None = None
 
 
 class ResponsesRequest(_Body):
@@ -59,10 +59,10 @@ class ResponsesRequest(_Body):
     prompt_cache_key, service_tier - are accepted and ignored)."""
 
     model: str | None = None
-    input: str | list[Any] = Field(min_length=1)
+    input: str | list[object] = Field(min_length=1)
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, object]] | None = None
+    tool_choice: str | dict[str, object] | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -74,7 +74,7 @@ class ResponsesRequest(_Body):
     stream: bool | None = False
     previous_response_id: str | None = None
     include: list[str] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # as on the chat route: enable_thinking, clear_thinking
+    chat_template_kwargs: dict[str, object] | None = None  # as on the chat route: enable_thinking, clear_thinking
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def encode_reasoning(text: str) -> str:
     return ENCRYPTED_PREFIX + base64.b64encode(text.encode()).decode()
 
 
-def _decode_reasoning(blob: Any) -> str:
+def _decode_reasoning(blob: object) -> str:
     if not isinstance(blob, str) or not blob.startswith(ENCRYPTED_PREFIX):
         return ""  # another server's opaque blob: nothing we can read
     try:
@@ -97,7 +97,7 @@ def _decode_reasoning(blob: Any) -> str:
         return ""
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     """Content (a string, or a list of parts) as text; refusal parts count as text; other values as JSON."""
     if value is None or isinstance(value, str):
         return value or ""
@@ -130,7 +130,7 @@ class _History:
     def _assistant(self, *, new: bool) -> dict:
         if self.open and not new:
             return self.messages[-1]
-        msg: dict[str, Any] = {"role": "assistant", "content": ""}
+        msg: dict[str, object] = {"role": "assistant", "content": ""}
         if self.reasoning is not None:
             msg["reasoning_content"], self.reasoning = self.reasoning, None
         self.messages.append(msg)
@@ -141,7 +141,7 @@ class _History:
         self.messages.append(msg)
         self.open, self.reasoning = False, None  # a reasoning item not followed by its answer is dropped
 
-    def add(self, i: int, item: Any) -> None:
+    def add(self, i: int, item: object) -> None:
         if not isinstance(item, dict):
             raise _bad(f"input[{i}] must be an object")
         kind = item.get("type") or ("message" if "role" in item else None)
@@ -238,7 +238,7 @@ def ignored_tools(body: ResponsesRequest) -> list[str]:
     return _function_tools(body.tools)[1]
 
 
-def _tool_choice(choice: str | dict | None, tools: list[dict]) -> Any:
+def _tool_choice(choice: str | dict | None, tools: list[dict]) -> ToolChoice:
     if choice is None or choice == "auto":
         return "auto"
     if choice == "none":
@@ -388,7 +388,7 @@ class ResponseStream(_Output):
         self.text: list[str] = []
         self.call: tuple[str, str] = ("", "")  # call_id, name of the open function_call
 
-    def _event(self, name: str, **data: Any) -> tuple[str, dict]:
+    def _event(self, name: str, **data: object) -> tuple[str, dict]:
         self.seq += 1
         return name, {"type": name, "sequence_number": self.seq, **data}
 
@@ -460,7 +460,7 @@ class ResponseStream(_Output):
                                    delta=text))
         return out
 
-    def feed(self, item: Any) -> list[tuple[str, dict]]:
+    def feed(self, item: ChatItem) -> list[tuple[str, dict]]:
         if isinstance(item, ReasoningDelta) and item.text:
             return self._text("reasoning", item.text)
         if isinstance(item, ContentDelta) and item.text:
@@ -506,7 +506,7 @@ class ResponseAggregate:
         self.stream.start()
         self.final: dict | None = None
 
-    def feed(self, item: Any) -> None:
+    def feed(self, item: ChatItem) -> None:
         for name, data in self.stream.feed(item):
             if name in ("response.completed", "response.incomplete"):
                 self.final = data["response"]

@@ -9,7 +9,9 @@ tool_call_id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from glmlocal.glm.events import Event, Finish
+from glmlocal.glm.tools import ToolChoice
 
 
 @dataclass
@@ -18,7 +20,7 @@ class TurnRequest:
 
     messages: list[dict]
     tools: list[dict] | None = None  # OpenAI function-tool dicts
-    tool_choice: Any = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: ToolChoice = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
     enable_thinking: bool = True
     clear_thinking: bool | None = None
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
@@ -58,3 +60,7 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+ChatItem = Event | Usage  # what a backend's chat() yields: glm events, then one Usage
+CompletionItem = TextDelta | Finish | Usage  # what its complete() yields
