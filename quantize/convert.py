@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from gguf import GGUFValueType as VT
 
 from quantize import glm4moe, metadata, recipe, vocab
 from quantize.errors import DiskSpaceError, InputError
@@ -43,7 +44,6 @@ from quantize.ggml import (
     quantize_into,
     row_size,
 )
-from quantize.gguf_reader import GGUFValueType as VT
 from quantize.safetensors_io import (
     SUPPORTED,
     Checkpoint,

@@ -1,6 +1,6 @@
 """ggml tensor types and a ctypes binding to the quantizer in llama-cpp-python's libggml-base.
 
-The type table is pure data (usable without the library, e.g. by the GGUF reader). The quantizer is the
+The type table is gguf-py's (pure data, usable without the library, e.g. by the GGUF reader). The quantizer is the
 real `ggml_quantize_chunk`, so our bytes are exactly llama.cpp's. ctypes releases the GIL during the
 call, so a thread pool over row chunks scales with cores. The library opened is the very file libllama
 links (quantize.libs), so the quantizer and llama.cpp share one ggml in a process.
@@ -12,72 +12,20 @@ import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantize import libs
 from quantize.errors import ToolError
 
-
-class GGMLType(IntEnum):
-    """ggml_type values (ggml/include/ggml.h)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-    NVFP4 = 40
-    Q1_0 = 41
-    Q2_0 = 42
-
-
-QK_K = 256
-
-# (elements per block, bytes per block), as in ggml-common.h / gguf-py GGML_QUANT_SIZES.
-BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2),
-    GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24),
-    GGMLType.Q8_0: (32, 34), GGMLType.Q8_1: (32, 36),
-    GGMLType.Q2_K: (256, 84), GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144),
-    GGMLType.Q5_K: (256, 176), GGMLType.Q6_K: (256, 210), GGMLType.Q8_K: (256, 292),
-    GGMLType.IQ2_XXS: (256, 66), GGMLType.IQ2_XS: (256, 74), GGMLType.IQ3_XXS: (256, 98),
-    GGMLType.IQ1_S: (256, 50), GGMLType.IQ4_NL: (32, 18), GGMLType.IQ3_S: (256, 110),
-    GGMLType.IQ2_S: (256, 82), GGMLType.IQ4_XS: (256, 136),
-    GGMLType.I8: (1, 1), GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8),
-    GGMLType.F64: (1, 8), GGMLType.IQ1_M: (256, 56), GGMLType.TQ1_0: (256, 54), GGMLType.TQ2_0: (256, 66),
-    GGMLType.MXFP4: (32, 17), GGMLType.NVFP4: (64, 36), GGMLType.Q1_0: (128, 18), GGMLType.Q2_0: (64, 18),
-}
+# ggml's type ids and block sizes are gguf-py's (GGMLQuantizationType, GGML_QUANT_SIZES). One entry differs from
+# the ggml that llama-cpp-python 0.3.36 bundles: gguf-py 0.19.0 still gives Q8_1 its old f32 scales (40 bytes),
+# ggml stores fp16 ones (36). tests/test_quant.py checks every size against libggml.
+GGMLType = GGMLQuantizationType
+BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {**GGML_QUANT_SIZES, GGMLType.Q8_1: (32, 36)}
 
 # Minimum elements per worker chunk, as llama.cpp's llama_tensor_quantize_impl uses.
 MIN_CHUNK_ELEMENTS = 32 * 512

@@ -1,50 +1,45 @@
 """Header-only GGUF reader: metadata and tensor infos without reading tensor data.
 
-`read_gguf(path)` parses the header (a few MB at most even for 355B models: the tokenizer dominates) and
-returns a `GGUFFile`. `GGUFFile.tensor_bytes(name)` reads one tensor's raw bytes on demand.
+`read_header(src, label=...)` parses a header from bytes or a binary file object (a few MB at most even for 355B
+models: the tokenizer dominates) and returns a `GGUFHeader`; bytes that end inside the header raise
+`GGUFTruncated`, so a caller reading a remote file knows to fetch more. `read_gguf(path)` does the same for a
+file and returns a `GGUFFile`, whose `tensor_bytes(name)` reads one tensor's raw bytes on demand. `size` (both)
+is the size of the whole file, for a header kept apart from its data.
+
+The format's constants (magic, value types, alignment, scalar encodings) are gguf-py's.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import struct
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFReader, GGUFValueType
 
 from quantize.errors import InputError
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
-
-
-class GGUFValueType(IntEnum):
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-SCALAR_FMT = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
+MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+VERSIONS = (2, 3)
+# numpy dtype of each fixed-size value type, as gguf-py's reader decodes them (the file is little-endian)
+SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
+    vt: np.dtype(t).newbyteorder("<") for vt, t in GGUFReader.gguf_scalar_to_np.items()}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")  # counts, lengths and type ids: fixed by the format
+_MAX_ITEMS = 1 << 30  # longer strings or arrays mean a corrupt header, not a real one
+_KNOWN_TYPES = frozenset(int(t) for t in BLOCK_SIZES)
 
 
 class GGUFFormatError(InputError):
     """The file is not a readable GGUF (bad magic, truncated header, unknown type)."""
+
+
+class GGUFTruncated(GGUFFormatError):
+    """The bytes end inside the header: not corrupt (as far as they go), just short."""
 
 
 @dataclass(frozen=True)
@@ -70,18 +65,16 @@ class TensorInfo:
 
 
 @dataclass
-class GGUFFile:
-    """Parsed header. `metadata` maps key -> Python value; `types` maps key -> GGUFValueType
-    (for arrays: (ARRAY, item type))."""
+class GGUFHeader:
+    """A parsed header. `metadata` maps key -> Python value; `types` maps key -> GGUFValueType (for arrays:
+    (ARRAY, item type)). `data_offset` is the header's length: where the (aligned) data section starts."""
 
-    path: Path
     version: int
     metadata: dict[str, Any]
     types: dict[str, Any]
     tensors: list[TensorInfo]
     alignment: int
     data_offset: int
-    _by_name: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {t.name: t for t in self.tensors}
@@ -96,6 +89,13 @@ class GGUFFile:
     def architecture(self) -> str | None:
         return self.metadata.get("general.architecture")
 
+
+@dataclass
+class GGUFFile(GGUFHeader):
+    """The header of the GGUF at `path`, with its tensors' data readable on demand."""
+
+    path: Path
+
     def tensor_bytes(self, name: str) -> bytes:
         """Raw on-disk bytes of one tensor."""
         t = self._by_name[name]
@@ -106,10 +106,8 @@ class GGUFFile:
             raise GGUFFormatError(f"{self.path}: tensor {name} is truncated")
         return data
 
-    def tensor_array(self, name: str):
+    def tensor_array(self, name: str) -> np.ndarray:
         """One tensor as a numpy array in torch order (reversed ggml shape); raw uint8 rows if quantized."""
-        import numpy as np
-
         t = self._by_name[name]
         raw = self.tensor_bytes(name)
         np_types = {GGMLType.F32: np.float32, GGMLType.F16: np.float16}
@@ -122,69 +120,95 @@ class GGUFFile:
 
 
 class _Cursor:
-    def __init__(self, f: BinaryIO, path: Path):
-        self.f, self.path = f, path
+    def __init__(self, f: BinaryIO, label: str):
+        self.f, self.label = f, label
+        self.start = f.tell()
+
+    @property
+    def pos(self) -> int:
+        return self.f.tell() - self.start
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
         if len(b) != n:
-            raise GGUFFormatError(f"{self.path}: truncated GGUF header")
+            raise GGUFTruncated(f"{self.label}: truncated GGUF header")
         return b
 
-    def scalar(self, vtype: GGUFValueType):
-        fmt = SCALAR_FMT[vtype]
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+    def u32(self) -> int:
+        return _U32.unpack(self.read(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack(self.read(8))[0]
+
+    def count(self, what: str) -> int:
+        n = self.u64()
+        if n > _MAX_ITEMS:
+            raise GGUFFormatError(f"{self.label}: implausible {what} length {n}")
+        return n
 
     def string(self) -> str:
-        n = self.scalar(GGUFValueType.UINT64)
-        if n > 1 << 30:
-            raise GGUFFormatError(f"{self.path}: implausible string length {n}")
-        return self.read(n).decode("utf-8", errors="replace")
+        return self.read(self.count("string")).decode("utf-8", errors="replace")
 
-    def value(self, vtype: GGUFValueType) -> tuple[Any, Any]:
+    def vtype(self, key: str) -> GGUFValueType:
+        raw = self.u32()
+        try:
+            return GGUFValueType(raw)
+        except ValueError as e:
+            raise GGUFFormatError(f"{self.label}: unknown value type {raw} for key {key}") from e
+
+    def value(self, vtype: GGUFValueType, key: str) -> tuple[Any, Any]:
         if vtype == GGUFValueType.STRING:
             return self.string(), vtype
         if vtype == GGUFValueType.ARRAY:
-            itype = GGUFValueType(self.scalar(GGUFValueType.UINT32))
-            n = self.scalar(GGUFValueType.UINT64)
-            return self.array(itype, n), (GGUFValueType.ARRAY, itype)
-        return self.scalar(vtype), vtype
+            itype = self.vtype(key)
+            return self.array(itype, self.count("array"), key), (GGUFValueType.ARRAY, itype)
+        dt = SCALAR_DTYPES[vtype]
+        return np.frombuffer(self.read(dt.itemsize), dt)[0].item(), vtype
 
-    def array(self, itype: GGUFValueType, n: int) -> list:
-        if itype in SCALAR_FMT:
-            fmt = SCALAR_FMT[itype]
-            size = struct.calcsize(fmt)
-            return list(struct.unpack(f"<{n}{fmt[1]}", self.read(size * n)))
-        return [self.value(itype)[0] for _ in range(n)]
+    def array(self, itype: GGUFValueType, n: int, key: str) -> list:
+        if itype in SCALAR_DTYPES:
+            dt = SCALAR_DTYPES[itype]
+            return np.frombuffer(self.read(dt.itemsize * n), dt).tolist()
+        return [self.value(itype, key)[0] for _ in range(n)]
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF header (v2/v3). Raises GGUFFormatError on anything malformed."""
+def read_header(src: BinaryIO | bytes, *, label: str, size: int | None = None) -> GGUFHeader:
+    """Parse the GGUF header (v2/v3) at the start of `src` (bytes, or a binary file at its current position).
+
+    `label` names the source in errors. `size`: the whole file's size, to check every tensor lies inside it
+    (None: not checked). Raises GGUFTruncated when `src` ends inside the header, GGUFFormatError on anything
+    malformed.
+    """
+    cur = _Cursor(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src, label)
+    if cur.read(4) != MAGIC:
+        raise GGUFFormatError(f"{label} is not a GGUF file (bad magic)")
+    version = cur.u32()
+    if version not in VERSIONS:
+        raise GGUFFormatError(f"{label}: unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.u64(), cur.u64()
+    metadata, types = _read_kv(cur, n_kv)
+    tensors = [_read_tensor_info(cur) for _ in range(n_tensors)]
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise GGUFFormatError(f"{label}: invalid general.alignment {alignment!r}")
+    data_offset = cur.pos + (-cur.pos % alignment)
+    for t in tensors if size is not None else ():
+        if data_offset + t.offset + t.nbytes > size:
+            raise GGUFFormatError(f"{label}: truncated (tensor {t.name} extends past end of file)")
+    return GGUFHeader(version, metadata, types, tensors, alignment, data_offset)
+
+
+def read_gguf(path: str | Path, *, size: int | None = None) -> GGUFFile:
+    """Parse the header of the GGUF at `path`. `size`: the original file's size when `path` holds only its
+    header (default: the size of `path`). Raises GGUFFormatError on anything malformed."""
     path = Path(path)
     try:
         f = open(path, "rb")
     except OSError as e:
         raise InputError(f"cannot open {path}: {e.strerror}") from e
     with f:
-        cur = _Cursor(f, path)
-        if cur.read(4) != GGUF_MAGIC:
-            raise GGUFFormatError(f"{path} is not a GGUF file (bad magic)")
-        version = cur.scalar(GGUFValueType.UINT32)
-        if version not in (2, 3):
-            raise GGUFFormatError(f"{path}: unsupported GGUF version {version}")
-        n_tensors = cur.scalar(GGUFValueType.UINT64)
-        n_kv = cur.scalar(GGUFValueType.UINT64)
-        metadata, types = _read_kv(cur, n_kv)
-        raw_infos = [_read_tensor_info(cur) for _ in range(n_tensors)]
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        pos = f.tell()
-        data_offset = pos + (-pos % alignment)
-        size = f.seek(0, 2)
-    tensors = [TensorInfo(n, t, s, o, tensor_nbytes(t, s)) for n, t, s, o in raw_infos]
-    for t in tensors:
-        if data_offset + t.offset + t.nbytes > size:
-            raise GGUFFormatError(f"{path}: truncated (tensor {t.name} extends past end of file)")
-    return GGUFFile(path, version, metadata, types, tensors, alignment, data_offset)
+        h = read_header(f, label=str(path), size=size if size is not None else os.fstat(f.fileno()).st_size)
+    return GGUFFile(h.version, h.metadata, h.types, h.tensors, h.alignment, h.data_offset, path)
 
 
 def _read_kv(cur: _Cursor, n_kv: int) -> tuple[dict, dict]:
@@ -192,22 +216,22 @@ def _read_kv(cur: _Cursor, n_kv: int) -> tuple[dict, dict]:
     types: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        try:
-            vtype = GGUFValueType(cur.scalar(GGUFValueType.UINT32))
-        except ValueError as e:
-            raise GGUFFormatError(f"{cur.path}: unknown value type for key {key}") from e
-        metadata[key], types[key] = cur.value(vtype)
+        metadata[key], types[key] = cur.value(cur.vtype(key), key)
     return metadata, types
 
 
-def _read_tensor_info(cur: _Cursor) -> tuple[str, int, tuple[int, ...], int]:
+def _read_tensor_info(cur: _Cursor) -> TensorInfo:
     name = cur.string()
-    n_dims = cur.scalar(GGUFValueType.UINT32)
-    if n_dims > 4:
-        raise GGUFFormatError(f"{cur.path}: tensor {name} has {n_dims} dims")
-    shape = tuple(cur.scalar(GGUFValueType.UINT64) for _ in range(n_dims))
-    ggml_type = cur.scalar(GGUFValueType.UINT32)
-    if ggml_type not in {int(t) for t in BLOCK_SIZES}:
-        raise GGUFFormatError(f"{cur.path}: tensor {name} has unknown ggml type {ggml_type}")
-    offset = cur.scalar(GGUFValueType.UINT64)
-    return name, ggml_type, shape, offset
+    n_dims = cur.u32()
+    if not 1 <= n_dims <= 4:
+        raise GGUFFormatError(f"{cur.label}: tensor {name} has {n_dims} dims")
+    shape = tuple(cur.u64() for _ in range(n_dims))
+    ggml_type = cur.u32()
+    if ggml_type not in _KNOWN_TYPES:
+        raise GGUFFormatError(f"{cur.label}: tensor {name} has unknown ggml type {ggml_type}")
+    offset = cur.u64()
+    try:
+        nbytes = tensor_nbytes(ggml_type, shape)
+    except ValueError as e:  # a row that is not a whole number of blocks
+        raise GGUFFormatError(f"{cur.label}: tensor {name}: {e}") from e
+    return TensorInfo(name, ggml_type, shape, offset, nbytes)

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gguf import GGML_QUANT_VERSION, ExpertGatingFuncType
+from gguf import GGUFValueType as VT
+
 from quantize.errors import ConversionError, InputError
-from quantize.gguf_reader import GGUFValueType as VT
 
 ARCH = "glm4moe"
 HF_ARCHS = ("Glm4MoeForCausalLM",)
-SIGMOID = 2  # ExpertGatingFuncType.SIGMOID
-QUANT_VERSION = 2  # GGML_QNT_VERSION
+SIGMOID = ExpertGatingFuncType.SIGMOID
+QUANT_VERSION = GGML_QUANT_VERSION
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
 
 _LAYER_MAP = {
@@ -160,7 +162,8 @@ def _merge_experts(bid: int, layer: dict, shapes: dict, n_expert: int) -> list[P
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-_SCORE_FUNCS = {"sigmoid": SIGMOID, "softmax": 1, "sqrtsoftplus": 4}  # ExpertGatingFuncType
+# sqrtsoftplus is llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRTSOFTPLUS, newer than gguf-py 0.19.0's enum
+_SCORE_FUNCS = {"sigmoid": SIGMOID, "softmax": ExpertGatingFuncType.SOFTMAX, "sqrtsoftplus": 4}
 _HPARAMS = (("context_length", ("max_position_embeddings", "n_ctx", "n_positions", "max_length",
                                 "max_sequence_length", "model_max_length")),
             ("embedding_length", ("hidden_size", "n_embd", "dim")),

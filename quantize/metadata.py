@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from gguf import GGUFValueType as VT
 
 from quantize.errors import ConversionError
-from quantize.gguf_reader import GGUFValueType as VT
 
 # generation_config.json key -> general.sampling.* key and type, in gguf-py's write order
 SAMPLING = (("sequence", "sequence", VT.STRING), ("top_k", "top_k", VT.INT32), ("top_p", "top_p", VT.FLOAT32),

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import LlamaFileType
+
 from quantize.ggml import BLOCK_SIZES, GGMLType
 
-# llama_ftype values (include/llama.h) and their default tensor type.
+# llama_ftype values (include/llama.h, gguf-py's LlamaFileType) and their default tensor type.
 FTYPES: dict[str, tuple[int, GGMLType]] = {
-    "bf16": (32, GGMLType.BF16),
-    "q8_0": (7, GGMLType.Q8_0),
-    "q6_k": (18, GGMLType.Q6_K),
-    "q4_k_m": (15, GGMLType.Q4_K),
+    "bf16": (LlamaFileType.MOSTLY_BF16, GGMLType.BF16),
+    "q8_0": (LlamaFileType.MOSTLY_Q8_0, GGMLType.Q8_0),
+    "q6_k": (LlamaFileType.MOSTLY_Q6_K, GGMLType.Q6_K),
+    "q4_k_m": (LlamaFileType.MOSTLY_Q4_K_M, GGMLType.Q4_K),
 }
 
 # tensor_type_fallback: 256-block types -> 32-block types when ne0 % 256 != 0.

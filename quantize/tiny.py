@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType
 
 from quantize.ggml import GGMLType, Quantizer
-from quantize.gguf_reader import GGUFValueType
 from quantize.recipe import plan_types
 from quantize.writer import GGUFWriter
 

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quantize.errors import ConversionError
-from quantize.gguf_reader import GGUFValueType as VT
+from gguf import GGUFValueType as VT
+from gguf import TokenType
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+from quantize.errors import ConversionError
+
+NORMAL, CONTROL, USER_DEFINED, UNUSED = TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 # _set_vocab_glm's hard-coded specials; applied only where the HF files set nothing.
 GLM_SPECIALS = (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("eom", "<|observation|>"))

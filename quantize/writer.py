@@ -21,13 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import gguf
 import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
 
 from quantize.errors import ConversionError, DiskSpaceError
 from quantize.ggml import GGMLType, tensor_nbytes
-from quantize.gguf_reader import GGUF_MAGIC, SCALAR_FMT, GGUFValueType
+from quantize.gguf_reader import MAGIC, SCALAR_DTYPES
 
-ALIGNMENT = 32
+VERSION = 3  # the layout written below (gguf-py's GGUF_VERSION names the newest, which may move on)
+ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
+# Scalars packed as gguf-py's writer packs them (struct, so a value of the wrong type is refused, not converted).
+_PACK = {vt: struct.Struct("<" + fmt) for vt, fmt in gguf.GGUFWriter._simple_value_packing.items()}
 
 
 class OutputNotWritableError(ConversionError):
@@ -79,7 +84,7 @@ class GGUFWriter:
         if itype == GGUFValueType.STRING:
             body = b"".join(_string(v) for v in values)
         else:
-            body = np.asarray(values, dtype=SCALAR_FMT[itype]).tobytes()
+            body = np.asarray(values, dtype=SCALAR_DTYPES[itype]).tobytes()
         self._kv[key] = struct.pack("<IIQ", GGUFValueType.ARRAY, itype, len(values)) + body
 
     def add_string(self, key: str, value: str) -> None:
@@ -101,7 +106,7 @@ class GGUFWriter:
     def _encode(vtype: GGUFValueType, value: Any) -> bytes:
         if vtype == GGUFValueType.STRING:
             return _string(value)
-        return struct.pack(SCALAR_FMT[vtype], value)
+        return _PACK[vtype].pack(value)
 
     # ------------------------------------------------------------------ tensors
     def add_tensor_info(self, name: str, shape: tuple[int, ...], ggml_type: GGMLType) -> None:
@@ -119,7 +124,7 @@ class GGUFWriter:
         return sum(t.nbytes + _pad(t.nbytes) for t in self._tensors.values())
 
     def header_bytes(self) -> bytes:
-        out = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(self._tensors), len(self._kv))]
+        out = [MAGIC, struct.pack("<IQQ", VERSION, len(self._tensors), len(self._kv))]
         for key, body in self._kv.items():
             out += [_string(key), body]
         offset = 0

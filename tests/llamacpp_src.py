@@ -9,7 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -39,3 +42,29 @@ def llamacpp_source() -> Path:
         return cached_dir(f"llamacpp-src-{VERSION}", [], _fetch) / "llama.cpp"
     except (subprocess.SubprocessError, OSError, StopIteration) as e:
         pytest.skip(f"llama-cpp-python {VERSION} sdist unavailable (offline?): {e}")
+
+
+@contextmanager
+def reference_gguf_py() -> Iterator[ModuleType]:
+    """llama.cpp's own gguf-py (the sdist's, which matches its converter) imported as `gguf` for the duration.
+
+    quantize uses the installed `gguf` package, an older release; both cannot be `gguf` at once, so the installed
+    one is set aside (modules already holding it keep it) and put back afterwards.
+    """
+    def ours() -> dict[str, ModuleType]:
+        return {k: m for k, m in sys.modules.items() if k == "gguf" or k.startswith("gguf.")}
+
+    installed = ours()
+    path = str(llamacpp_source() / "gguf-py")
+    for k in installed:
+        del sys.modules[k]
+    sys.path.insert(0, path)
+    try:
+        import gguf
+
+        yield gguf
+    finally:
+        sys.path.remove(path)
+        for k in ours():
+            del sys.modules[k]
+        sys.modules.update(installed)

@@ -10,7 +10,6 @@ convert_hf_to_gguf's `prepare_metadata` adds around gguf-py (name fallback, size
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ from quantize import metadata, vocab
 from quantize.gguf_reader import GGUFValueType as VT
 from quantize.writer import GGUFWriter
 from tests.fixtures.checkpoint import model_card
-from tests.llamacpp_src import llamacpp_source
+from tests.llamacpp_src import reference_gguf_py
 
 HASH = "9a2c0d5b7e41f3a8c6b0e2d4f1a3c5e7b9d0f2a4"
 
@@ -31,14 +30,8 @@ HASH = "9a2c0d5b7e41f3a8c6b0e2d4f1a3c5e7b9d0f2a4"
 @pytest.fixture(scope="module")
 def gguf():
     """llama.cpp's gguf-py package, imported from the sdist."""
-    path = str(llamacpp_source() / "gguf-py")
-    sys.path.insert(0, path)
-    try:
-        import gguf as mod
-
+    with reference_gguf_py() as mod:
         yield mod
-    finally:
-        sys.path.remove(path)
 
 
 # Tensors of a small MoE model: (name, ggml shape), 8 experts.
