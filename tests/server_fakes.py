@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from glmlocal.engine.session import PreparedTurn
 from glmlocal.glm.events import (
     ContentDelta,
     Finish,
@@ -27,7 +28,7 @@ class FakeBackend:
     """Answers every chat turn with a little thinking and a fixed text, or a tool call when one is forced.
 
     `delay` seconds pass between events (so tests can disconnect mid-stream); `started`/`cancelled` count
-    jobs, and `seen` keeps every TurnRequest for assertions."""
+    jobs, `prepared` counts prepare() calls (one per chat request), and `seen` keeps every TurnRequest."""
 
     n_ctx: int = 4096
     delay: float = 0.0
@@ -35,12 +36,14 @@ class FakeBackend:
     started: int = 0
     finished: int = 0
     cancelled: int = 0
+    prepared: int = 0
     seen: list = field(default_factory=list)
     running: threading.Event = field(default_factory=threading.Event)
 
-    def count_tokens(self, turn: TurnRequest) -> int:
+    def prepare(self, turn: TurnRequest) -> PreparedTurn:
+        self.prepared += 1
         text = json.dumps(turn.messages) + json.dumps(turn.tools or [])
-        return max(1, len(text) // 4)
+        return PreparedTurn(text, list(range(max(1, len(text) // 4))), None, turn.tools, False)
 
     def count_text(self, text: str) -> int:
         return max(1, len(text) // 4)
@@ -84,9 +87,9 @@ class FakeBackend:
         finally:
             self.running.clear()
 
-    def chat(self, turn: TurnRequest, cancel: threading.Event):
+    def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event):
         self.seen.append(turn)
-        return self._play(self._script(turn), self.count_tokens(turn), cancel)
+        return self._play(self._script(turn), len(prepared.tokens), cancel)
 
     def complete(self, req: CompletionRequest, cancel: threading.Event):
         events = [TextDelta(f" t{i}") for i in range(min(req.max_tokens, self.tokens))]

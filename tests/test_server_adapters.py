@@ -251,13 +251,15 @@ def test_backend_passes_stops_to_the_session_and_reports_its_stop_sequence():
     from types import SimpleNamespace
 
     from glmlocal.engine.generation import Sampling
-    from glmlocal.engine.session import TurnResult
+    from glmlocal.engine.session import PreparedTurn, TurnResult
     from glmlocal.server.backend import SessionBackend
     from glmlocal.server.types import TurnRequest
 
     seen, closed = {}, []
+    prepared = PreparedTurn("prompt", [1, 2, 3], None, None, False)
 
-    def fake_turn(*a, **k):
+    def fake_run(prep, **k):
+        assert prep is prepared  # generated from the preflight's render, not a second one
         seen.update(k)
 
         def gen():
@@ -270,8 +272,8 @@ def test_backend_passes_stops_to_the_session_and_reports_its_stop_sequence():
         return gen()
 
     engine = SimpleNamespace(n_ctx=100)
-    backend = SessionBackend(SimpleNamespace(engine=engine, turn=fake_turn, default_sampling=Sampling()))
-    items = list(backend.chat(TurnRequest(messages=[], stop=["STOP"], parallel_tool_calls=False), None))
+    backend = SessionBackend(SimpleNamespace(engine=engine, run=fake_run, default_sampling=Sampling()))
+    items = list(backend.chat(TurnRequest(messages=[], stop=["STOP"], parallel_tool_calls=False), prepared, None))
     assert seen["stop"] == ["STOP"] and seen["parallel_tool_calls"] is False
     assert seen["sampling"].stop == ()  # stop strings are the session's (content only), not the engine's
     assert items == [ContentDelta("answer "), Finish("stop"), Usage(9, 20, 4, stop_sequence="STOP", reasoning_tokens=7)]

@@ -266,3 +266,55 @@ def test_busy_port_is_one_clear_error_before_any_model_load():
             open_socket("127.0.0.1", first.getsockname()[1])
     finally:
         first.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# one render and one tokenization per chat request
+# ---------------------------------------------------------------------------------------------
+CHAT_ROUTES = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 3}),
+    ("/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "hi"}]}),
+]
+
+
+def test_each_chat_request_is_prepared_once_and_generated_from_that(live):
+    for path, body in CHAT_ROUTES:
+        before, seen = live.backend.prepared, len(live.backend.seen)
+        r = httpx.post(live.url + path, json={"model": "glm-4.6", **body}, timeout=20)
+        assert r.status_code == 200, r.text
+        assert live.backend.prepared == before + 1, path
+        assert len(live.backend.seen) == seen + (path != "/v1/messages/count_tokens")
+
+
+def _spy(calls: list, fn):
+    def wrapped(*args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_the_real_session_renders_and_tokenizes_each_request_once(gguf_factory):
+    """The real app, SessionBackend, Session, template and engine: the preflight's render and tokenization is
+    the one the turn generates from, on every chat route."""
+    from glmlocal.engine.engine import Engine
+    from glmlocal.engine.session import Session
+    from glmlocal.glm.template import ChatTemplate
+    from glmlocal.plan.placement import Placement
+    from glmlocal.server.backend import SessionBackend
+
+    with Engine.load(gguf_factory("tiny", "q4_k_m"), Placement.cpu_only(ctx=1024, threads=2)) as engine:
+        template = ChatTemplate.builtin("glm45")
+        template.starts_in_thinking()  # its generation-prompt probe renders once per template, not per request
+        renders, tokenized = [], []
+        template.render, engine.tokenize = _spy(renders, template.render), _spy(tokenized, engine.tokenize)
+        with serve(SessionBackend(Session(engine, template, "glm45"))) as srv:
+            for path, body in CHAT_ROUTES:
+                renders.clear(), tokenized.clear()
+                r = httpx.post(srv.url + path, json={"model": "glm-4.6", "temperature": 0, **body}, timeout=60)
+                assert r.status_code == 200, r.text
+                assert len(renders) == 1 and len(tokenized) == 1, path
+                assert tokenized[0].startswith("[gMASK]") and renders[0] == [{"role": "user", "content": "hi"}]

@@ -297,7 +297,7 @@ def test_failure_after_the_stream_started_is_reported_in_band():
 # HTTP layer, scripted backend
 # ---------------------------------------------------------------------------------------------
 class BrokenBackend(FakeBackend):
-    def chat(self, turn, cancel):
+    def chat(self, turn, prepared, cancel):
         yield ContentDelta("partial")
         raise RuntimeError("boom")
 

@@ -7,9 +7,12 @@ The single place that turns a chat request into events, shared by `glmlocal chat
         if isinstance(item, TurnResult): usage = item          # always last
         else: handle(item)                                     # glmlocal.glm.events.*
 
-`turn()` validates everything (template, tools, grammar, context size) before it returns, so errors
-(InputError, TemplateError, ContextOverflowError, EngineError) surface before the first event. The
-returned `TurnStream` holds the engine lock while it runs: exhaust it or call `.close()` on it.
+`turn()` is `prepare()` (render, tokenize, pick the grammar: a `PreparedTurn`) then `run()` (generate). A
+caller that needs the prompt before generating (the server sizes a request before queueing it) calls the two
+itself, so a request is rendered and tokenized once. Both validate everything (template, tools, grammar,
+context size) before they return, so errors (InputError, TemplateError, ContextOverflowError, EngineError)
+surface before the first event. The returned `TurnStream` holds the engine lock while it runs: exhaust it or
+call `.close()` on it.
 
 Stop strings end the visible answer: they are matched in the content only, never in reasoning or tool-call
 markup (as Anthropic's stop_sequences), and `TurnResult.stop_sequence` says which one ended the turn.
@@ -82,7 +85,7 @@ class TurnResult:
 
 @dataclass(frozen=True)
 class PreparedTurn:
-    """A rendered, tokenized request: what `turn()` will run (exposed for count_tokens and debugging)."""
+    """A rendered, tokenized request: what `run()` generates from (its token count sizes the request)."""
 
     prompt: str
     tokens: list[int]
@@ -164,13 +167,20 @@ class Session:
              response_format: Mapping[str, object] | None = None, sampling: Sampling | None = None,
              max_tokens: int | None = None, cancel: threading.Event | None = None,
              stop: Sequence[str] = (), parallel_tool_calls: bool = True) -> TurnStream:
-        """Run one assistant turn; yields glm events, then one TurnResult (see the module docstring).
+        """Run one assistant turn: `prepare()` then `run()` (see the module docstring)."""
+        prep = self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
+                            clear_thinking=clear_thinking, response_format=response_format)
+        return self.run(prep, sampling=sampling, max_tokens=max_tokens, cancel=cancel, stop=stop,
+                        parallel_tool_calls=parallel_tool_calls)
+
+    def run(self, prep: PreparedTurn, *, sampling: Sampling | None = None, max_tokens: int | None = None,
+            cancel: threading.Event | None = None, stop: Sequence[str] = (),
+            parallel_tool_calls: bool = True) -> TurnStream:
+        """Generate the answer to a prepared request; yields glm events, then one TurnResult.
 
         `stop` (and `sampling.stop`) are stop strings for the answer's content. `parallel_tool_calls=False`
         ends the turn after its first tool call (OpenAI's parallel_tool_calls, Anthropic's
         disable_parallel_tool_use)."""
-        prep = self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
-                            clear_thinking=clear_thinking, response_format=response_format)
         sampling = sampling or self.default_sampling
         stops = (*stop, *sampling.stop)
         bias = {**sampling.logit_bias, **{t: float("-inf") for t in prep.banned}}

@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glmlocal.engine.session import PreparedTurn
 from glmlocal.errors import ContextOverflowError, GlmlocalError
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
@@ -45,16 +46,18 @@ from glmlocal.server.types import (
 
 
 class Backend(Protocol):
-    """What the server needs from a loaded model. `chat`/`complete` block and run on the worker thread;
-    they yield events (glm/events.py, or TextDelta) and finally one `Usage`."""
+    """What the server needs from a loaded model. `prepare` renders and tokenizes a chat turn (off the event
+    loop, before queueing: it sizes the request); `chat` generates from that PreparedTurn, so a request is
+    rendered once. `chat`/`complete` block and run on the worker thread; they yield events (glm/events.py, or
+    TextDelta) and finally one `Usage`."""
 
     n_ctx: int
 
-    def count_tokens(self, turn: TurnRequest) -> int: ...
+    def prepare(self, turn: TurnRequest) -> PreparedTurn: ...
 
     def count_text(self, text: str) -> int: ...
 
-    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[ChatItem]: ...
+    def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]: ...
 
     def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[CompletionItem]: ...
 
@@ -164,13 +167,12 @@ def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
                            allow_headers=["*"], expose_headers=["Retry-After"])
 
 
-async def _preflight_chat(backend: Backend, turn: TurnRequest) -> int:
-    """Count the prompt off the event loop; 400 before anything is queued if it cannot fit.
-
-    A max_tokens larger than the room left is clamped (agents ask for 32K by habit), not refused."""
-    n = await asyncio.to_thread(backend.count_tokens, turn)
-    _fit(backend, n, turn)
-    return n
+async def _preflight_chat(backend: Backend, turn: TurnRequest) -> PreparedTurn:
+    """Render and tokenize the prompt off the event loop (the turn reuses it); 400 before anything is queued
+    if it cannot fit. A max_tokens larger than the room left is clamped (agents ask for 32K by habit)."""
+    prepared = await asyncio.to_thread(backend.prepare, turn)
+    _fit(backend, len(prepared.tokens), turn)
+    return prepared
 
 
 def _fit(backend: Backend, prompt_tokens: int, req: TurnRequest | CompletionRequest) -> None:
@@ -293,9 +295,9 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
         """OpenAI Chat Completions, streamed (SSE) or not."""
         _check_model(config, body.model)
         turn = oa.to_turn(body, default_thinking=config.default_thinking)
-        await _preflight_chat(backend, turn)
+        prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.chat(turn, cancel)
+        run = lambda cancel: backend.chat(turn, prepared, cancel)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             stream = oa.ChatStream(config.model_id, include_usage=include)
@@ -339,11 +341,11 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         """Anthropic Messages, streamed (SSE) or not. Headers anthropic-version/-beta are accepted and ignored."""
         _check_model(config, body.model, anthropic=True)
         turn = an.to_turn(body, default_thinking=config.default_thinking)
-        prompt_tokens = await _preflight_chat(backend, turn)
+        prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.chat(turn, cancel)
+        run = lambda cancel: backend.chat(turn, prepared, cancel)
         if body.stream:
-            stream = an.MessageStream(config.model_id, prompt_tokens)
+            stream = an.MessageStream(config.model_id, len(prepared.tokens))
             return EventStream(_anthropic_events(ticket, run, stream, config), ticket)
         sink = an.MessageAggregate(config.model_id)
         await _collect(request, ticket, run, sink)
@@ -354,7 +356,8 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         """The prompt's token count as this model's template and tokenizer see it."""
         _check_model(config, body.model, anthropic=True)
         turn = an.to_turn(body, default_thinking=config.default_thinking)
-        return {"input_tokens": await asyncio.to_thread(backend.count_tokens, turn)}
+        prepared = await asyncio.to_thread(backend.prepare, turn)
+        return {"input_tokens": len(prepared.tokens)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,9 +386,9 @@ def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         if (ignored := tuple(rs.ignored_tools(body))) and ignored not in warned and len(warned) < 64:
             warned.add(ignored)
             log.warning("/v1/responses: ignoring non-function tools (hosted or custom): %s", ", ".join(ignored))
-        await _preflight_chat(backend, turn)
+        prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.chat(turn, cancel)
+        run = lambda cancel: backend.chat(turn, prepared, cancel)
         echo = rs.echo_of(body)
         if body.stream:
             return EventStream(_responses_events(ticket, run, rs.ResponseStream(config.model_id, echo), config),

@@ -1,7 +1,8 @@
 """The real backend: a Session (engine + GLM template + parser) behind the server's Backend protocol.
 
-Everything here runs on the scheduler's generation thread except `count_tokens`/`count_text`, which only
-render and tokenize (llama.cpp's vocabulary is read-only, so that is safe next to a running generation).
+Everything here runs on the scheduler's generation thread except `prepare`/`count_text`, which only render
+and tokenize (llama.cpp's vocabulary is read-only, so that is safe next to a running generation). `chat`
+generates from the PreparedTurn `prepare` made: a request is rendered and tokenized once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 from glmlocal.engine.generation import Sampling
-from glmlocal.engine.session import Session, TurnResult, TurnStream
+from glmlocal.engine.session import PreparedTurn, Session, TurnResult, TurnStream
 from glmlocal.glm.events import Finish
 from glmlocal.server.types import (
     ChatItem,
@@ -41,21 +42,17 @@ class SessionBackend:
             changes["stop"] = tuple(stop)
         return dataclasses.replace(base, **changes)
 
-    def count_tokens(self, turn: TurnRequest) -> int:
-        prep = self.session.prepare(turn.messages, turn.tools, tool_choice=turn.tool_choice,
+    def prepare(self, turn: TurnRequest) -> PreparedTurn:
+        return self.session.prepare(turn.messages, turn.tools, tool_choice=turn.tool_choice,
                                     enable_thinking=turn.enable_thinking, clear_thinking=turn.clear_thinking,
                                     response_format=turn.response_format)
-        return len(prep.tokens)
 
     def count_text(self, text: str) -> int:
         return len(self.engine.tokenize(text))
 
-    def chat(self, turn: TurnRequest, cancel: threading.Event) -> Iterator[ChatItem]:
-        stream = self.session.turn(turn.messages, turn.tools, tool_choice=turn.tool_choice,
-                                   enable_thinking=turn.enable_thinking, clear_thinking=turn.clear_thinking,
-                                   response_format=turn.response_format, sampling=self._sampling(turn.sampling),
-                                   max_tokens=turn.max_tokens, cancel=cancel, stop=turn.stop,
-                                   parallel_tool_calls=turn.parallel_tool_calls)
+    def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]:
+        stream = self.session.run(prepared, sampling=self._sampling(turn.sampling), max_tokens=turn.max_tokens,
+                                  cancel=cancel, stop=turn.stop, parallel_tool_calls=turn.parallel_tool_calls)
         return self._drive(stream)
 
     def _drive(self, stream: TurnStream) -> Iterator[ChatItem]:
