@@ -30,6 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
+
+from quantize.gguf_reader import SCALAR_DTYPES
+
 CHUNK = 256 * 1024
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
@@ -70,8 +74,10 @@ class Fault:
     """Applied to GET /resolve requests whose file path matches `path` (a glob), `times` times.
 
     kind "drop": send bytes up to absolute file offset `at`, then cut the connection.
+    kind "short": answer normally but end the body (and Content-Length) at absolute file offset `at`.
     kind "corrupt": flip the byte at absolute file offset `at`.
     kind "status": answer `status` with no body.
+    kind "badrange": a 206 whose Content-Range starts one byte after the asked offset.
     """
 
     path: str = "*"
@@ -358,11 +364,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, repo_id: str, path: str, blob: Blob, headers: dict) -> None:
         start, end, status = self._range(blob.size)
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
         fault = self.fake.take_fault(path) if self.command == "GET" else None
+        if status == 206:
+            first = start + (fault is not None and fault.kind == "badrange")
+            headers["Content-Range"] = f"bytes {first}-{end - 1}/{blob.size}"
         if fault is not None and fault.kind == "status":
             raise HubHTTPError(fault.status, None, "injected failure")
+        if fault is not None and fault.kind == "short":  # a complete response, just fewer bytes than asked
+            end = max(start, min(end, fault.at))
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, str(v))
@@ -409,9 +418,9 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------------
 # Splitting a GGUF the way llama.cpp's gguf-split does (tools/gguf-split/gguf-split.cpp)
 # ---------------------------------------------------------------------------------------------
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_U16, _I32, _STR, _ARR = 2, 5, 8, 9
-ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: gguf-split pads every split with it
+_FIXED = {int(vt): dt.itemsize for vt, dt in SCALAR_DTYPES.items()}  # bytes of each fixed-size value type
+_U16, _I32, _STR, _ARR = GGUFValueType.UINT16, GGUFValueType.INT32, GGUFValueType.STRING, GGUFValueType.ARRAY
+ALIGN = GGUF_DEFAULT_ALIGNMENT  # gguf-split pads every split with it
 
 
 def _skip_value(buf: bytes, pos: int, vtype: int) -> int:

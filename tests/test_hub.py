@@ -238,7 +238,8 @@ def test_reuses_verified_file_from_hf_cache(fakehub, gguf_repo, tmp_path):
     events: list = []
     pull("glm-4.6", "q4_k_m", client=_client(), progress=_events(events))
     assert fakehub.served(REPO, part1) == PART_SIZE  # not downloaded a second time
-    assert [e.how for e in events if isinstance(e, FileDone)][0] == "hf-cache"
+    how = {e.path: e.how for e in events if isinstance(e, FileDone)}  # files finish in any order
+    assert how[os.path.basename(part1)] == "hf-cache"
     # the store's copy is a hard link into the HF cache: removing it frees nothing of that file
     store = Store()
     freed = store.remove("glm-4.6", "q4_k_m")
@@ -386,3 +387,93 @@ def test_parallel_files_stop_together_and_all_resume(fakehub, gguf_repo):
             assert gets[-1] == f"bytes={kept[stem]}-"
         else:
             assert name in done and len(gets) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The one ranged GET (downloads and remote GGUF headers)
+# ---------------------------------------------------------------------------------------------
+def _remote(fakehub, path: str) -> tuple[str, hubmod.RemoteFile]:
+    listing = _client().listing(REPO)
+    return listing.commit, next(f for f in listing.files if f.path == path)
+
+
+def _read(client: HubClient, commit: str, rf, start: int, end: int | None, **kw) -> bytes:
+    data = bytearray()
+    client.stream_range(REPO, commit, rf, start, end, on_chunk=data.extend, **kw)
+    return bytes(data)
+
+
+def test_stream_range_reads_exactly_the_asked_bytes(fakehub, gguf_repo):
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    commit, rf = _remote(fakehub, part)
+    assert _read(_client(), commit, rf, 1000, 5000) == gguf_repo[part][1000:5000]
+    assert _read(_client(), commit, rf, 299_990, None) == gguf_repo[part][299_990:]
+    assert _read(_client(), commit, rf, 7, 7) == b""  # nothing asked: no request
+    gets = [r["range"] for r in fakehub.requests if r["path"].endswith(part)]
+    assert gets == ["bytes=1000-4999", "bytes=299990-"]
+
+
+@pytest.mark.parametrize("kind", ["drop", "short"])
+def test_stream_range_resumes_after_a_drop_or_an_early_end(fakehub, gguf_repo, kind):
+    """A cut connection and a body that simply ends early are both retried from the first missing byte."""
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    commit, rf = _remote(fakehub, part)
+    fakehub.faults.append(Fault(path=part, kind=kind, at=3000, times=1))
+    retries: list = []
+    got = _read(_client(retries=1), commit, rf, 1000, 9000, on_retry=lambda n, at, e: retries.append((n, at)))
+    assert got == gguf_repo[part][1000:9000] and retries == [(1, 3000)]
+    gets = [r["range"] for r in fakehub.requests if r["path"].endswith(part)]
+    assert gets == ["bytes=1000-8999", "bytes=3000-8999"]
+    assert fakehub.served(REPO, part) == 8000  # no byte twice
+
+
+def test_stream_range_gives_up_after_its_retries_with_where_it_got(fakehub, gguf_repo):
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    commit, rf = _remote(fakehub, part)
+    fakehub.faults.append(Fault(path=part, kind="short", at=2500, times=5))
+    with pytest.raises(hubmod.TransferFailed) as exc:
+        _read(_client(retries=2), commit, rf, 0, 9000)
+    assert exc.value.reached == 2500 and "closed at byte 2,500 of 9,000" in exc.value.message
+    assert len([r for r in fakehub.requests if r["path"].endswith(part)]) == 3
+
+
+def test_stream_range_retries_busy_statuses_and_maps_hub_errors(fakehub, gguf_repo):
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00003-of-00003.gguf"
+    commit, rf = _remote(fakehub, part)
+    fakehub.faults.append(Fault(path=part, kind="status", status=503, times=1))
+    assert _read(_client(retries=1), commit, rf, 0, 100) == gguf_repo[part][:100]
+    missing = hubmod.RemoteFile("Q4_K_M/nope.gguf", 100, None, None)
+    with pytest.raises(HubError, match="Q4_K_M/nope.gguf not found in unsloth/GLM-4.6-GGUF"):
+        _read(_client(), commit, missing, 0, 10)
+
+
+def test_stream_range_refuses_a_misplaced_range_and_an_ignored_one(fakehub, gguf_repo):
+    part = "Q4_K_M/GLM-4.6-Q4_K_M-00001-of-00003.gguf"
+    commit, rf = _remote(fakehub, part)
+    fakehub.faults.append(Fault(path=part, kind="badrange", times=1))
+    with pytest.raises(HubError, match="answered a byte-range request for .* with 'bytes 101-199/300000'"):
+        _read(_client(), commit, rf, 100, 200)
+    fakehub.ranges = False
+    chunks: list = []
+    with pytest.raises(hubmod.RangeIgnored, match="ignored a byte-range request"):
+        _client().stream_range(REPO, commit, rf, 100, 200, on_chunk=chunks.append)
+    assert chunks == []  # the whole-file answer was not read
+    restarts: list = []
+    got = _read(_client(), commit, rf, 100, None, on_restart=lambda: restarts.append(1))
+    assert got == gguf_repo[part] and restarts == [1]  # the whole file, from byte 0
+
+
+def test_download_starts_over_when_the_server_ignores_range(fakehub, gguf_repo):
+    part2 = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part2, kind="drop", at=100_000))
+    with pytest.raises(HubError, match="100,000 of 300,000 bytes kept"):
+        pull("glm-4.6", "q4_k_m", client=_client(retries=0, workers=1))
+    fakehub.ranges = False
+    events: list = []
+    m = pull("glm-4.6", "q4_k_m", client=_client(workers=1), progress=_events(events))
+    assert m.verified
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    assert (d / os.path.basename(part2)).read_bytes() == gguf_repo[part2]
+    assert fakehub.served(REPO, part2) == 100_000 + PART_SIZE
+    last = [e for e in events if isinstance(e, hubmod.FileProgress)][-1]
+    assert last.done == last.total == 3 * PART_SIZE  # the discarded partial bytes were taken back

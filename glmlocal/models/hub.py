@@ -6,7 +6,8 @@ byte transfer is our own ranged GET on that session because huggingface_hub 2.4.
 (huggingface_hub #4196, antirez/ds4 #1048), and its in-process retry only keeps bytes already flushed in
 10 MB chunks. Here a partial file `<name>.<sha-prefix>.incomplete` survives, the next run sends
 `Range: bytes=<size>-`, and the whole file is checked against the hub's size and sha256 (git blob sha1 for
-small non-LFS files) before it is renamed to its final name.
+small non-LFS files) before it is renamed to its final name. `HubClient.stream_range` is the one ranged GET:
+downloads and the remote GGUF header reads (glmlocal.models.remote) share its retries, error mapping and checks.
 
 The pull orchestration (which repo, preflight, conversion) lives in glmlocal.models.pull.
 """
@@ -32,7 +33,7 @@ from huggingface_hub import (
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from glmlocal.errors import DiskSpaceError, HubError, RepoNotFoundError
+from glmlocal.errors import DiskSpaceError, GlmlocalError, HubError, RepoNotFoundError
 from glmlocal.models.store import Store, free_bytes
 
 READ_CHUNK = 1 << 20
@@ -248,58 +249,127 @@ class HubClient:
         hashers = new_hashers(rf)
         if part.exists():
             _hash_existing(part, hashers)
-        failures = 0
-        while True:
-            offset = part.stat().st_size if part.exists() else 0
-            if offset >= rf.size and rf.size > 0:
-                break
+        part.touch()
+        offset = part.stat().st_size
+
+        def restart() -> None:  # the server ignored Range: the whole file follows
+            part.write_bytes(b"")
+            on_bytes(-offset)
+            hashers.update(new_hashers(rf))
+
+        def retry(n: int, at: int, e: Exception) -> None:
+            emit(FileRetry(rf.path, f"connection lost at {at:,} bytes, resuming (retry {n}/{self.retries})"))
+
+        with open(part, "ab") as fh:
+            def take(chunk: bytes) -> None:
+                _write(fh, chunk, part)
+                for h in hashers.values():
+                    h.update(chunk)
+                on_bytes(len(chunk))
+
             try:
-                self._get_range(repo, commit, rf, part, offset, hashers, on_bytes)
-                break
-            except (httpx2.TransportError, ConnectionError) as e:
-                failures += 1
-                done = part.stat().st_size if part.exists() else 0
-                if failures > self.retries:
-                    raise HubError(
-                        f"network failure while downloading {rf.path} ({done:,} of {rf.size:,} bytes kept): {e}",
-                        hint="run the same command again to resume",
-                    ) from e
-                emit(FileRetry(rf.path, f"connection lost at {done:,} bytes, resuming (retry {failures}/{self.retries})"))
-                time.sleep(self.retry_wait * failures)
+                self.stream_range(repo, commit, rf, offset, on_chunk=take, on_restart=restart, on_retry=retry)
+            except TransferFailed as e:
+                raise HubError(f"network failure while downloading {rf.path} ({e.reached:,} of {rf.size:,} bytes "
+                               f"kept): {e.cause}", hint="run the same command again to resume") from e
         return {k: h.hexdigest() for k, h in hashers.items()}
 
-    def _get_range(self, repo: str, commit: str, rf: RemoteFile, part: Path, offset: int,
-                   hashers: dict, on_bytes: Callable[[int], None]) -> None:
+    # -- ranged GET --------------------------------------------------------------------------
+    def stream_range(self, repo: str, commit: str, rf: RemoteFile, start: int = 0, end: int | None = None, *,
+                     on_chunk: Callable[[bytes], None], on_restart: Callable[[], None] | None = None,
+                     on_retry: Callable[[int, int, Exception], None] | None = None) -> None:
+        """Hand bytes [start, end) of `rf` (end None: to the end of the file) to `on_chunk` as they arrive.
+
+        A dropped connection, a body that ends early and a status the hub answers under load (RETRY_STATUS) are
+        retried `self.retries` times with linear backoff, each retry asking only for the bytes not yet handed over
+        (`on_retry(n, offset reached, error)` is told first); then TransferFailed. A server that answers a
+        byte range with the whole file (HTTP 200): `on_restart()` is called and the file follows from byte 0, or,
+        without `on_restart`, RangeIgnored. Hub errors become one-line HubErrors (see `error`); whatever
+        `on_chunk` raises propagates.
+        """
+        at = [start]  # offset of the next byte to hand over, kept across attempts
+        for failures in range(self.retries + 1):
+            try:
+                self._stream_once(repo, commit, rf, at, end, on_chunk, on_restart)
+                return
+            except (httpx2.TransportError, ConnectionError) as e:
+                if failures == self.retries:
+                    raise TransferFailed(self.endpoint, repo, rf.path, at[0], e) from e
+                if on_retry is not None:
+                    on_retry(failures + 1, at[0], e)
+                time.sleep(self.retry_wait * (failures + 1))
+
+    def _stream_once(self, repo: str, commit: str, rf: RemoteFile, at: list[int], end: int | None,
+                     on_chunk: Callable[[bytes], None], on_restart: Callable[[], None] | None) -> None:
+        """One GET of [at[0], end) on the resolve URL (redirects followed), advancing at[0] per chunk handed over."""
+        stop = rf.size if end is None else end
+        if at[0] >= stop:
+            return
         url = hf_hub_url(repo, rf.path, revision=commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self.token or False)
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        ranged = at[0] > 0 or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={at[0]}-" + ("" if end is None else str(end - 1))
         try:
             # Not http_stream_backoff: its retry wrapper cannot resume once the body has started streaming.
             with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as resp:
                 if resp.status_code in RETRY_STATUS:
                     raise TransientHTTPError(f"HTTP {resp.status_code} from the hub")
                 hf_raise_for_status(resp)
-                if offset and resp.status_code == 200:  # server ignored Range: start over
-                    part.unlink(missing_ok=True)
-                    on_bytes(-offset)
-                    hashers.update(new_hashers(rf))
-                with open(part, "ab") as fh:
-                    # iter_bytes() without a chunk size hands over what arrived, so a drop loses nothing
-                    for chunk in resp.iter_bytes():
-                        _write(fh, chunk, part)
-                        for h in hashers.values():
-                            h.update(chunk)
-                        on_bytes(len(chunk))
-        except (httpx2.TransportError, ConnectionError):
-            raise
-        except DiskSpaceError:
+                if ranged and resp.status_code == 200:
+                    if on_restart is None:  # the body is the whole file (maybe tens of GB): do not read it
+                        raise RangeIgnored(self.endpoint, repo, rf.path)
+                    on_restart()
+                    at[0] = 0
+                elif resp.status_code == 206:
+                    _check_content_range(resp.headers.get("Content-Range"), at[0], repo, rf.path)
+                # iter_bytes() without a chunk size hands over what arrived, so a drop loses nothing
+                for chunk in resp.iter_bytes():
+                    if end is not None:
+                        chunk = chunk[:end - at[0]]
+                    on_chunk(chunk)
+                    at[0] += len(chunk)
+                    if end is not None and at[0] >= end:
+                        break
+        except (httpx2.TransportError, ConnectionError, GlmlocalError):
             raise
         except Exception as e:
             mapped = self.error(e, repo, revision=commit, path=rf.path)
             if mapped is e:
                 raise
             raise mapped from e
+        if at[0] < stop:
+            raise ConnectionError(f"the connection closed at byte {at[0]:,} of {stop:,}")
+
+
+class TransferFailed(HubError):
+    """A ranged GET still failing after the client's retries. `reached`: offset of the first byte not received."""
+
+    def __init__(self, endpoint_url: str, repo: str, path: str, reached: int, cause: Exception):
+        super().__init__(f"network failure while reading {repo}/{path} from {endpoint_url}: {cause}",
+                         hint="check your network or HF_ENDPOINT, then run it again")
+        self.reached, self.cause = reached, cause
+
+
+class RangeIgnored(HubError):
+    """The server answered a byte-range request with the whole file."""
+
+    def __init__(self, endpoint_url: str, repo: str, path: str):
+        super().__init__(f"{endpoint_url} ignored a byte-range request for {repo}/{path} (HTTP 200)",
+                         hint="use a hub or mirror that serves byte ranges")
+        self.repo, self.path = repo, path
+
+
+def _check_content_range(value: str | None, start: int, repo: str, path: str) -> None:
+    """A 206 must start where we asked: anything else would put bytes at the wrong offset."""
+    if value is None:
+        return
+    try:
+        first = int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        first = -1
+    if first != start:
+        raise HubError(f"the hub answered a byte-range request for {repo}/{path} with {value!r}")
 
 
 def _write(fh, chunk: bytes, part: Path) -> None:

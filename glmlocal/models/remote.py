@@ -18,7 +18,6 @@ complete; a second plan reads only the cache (no network, HF_HUB_OFFLINE is fine
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,7 +26,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from glmlocal.errors import GlmlocalError, HubError, InputError, PlanError
-from glmlocal.models.hub import HubClient, RemoteFile, offline
+from glmlocal.models.hub import (
+    HubClient,
+    RangeIgnored,
+    RemoteFile,
+    TransferFailed,
+    offline,
+)
 from glmlocal.models.store import Store, atomic_write_text
 from glmlocal.plan.footprint import Footprint, footprint_from_gguf, footprint_from_spec
 
@@ -131,102 +136,31 @@ def header_length(buf: bytes, label: str) -> int | None:
     """Length of the GGUF header (metadata + tensor infos + alignment padding) at the start of `buf`.
 
     None when `buf` ends inside the header (fetch more); GGUFFormatError when the bytes are not a GGUF header.
-    Parses with quantize.gguf_reader's own cursor, so what is accepted here is what read_gguf accepts.
     """
-    from quantize import gguf_reader as gr
+    from quantize.gguf_reader import GGUFTruncated, read_header
 
-    f = io.BytesIO(buf)
-    cur = gr._Cursor(f, label)
     try:
-        if cur.read(4) != gr.GGUF_MAGIC:
-            raise gr.GGUFFormatError(f"{label} is not a GGUF file (bad magic)")
-        version = cur.scalar(gr.GGUFValueType.UINT32)
-        if version not in (2, 3):
-            raise gr.GGUFFormatError(f"{label}: unsupported GGUF version {version}")
-        n_tensors = cur.scalar(gr.GGUFValueType.UINT64)
-        n_kv = cur.scalar(gr.GGUFValueType.UINT64)
-        metadata, _ = gr._read_kv(cur, n_kv)
-        for _ in range(n_tensors):
-            gr._read_tensor_info(cur)
-    except gr.GGUFFormatError:
-        if f.tell() >= len(buf):  # the cursor ran off the end of what we have: not corrupt, just short
-            return None
-        raise
-    pos = f.tell()
-    align = int(metadata.get("general.alignment", gr.DEFAULT_ALIGNMENT))
-    return pos + (-pos % align)
+        return read_header(buf, label=label).data_offset
+    except GGUFTruncated:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------
 def _get_range(client: HubClient, repo: str, commit: str, rf: RemoteFile, start: int, end: int) -> bytes:
-    """Bytes [start, end) of `rf`, surviving `client.retries` dropped connections (linear backoff)."""
-    import time
-
-    for attempt in range(client.retries + 1):
-        try:
-            return _get_range_once(client, repo, commit, rf, start, end)
-        except _Dropped as e:
-            if attempt == client.retries:
-                raise HubError(f"network failure while reading the GGUF header of {repo}/{rf.path} from "
-                               f"{client.endpoint}: {e}", hint="check your network or HF_ENDPOINT, then run it again") from e
-            time.sleep(client.retry_wait * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-class _Dropped(ConnectionError):
-    """A transport failure while reading a header range: retried."""
-
-
-def _get_range_once(client: HubClient, repo: str, commit: str, rf: RemoteFile, start: int, end: int) -> bytes:
-    """One GET with a Range header on the resolve URL (redirects followed)."""
-    if start >= end:
-        return b""
-    import httpx2
-    from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    url = hf_hub_url(repo, rf.path, revision=commit, endpoint=client.endpoint)
-    headers = build_hf_headers(token=client.token or False)
-    headers["Range"] = f"bytes={start}-{end - 1}"
+    """Bytes [start, end) of `rf`, through the hub client's one ranged GET (its retries and checks)."""
+    data = bytearray()
     try:
-        with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as resp:
-            hf_raise_for_status(resp)
-            if resp.status_code != 206:  # a 200 would be the whole file (tens of GB): do not read it
-                raise HubError(f"{client.endpoint} ignored a byte-range request for {repo}/{rf.path} "
-                               f"(HTTP {resp.status_code}), so its header cannot be read without the whole file",
-                               hint="pull the model first, then plan it; or use a hub/mirror that serves ranges")
-            _check_content_range(resp.headers.get("Content-Range"), start, repo, rf)
-            data = bytearray()
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) > end - start:
-                    break
-    except GlmlocalError:
-        raise
-    except (httpx2.TransportError, ConnectionError) as e:
-        raise _Dropped(str(e)) from e
-    except Exception as e:
-        mapped = client.error(e, repo, revision=commit, path=rf.path)
-        if mapped is e:
-            raise
-        raise mapped from e
-    if len(data) != end - start:
-        raise HubError(f"short read from {client.endpoint} for {repo}/{rf.path}: asked bytes {start}-{end - 1}, "
-                       f"got {len(data)} bytes", hint="try again")
+        client.stream_range(repo, commit, rf, start, end, on_chunk=data.extend)
+    except TransferFailed as e:
+        raise HubError(f"network failure while reading the GGUF header of {repo}/{rf.path} from {client.endpoint}: "
+                       f"{e.cause}", hint="check your network or HF_ENDPOINT, then run it again") from e
+    except RangeIgnored as e:  # a 200 would be the whole file (tens of GB): it was not read
+        raise HubError(f"{client.endpoint} ignored a byte-range request for {repo}/{rf.path} (HTTP 200), so its "
+                       f"header cannot be read without the whole file",
+                       hint="pull the model first, then plan it; or use a hub/mirror that serves ranges") from e
     return bytes(data)
-
-
-def _check_content_range(value: str | None, start: int, repo: str, rf: RemoteFile) -> None:
-    if value is None:
-        return
-    try:
-        first = int(value.split()[1].split("-")[0])
-    except (IndexError, ValueError):
-        first = -1
-    if first != start:
-        raise HubError(f"the hub answered a byte-range request for {repo}/{rf.path} with {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
