@@ -284,6 +284,14 @@ def test_double_slash_sends_a_message_starting_with_slash():
     assert repl.conv.messages[0]["content"] == "/etc/hosts is what?"
 
 
+def test_loaded_content_parts_are_flattened_as_the_template_reads_them():
+    parts = [{"type": "text", "text": "Look: "}, "at ", {"type": "image_url", "image_url": {"url": "x"}},
+             {"text": "this"}]
+    conv = Conversation.from_request({"messages": [{"role": "system", "content": parts},
+                                                   {"role": "user", "content": parts}]})
+    assert conv.system == conv.messages[0]["content"] == "Look: at this"
+
+
 def test_save_then_load_round_trip(tmp_path):
     path = tmp_path / "chat.json"
     session = FakeSession(answer("first answer", thinking="hmm"), answer("second answer"))

@@ -11,7 +11,12 @@ import pytest
 from glmlocal.errors import TemplateError
 from glmlocal.glm.events import ContentDelta, ReasoningDelta, ToolCallEnd
 from glmlocal.glm.parser import StreamParser
-from glmlocal.glm.template import ChatTemplate, builtin_source, normalize_messages
+from glmlocal.glm.template import (
+    ChatTemplate,
+    builtin_source,
+    content_text,
+    normalize_messages,
+)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -142,6 +147,24 @@ def test_normalisation_of_awkward_inputs():
     assert "<|system|>\nrules<|user|>" in dev
     tool_parts = normalize_messages([{"role": "tool", "content": [{"type": "text", "text": "out"}]}])
     assert tool_parts[0]["content"] == "out"
+
+
+PARTS = [{"type": "text", "text": "a"}, "b", {"type": "image_url", "image_url": {"url": "x"}},
+         {"type": "input_text", "text": "c"}, {"text": "d"}, {"type": "audio"}, 7]
+
+
+@pytest.mark.parametrize("content,kwargs,expected", [
+    (None, {}, ""), ("plain", {}, "plain"), (PARTS, {}, "abcd"),  # the template's and the transcript's reading
+    (PARTS, {"sep": "\n", "image": "[img]"}, "a\nb\n[img]\nc\nd"),  # the server's: parts on lines, a placeholder
+    ([], {"sep": "\n"}, ""),
+])
+def test_one_content_flattener(content, kwargs, expected):
+    assert content_text(content, **kwargs) == expected
+
+
+def test_content_that_is_not_text_or_parts_is_refused():
+    with pytest.raises(TemplateError, match="string or a list of parts"):
+        content_text({"type": "text", "text": "a"})
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from glmlocal.errors import InputError
+from glmlocal.glm.template import content_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -89,7 +90,7 @@ class Conversation:
             tools = check_tools(tools, source)
         system = None
         if messages and messages[0]["role"] == "system":
-            system = _text_of(messages.pop(0)["content"])
+            system = content_text(messages.pop(0)["content"])
         kwargs = body.get("chat_template_kwargs") or {}
         return cls(
             model=str(body.get("model") or "glmlocal"),
@@ -117,17 +118,6 @@ class Conversation:
         return cls.from_request(_read_json(path), source=str(path))
 
 
-def _text_of(content: object) -> str:
-    """Flatten OpenAI content (a string or a list of text parts) to a string."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
-
-
 def _check_message(m: object, i: int, source: str) -> dict[str, object]:
     if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise InputError(f"{source}: message {i} needs a role of {', '.join(ROLES)}")
@@ -136,7 +126,7 @@ def _check_message(m: object, i: int, source: str) -> dict[str, object]:
     if content is not None and not isinstance(content, (str, list)):
         raise InputError(f"{source}: message {i} has content that is neither text nor a list of parts")
     if isinstance(content, list):
-        msg["content"] = _text_of(content)
+        msg["content"] = content_text(content)
     calls = msg.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(_is_call(c) for c in calls)):
         raise InputError(f"{source}: message {i} has malformed tool_calls")

@@ -47,6 +47,8 @@ from glmlocal.glm.sandbox import compile_template, render_template
 FAMILIES = ("glm45", "glm47")
 BUILTIN_FILES = {"glm45": "GLM-4.6.jinja", "glm47": "GLM-4.7.jinja"}
 ROLES = ("system", "user", "assistant", "tool")
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI content part types that carry text
+IMAGE_PARTS = ("image_url", "input_image", "image")
 
 
 def builtin_source(family: str) -> str:
@@ -161,21 +163,29 @@ def _keep_reasoning(family: str, clear_thinking: bool | None) -> bool:
 
 # ---------------------------------------------------------------- normalisation
 
-def content_text(content: object) -> str:
-    """Text of a message content: a string, None, or a list of parts ({"type": "text", "text": ...} or str)."""
+def content_text(content: object, *, sep: str = "", image: str | None = None) -> str:
+    """Text of a message content: a string, None, or a list of parts (strings, {"type": "text", "text": ...},
+    a part without a type that has "text"), joined with `sep`. Image parts become `image` (None: dropped),
+    other parts are dropped. The one content flattener: the chat, the server and the renderers use it."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and part.get("type") in ("text", "input_text", "output_text"):
-                parts.append(str(part.get("text") or ""))
-        return "".join(parts)
-    raise TemplateError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    if not isinstance(content, list):
+        raise TemplateError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    texts = [_part_text(part, image) for part in content]
+    return sep.join(t for t in texts if t is not None)
+
+
+def _part_text(part: object, image: str | None) -> str | None:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, Mapping):
+        return None
+    kind = part.get("type", "text")
+    if kind in TEXT_PARTS:
+        return str(part.get("text") or "")
+    return image if kind in IMAGE_PARTS else None
 
 
 def parse_arguments(arguments: object) -> dict:

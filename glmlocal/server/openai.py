@@ -21,6 +21,7 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
+from glmlocal.glm.template import content_text
 from glmlocal.glm.tools import ToolChoice
 from glmlocal.server.errors import APIError
 from glmlocal.server.types import (
@@ -163,20 +164,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def text_of(content: object) -> str:
-    """Flatten OpenAI content (string or parts) to text; images become a placeholder."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if isinstance(part, str):
-            parts.append(part)
-        elif part.get("type") in ("text", "input_text", "output_text"):
-            parts.append(str(part.get("text") or ""))
-        elif part.get("type") in ("image_url", "input_image", "image"):
-            parts.append(IMAGE_PLACEHOLDER)
-    return "\n".join(parts)
+    """OpenAI content as prompt text: parts on their own lines, images as a placeholder."""
+    return content_text(content, sep="\n", image=IMAGE_PLACEHOLDER)
 
 
 def arguments_dict(arguments: str | dict | None) -> dict:
