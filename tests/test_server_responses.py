@@ -1,4 +1,4 @@
-"""The OpenAI Responses API front door (POST /v1/responses, glmlocal/server/responses.py).
+"""The OpenAI Responses API front door (POST /v1/responses, glmlocal/server/responses_request.py and responses.py).
 
 Three layers: pure translation tables (items -> messages, events -> SSE events validated against the openai
 SDK's own pydantic event types), the HTTP layer with the scripted FakeBackend (error shapes, disconnects),
@@ -28,6 +28,7 @@ from glmlocal.glm.events import (
     ToolCallStart,
 )
 from glmlocal.server import responses as rs
+from glmlocal.server import responses_request as rq
 from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.errors import APIError
 from glmlocal.server.types import Usage
@@ -46,9 +47,9 @@ GREEDY = {"temperature": 0, "extra_body": {"seed": 1}}
 NO_THINK = {"reasoning": {"effort": "none"}}
 
 
-def body(**kw) -> rs.ResponsesRequest:
+def body(**kw) -> rq.ResponsesRequest:
     kw.setdefault("input", "hi")
-    return rs.ResponsesRequest(**kw)
+    return rq.ResponsesRequest(**kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_input_items_become_the_chat_history():
         {"type": "function_call_output", "call_id": "c3", "output": "snow"},
         {"role": "user", "content": "Thanks"},
     ]
-    turn = rs.to_turn(body(instructions="You forecast.", input=items, tools=TOOLS))
+    turn = rq.to_turn(body(instructions="You forecast.", input=items, tools=TOOLS))
     calls = lambda *pairs: [{"id": i, "type": "function", "function": {"name": "weather", "arguments": a}}
                             for i, a in pairs]
     assert turn.messages == [
@@ -94,12 +95,12 @@ def test_input_items_become_the_chat_history():
 @pytest.mark.parametrize("item, expected", [
     ({"content": [{"type": "reasoning_text", "text": "a"}], "summary": [{"type": "summary_text", "text": "b"}]}, "a"),
     ({"summary": [{"type": "summary_text", "text": "b"}, {"type": "summary_text", "text": "c"}]}, "b\nc"),
-    ({"summary": [], "encrypted_content": rs.encode_reasoning("from the blob ü")}, "from the blob ü"),
+    ({"summary": [], "encrypted_content": rq.encode_reasoning("from the blob ü")}, "from the blob ü"),
     ({"summary": [], "encrypted_content": "gAAAA-openai-opaque"}, ""),
-    ({"summary": [], "encrypted_content": rs.ENCRYPTED_PREFIX + "not base64!"}, ""),
+    ({"summary": [], "encrypted_content": rq.ENCRYPTED_PREFIX + "not base64!"}, ""),
 ])
 def test_reasoning_items_sent_back_keep_their_text(item, expected):
-    assert rs.reasoning_text({"type": "reasoning", **item}) == expected
+    assert rq.reasoning_text({"type": "reasoning", **item}) == expected
 
 
 def test_odd_but_valid_content_is_flattened_not_refused():
@@ -107,7 +108,7 @@ def test_odd_but_valid_content_is_flattened_not_refused():
              {"type": "function_call_output", "call_id": "c", "output": {"ok": True}},
              {"type": "reasoning", "content": "not a list", "summary": 5},
              {"role": "assistant", "content": None}]
-    assert rs.to_turn(body(input=items)).messages == [
+    assert rq.to_turn(body(input=items)).messages == [
         {"role": "assistant", "content": "No."}, {"role": "tool", "tool_call_id": "c", "content": '{"ok": true}'},
         {"role": "assistant", "content": ""}]
 
@@ -117,7 +118,7 @@ def test_odd_but_valid_content_is_flattened_not_refused():
     ("high", None, True), ("high", {"enable_thinking": False}, False),
 ])
 def test_reasoning_effort_switches_thinking(effort, kwargs, enable):
-    turn = rs.to_turn(body(reasoning={"effort": effort}, chat_template_kwargs=kwargs))
+    turn = rq.to_turn(body(reasoning={"effort": effort}, chat_template_kwargs=kwargs))
     assert turn.enable_thinking is enable
 
 
@@ -126,19 +127,19 @@ def test_tools_choices_formats_and_sampling():
     b = body(tools=tools, tool_choice={"type": "function", "name": "weather"}, parallel_tool_calls=False,
              max_output_tokens=7, temperature=0.2, top_p=0.9, seed=-1,
              text={"format": {"type": "json_schema", "name": "w", "schema": SCHEMA, "strict": True}})
-    turn = rs.to_turn(b)
+    turn = rq.to_turn(b)
     assert [t["function"]["name"] for t in turn.tools] == ["weather"]
-    assert rs.ignored_tools(b) == ["web_search", "apply_patch", "local_shell"]
+    assert rq.ignored_tools(b) == ["web_search", "apply_patch", "local_shell"]
     assert turn.tool_choice == {"type": "function", "function": {"name": "weather"}}
     assert not turn.parallel_tool_calls and turn.max_tokens == 7
     assert turn.sampling == {"temperature": 0.2, "top_p": 0.9, "seed": 0xFFFFFFFF}
     assert turn.response_format == {"type": "json_schema",
                                     "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
-    assert rs.to_turn(body(text={"format": {"type": "json_object"}})).response_format == {"type": "json_object"}
-    assert rs.to_turn(body(text={"format": {"type": "text"}})).response_format is None
-    assert rs.to_turn(body(tools=TOOLS, tool_choice="required")).tool_choice == "required"
-    assert rs.to_turn(body(tools=TOOLS, tool_choice="none")).tool_choice == "none"
-    echo = rs.echo_of(b)
+    assert rq.to_turn(body(text={"format": {"type": "json_object"}})).response_format == {"type": "json_object"}
+    assert rq.to_turn(body(text={"format": {"type": "text"}})).response_format is None
+    assert rq.to_turn(body(tools=TOOLS, tool_choice="required")).tool_choice == "required"
+    assert rq.to_turn(body(tools=TOOLS, tool_choice="none")).tool_choice == "none"
+    echo = rq.echo_of(b)
     assert echo["tools"] == TOOLS and echo["max_output_tokens"] == 7 and not echo["parallel_tool_calls"]
 
 
@@ -165,7 +166,7 @@ def test_tools_choices_formats_and_sampling():
 ])
 def test_inconsistent_requests_are_400(kw, needle):
     with pytest.raises(APIError) as e:
-        rs.to_turn(body(**kw))
+        rq.to_turn(body(**kw))
     assert e.value.status == 400 and needle in e.value.message
 
 
@@ -182,7 +183,7 @@ CUT_TURN = [ReasoningDelta("x"), ToolCallStart(0, "call_c", "weather"), ToolCall
 def stream_of(items, encrypt=False, summary=None):
     b = body(tools=TOOLS, include=["reasoning.encrypted_content"] if encrypt else None,
              reasoning={"summary": summary})
-    stream = rs.ResponseStream("glm", rs.echo_of(b))
+    stream = rs.ResponseStream("glm", rq.echo_of(b))
     events = stream.start() + [ev for item in items for ev in stream.feed(item)]
     for name, data in events:  # every event is exactly one of the SDK's own types
         assert EVENT.validate_python(data).type == name
@@ -203,7 +204,7 @@ def test_stream_events_for_text_and_reasoning():
     done = [d for n, d in events if n == "response.output_item.done"]
     assert [d["output_index"] for d in done] == [0, 1]
     assert done[0]["item"]["content"] == [{"type": "reasoning_text", "text": "Hmm."}]
-    assert rs.reasoning_text(done[0]["item"] | {"content": None}) == "Hmm."  # via encrypted_content
+    assert rq.reasoning_text(done[0]["item"] | {"content": None}) == "Hmm."  # via encrypted_content
     final = Response.model_validate(events[-1][1]["response"])
     assert final.output_text == "Hello" and final.status == "completed"
     assert final.usage.input_tokens_details.cached_tokens == 4 and final.usage.output_tokens_details.reasoning_tokens == 2
@@ -223,7 +224,7 @@ def test_reasoning_is_mirrored_into_the_summary_when_one_is_asked_for():
     final = Response.model_validate(events[-1][1]["response"])
     item = final.output[0]
     assert item.summary[0].text == item.content[0].text == "Hmm." and final.reasoning.summary == "auto"
-    turn = rs.to_turn(body(input=[{"role": "user", "content": "q"}, item.model_dump(), final.output[1].model_dump()]))
+    turn = rq.to_turn(body(input=[{"role": "user", "content": "q"}, item.model_dump(), final.output[1].model_dump()]))
     assert turn.messages[1]["reasoning_content"] == "Hmm."
     cut = stream_of([ReasoningDelta("x"), Finish("length"), Usage(3, 1, 0)], summary="detailed")
     assert cut[-2][1]["item"]["summary"] == [{"type": "summary_text", "text": "x"}]
@@ -253,7 +254,7 @@ def test_truncated_stream_is_incomplete_and_drops_the_cut_call():
 
 def test_aggregate_matches_the_stream():
     for items in (TEXT_TURN, CALL_TURN, CUT_TURN):
-        agg = rs.ResponseAggregate("glm", rs.echo_of(body()))
+        agg = rs.ResponseAggregate("glm", rq.echo_of(body()))
         for item in items:
             agg.feed(item)
         whole = Response.model_validate(agg.response_json())
@@ -269,21 +270,21 @@ def test_namespace_tools_are_flattened_and_their_calls_say_so():
     ns = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents",
           "tools": [spawn, {"type": "custom", "name": "apply_patch"}]}
     b = body(tools=TOOLS + [ns], tool_choice={"type": "function", "name": "spawn_agent"})
-    turn = rs.to_turn(b)
+    turn = rq.to_turn(b)
     assert [t["function"]["name"] for t in turn.tools] == ["weather", "spawn_agent"]
-    assert rs.ignored_tools(b) == ["apply_patch"]
-    stream = rs.ResponseStream("glm", rs.echo_of(b))
+    assert rq.ignored_tools(b) == ["apply_patch"]
+    stream = rs.ResponseStream("glm", rq.echo_of(b))
     events = stream.start() + [e for it in (ToolCallStart(0, "c9", "spawn_agent"), ToolCallEnd(0, "spawn_agent", {}, "c9"),
                                             Finish("tool_calls"), Usage(5, 3, 0)) for e in stream.feed(it)]
     final = Response.model_validate(events[-1][1]["response"])
     assert final.output[0].namespace == "multi_agent_v1" and final.output[0].arguments == "{}"
     assert [t.type for t in final.tools] == ["function", "namespace"]
     with pytest.raises(APIError, match="unique"):
-        rs.to_turn(body(tools=TOOLS + [{**ns, "tools": TOOLS}]))
+        rq.to_turn(body(tools=TOOLS + [{**ns, "tools": TOOLS}]))
 
 
 def test_failure_after_the_stream_started_is_reported_in_band():
-    stream = rs.ResponseStream("glm", rs.echo_of(body()))
+    stream = rs.ResponseStream("glm", rq.echo_of(body()))
     stream.start()
     events = stream.feed(ContentDelta("x")) + stream.fail({"message": "engine error: boom", "code": None,
                                                            "type": "server_error"})
@@ -415,7 +416,7 @@ def test_live_reasoning_on_and_off(server):
     reasoning = on.output[0]
     assert reasoning.type == "reasoning" and reasoning.content[0].type == "reasoning_text"
     assert reasoning.summary[0].text == reasoning.content[0].text
-    assert reasoning.content[0].text and reasoning.encrypted_content.startswith(rs.ENCRYPTED_PREFIX)
+    assert reasoning.content[0].text and reasoning.encrypted_content.startswith(rq.ENCRYPTED_PREFIX)
     assert 0 < on.usage.output_tokens_details.reasoning_tokens <= on.usage.output_tokens
     off = client.responses.create(model="model.gguf", input="Think first", max_output_tokens=16,
                                   reasoning={"effort": "minimal"}, **GREEDY)

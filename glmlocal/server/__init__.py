@@ -1,7 +1,8 @@
 """`glmlocal serve`: OpenAI- and Anthropic-compatible HTTP front doors on one local model.
 
-app.py (routes, streaming, cancellation) -> openai.py / anthropic.py (pure translation) -> types.py (neutral
-request/usage) -> backend.py (Session/engine) on scheduler.py's single generation thread.
+app.py (routes, streaming, cancellation) -> openai.py / anthropic.py / responses_request.py + responses.py (pure
+translation) -> types.py (neutral request/usage) -> backend.py (Session/engine) on scheduler.py's single
+generation thread.
 """
 
 from glmlocal.server.app import ServerConfig, create_app

@@ -29,6 +29,7 @@ from glmlocal.errors import ContextOverflowError, GlmlocalError
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
 from glmlocal.server import responses as rs
+from glmlocal.server import responses_request as rq
 from glmlocal.server.errors import APIError, from_exception
 from glmlocal.server.scheduler import ClientGone, Scheduler, Ticket
 from glmlocal.server.security import (
@@ -379,17 +380,17 @@ def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
 
     @app.post("/responses", include_in_schema=False)
     @app.post("/v1/responses", tags=["openai"])
-    async def responses(body: rs.ResponsesRequest, request: Request):
+    async def responses(body: rq.ResponsesRequest, request: Request):
         """OpenAI Responses API (Codex CLI's `wire_api = "responses"`), streamed (SSE) or not; stateless."""
         _check_model(config, body.model)
-        turn = rs.to_turn(body, default_thinking=config.default_thinking)
-        if (ignored := tuple(rs.ignored_tools(body))) and ignored not in warned and len(warned) < 64:
+        turn = rq.to_turn(body, default_thinking=config.default_thinking)
+        if (ignored := tuple(rq.ignored_tools(body))) and ignored not in warned and len(warned) < 64:
             warned.add(ignored)
             log.warning("/v1/responses: ignoring non-function tools (hosted or custom): %s", ", ".join(ignored))
         prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
-        echo = rs.echo_of(body)
+        echo = rq.echo_of(body)
         if body.stream:
             return EventStream(_responses_events(ticket, run, rs.ResponseStream(config.model_id, echo), config),
                                ticket)
