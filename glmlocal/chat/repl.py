@@ -1,8 +1,8 @@
 """`glmlocal chat`: the interactive REPL (prompt_toolkit in, Rich out).
 
-Presentation only: a turn is `session.turn(messages, ...)` from glmlocal/session.py, the same code the server
-uses. The REPL takes its session, console and input reader as arguments so tests can drive it. Piped use is
-in chat_piped.py, start-up (resolve, plan, load) in chat_load.py, rendering in chat_view.py.
+Presentation only: a turn is `session.turn(messages, ...)` from glmlocal/engine/session.py, the same code the
+server uses. The REPL takes its session, console and input reader as arguments so tests can drive it. Piped use
+is in piped.py, start-up (resolve, plan, load) in glmlocal/launch.py, rendering in view.py.
 """
 
 from __future__ import annotations
