@@ -247,13 +247,15 @@ def rpc_server(
 def doctor(
     smoke_only: Annotated[bool, typer.Option("--smoke-only", help="Only the tiny quantized-model generation test (exit 0/1)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-    cmake_args: Annotated[bool, typer.Option("--cmake-args", help="Print the CMAKE_ARGS for a llama-cpp-python build matching this CPU")] = False,
+    cmake_args: Annotated[bool, typer.Option("--cmake-args", help="Print the CMAKE_ARGS for a llama-cpp-python build for this machine's GPU backend and CPU (why: on stderr)")] = False,
 ) -> None:
     """Check the llama.cpp build (backends, CPU kernels), GPUs, RAM and disk, and run a tiny model end to end."""
     if cmake_args:
-        from glmlocal.doctor.build import cpu_cmake_args
+        from glmlocal.doctor.build import choose_build
 
-        typer.echo(cpu_cmake_args())
+        choice = choose_build()
+        typer.echo(f"glmlocal: {choice.reason}", err=True)
+        typer.echo(choice.args)
         raise typer.Exit(0)
     from glmlocal.doctor.view import run_doctor
 
