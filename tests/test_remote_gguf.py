@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from glmlocal.cli.app import app
 from glmlocal.models.registry import get_model
 from glmlocal.models.store import Store
+from quantize.gguf_reader import read_gguf
 from tests.fakehub import split_gguf
 
 REPO = "unsloth/GLM-4.6-GGUF"
@@ -72,8 +73,6 @@ def test_plan_from_remote_headers_equals_plan_of_downloaded_files(published, ud_
     fetched = sum(published.bytes_sent.values())
     total = sum(p.stat().st_size for p in ud_parts)
     assert fetched == remote["fetched_bytes"]  # what the plan reports is what the hub served
-    from quantize.gguf_reader import read_gguf
-
     header_bytes = sum(read_gguf(p).data_offset for p in ud_parts)
     assert header_bytes <= fetched <= 2 * header_bytes + 3 * (16 << 10)  # doubling overshoots by < 2x
     assert fetched < 0.1 * total, (fetched, total)
@@ -89,7 +88,7 @@ def test_plan_from_remote_headers_equals_plan_of_downloaded_files(published, ud_
     assert before["file_bytes"] == footprint_from_gguf(ud_parts[0]).file_bytes
 
 
-def test_header_cache_is_reused_offline_and_instantly(published, monkeypatch):
+def test_header_cache_is_reused_offline_and_instantly(published, ud_parts, monkeypatch):
     first = _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
     n_requests = len(published.requests)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -97,13 +96,12 @@ def test_header_cache_is_reused_offline_and_instantly(published, monkeypatch):
     assert len(published.requests) == n_requests  # not one request: no listing, no range
     assert again["remote"]["cached"] and again["remote"]["fetched_bytes"] == 0
     assert again["placement"] == first["placement"] and again["file_bytes"] == first["file_bytes"]
-    # the cache files are sparse copies: real size, header-sized allocation
+    # the cache holds each file's header and nothing more
     cache = Store().root / "headers" / "unsloth" / "GLM-4.6-GGUF"
     files = sorted(cache.rglob("*.gguf"))
-    assert len(files) == 3
-    for f in files:
-        st = f.stat()
-        assert st.st_blocks * 512 < st.st_size or st.st_size < 64 << 10
+    assert [f.name for f in files] == [p.name for p in ud_parts]
+    for f, p in zip(files, ud_parts):
+        assert f.read_bytes() == p.read_bytes()[:read_gguf(p).data_offset]
 
 
 def test_published_quant_missing_from_the_repository(fakehub, ud_parts):
@@ -225,7 +223,7 @@ def test_no_fit_hint_offline_without_cache_says_what_it_could_not_size(fakehub, 
 
 def test_published_quants_larger_than_the_machine_are_not_fetched(published):
     """Only headers of candidates that could fit are read: a quant bigger than RAM + VRAM is skipped by size."""
-    from glmlocal.models.remote import SmallerQuants
+    from glmlocal.plan.published import SmallerQuants
 
     alts = SmallerQuants(get_model("glm-4.6"), current_bytes=10**12, limit_bytes=1 << 20)  # 1 MiB machine
     assert list(alts) == []
@@ -255,3 +253,42 @@ def test_pull_published_only_quant_and_refuse_from_source(published, ud_parts):
     assert all((d / p.name).read_bytes() == p.read_bytes() for p in ud_parts)
     code, out, _ = _cli("list")
     assert "ud-q2_k_xl" in out and "complete, verified" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The header cache
+# ---------------------------------------------------------------------------------------------
+def _set_files() -> list[Path]:
+    return sorted((Store().root / "headers" / "unsloth" / "GLM-4.6-GGUF" / "sets").glob("*.json"))
+
+
+def test_a_cache_in_the_old_format_or_damaged_is_fetched_again(published, ud_parts):
+    first = _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
+    (index,) = _set_files()
+    doc = json.loads(index.read_text())
+    assert doc["format"] == 2 and [f["header"] for f in doc["files"]] == [read_gguf(p).data_offset for p in ud_parts]
+    del doc["format"]  # what the sparse-file cache (format 1) wrote
+    index.write_text(json.dumps(doc))
+    again = _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
+    assert not again["remote"]["cached"] and again["remote"]["fetched_bytes"] > 0
+    assert again["placement"] == first["placement"]
+    # a header file damaged in place (same length): unreadable, so fetched again rather than trusted
+    (index,) = _set_files()
+    cached = Store().root / "headers" / "unsloth" / "GLM-4.6-GGUF" / first["remote"]["commit"]
+    victim = next(cached.rglob("*-00001-of-00003.gguf"))
+    victim.write_bytes(b"XXXX" + victim.read_bytes()[4:])
+    third = _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
+    assert not third["remote"]["cached"] and third["placement"] == first["placement"]
+    assert victim.read_bytes()[:4] == b"GGUF"
+    assert _plan_json("glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)["remote"]["cached"]
+
+
+def test_a_published_file_shorter_than_its_header_says_is_refused(fakehub, ud_parts, tmp_path):
+    """The header is complete, but its tensors end past the file the hub lists: one line, nothing cached."""
+    short = tmp_path / ud_parts[2].name
+    short.write_bytes(ud_parts[2].read_bytes()[:-4096])
+    fakehub.add_repo(REPO, {f"UD-Q2_K_XL/{p.name}": p for p in ud_parts[:2]} | {f"UD-Q2_K_XL/{short.name}": short})
+    code, _, err = _cli("plan", "glm-4.6", "--quant", "ud-q2_k_xl", *CPU_8G)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{REPO}/UD-Q2_K_XL/{short.name}: truncated (tensor" in err and "extends past end of file" in err
+    assert not _set_files()

@@ -1,7 +1,8 @@
 """Memory footprint of a GLM-4 MoE model: bytes per tensor, grouped per layer, plus KV and compute.
 
 Two ways in, one result:
-- `footprint_from_gguf(path)` reads only the GGUF header (quantize.gguf_reader): exact bytes.
+- `footprint_from_gguf(path)` reads only the GGUF header (quantize.gguf_reader): exact bytes;
+  `footprint_from_headers` does the same from headers already parsed (a published GGUF's, before download).
 - `footprint_from_spec(spec, quant)` enumerates the tensors llama.cpp's converter writes for the
   registry hyperparameters and types them with quantize.recipe (the rules our converter uses, which
   are llama-quantize's), so the prediction before download equals the file we would write.
@@ -12,9 +13,9 @@ Pure: no I/O beyond reading the GGUF header.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from glmlocal.errors import InputError
 from glmlocal.plan.graph import (
@@ -24,6 +25,7 @@ from glmlocal.plan.graph import (
     reserve_bytes_split,
 )
 from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
+from quantize.gguf_reader import GGUFHeader, read_gguf
 from quantize.recipe import plan_types
 
 GROUPS = ("attention", "dense_ffn", "shared_expert", "router", "experts", "nextn")
@@ -265,7 +267,7 @@ def build_footprint(tensors: Iterable[tuple[str, tuple[int, ...], int]], meta: d
 # --------------------------------------------------------------------------------------------
 # From a GGUF header
 # --------------------------------------------------------------------------------------------
-def _gguf_meta(md: dict, path: Path) -> dict:
+def _gguf_meta(md: dict, path: PurePath) -> dict:
     arch = md.get("general.architecture")
     if arch != "glm4moe":
         raise InputError(f"{path}: architecture {arch!r} is not glm4moe (GLM-4.5/4.6/4.7)")
@@ -304,10 +306,13 @@ def _split_paths(path: Path) -> list[Path]:
 
 def footprint_from_gguf(path: str | Path) -> Footprint:
     """Footprint of a GGUF (any split part may be given) from its header alone."""
-    from quantize.gguf_reader import read_gguf
-
     path = Path(path)
-    parts = [read_gguf(p) for p in _split_paths(path)]
+    return footprint_from_headers([read_gguf(p) for p in _split_paths(path)], path)
+
+
+def footprint_from_headers(parts: Sequence[GGUFHeader], path: PurePath) -> Footprint:
+    """Footprint from the parsed headers of every split of a GGUF, in order (read locally, or remotely before
+    download). `path` names the file in errors, and its stem is the label when general.name is missing."""
     meta = _gguf_meta(parts[0].metadata, path)
     tensors = [(t.name, tuple(t.shape), t.ggml_type) for part in parts for t in part.tensors]
     names = {t[0] for t in tensors}

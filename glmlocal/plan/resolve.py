@@ -13,8 +13,8 @@ from glmlocal.plan.footprint import Footprint, footprint_from_gguf, footprint_fr
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.planner import Placement, plan
 
-if TYPE_CHECKING:
-    from glmlocal.models.remote import SmallerQuants
+if TYPE_CHECKING:  # imported when used: the hub client is not needed to plan a local GGUF
+    from glmlocal.plan.published import SmallerQuants
 
 
 def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, SmallerQuants | None, str, dict]:
@@ -55,7 +55,7 @@ def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, Smaller
         spec = get_model(model)  # raises InputError listing the known names
     quant = quant or "q4_k_m"
     if kind == "registry" and not is_recipe_quant(quant):
-        from glmlocal.models.remote import published_footprint
+        from glmlocal.plan.published import published_footprint
 
         fp, remote = published_footprint(spec, quant, revision=manifest.revision if manifest else None)
         how = "cached" if remote.cached else f"{remote.fetched_bytes / 1e6:.1f} MB fetched"
@@ -72,7 +72,7 @@ def _alternatives(spec, fp: Footprint) -> SmallerQuants | None:
     """Quants smaller than `fp` (converted and published), sized lazily: only a no-fit plan looks at them."""
     if spec is None:
         return None
-    from glmlocal.models.remote import SmallerQuants
+    from glmlocal.plan.published import SmallerQuants
 
     return SmallerQuants(spec, fp.file_bytes)
 
