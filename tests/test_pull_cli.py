@@ -229,3 +229,42 @@ def test_list_shows_how_to_resume_an_interrupted_conversion_pull(fakehub, ckpt_f
     assert code == 0, err
     code, out, _ = _cli("list")
     assert out.count("complete, verified") == 2 and "resume:" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The progress view
+# ---------------------------------------------------------------------------------------------
+def test_pull_view_shows_every_pull_event_and_refuses_an_unknown_one(tmp_path):
+    """Each event pull() emits has a handler (looked up by class, so a renamed event cannot go quiet)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from glmlocal.cli.pull import PullView
+    from glmlocal.models import hub
+    from glmlocal.models import pull as pull_mod
+    from glmlocal.models.store import Manifest
+    from quantize.convert import ConvertProgress
+
+    out = StringIO()
+    m = Manifest("glm-4.6", "q4_k_m", "convert", "zai-org/GLM-4.6", "c0ffee" * 7)
+    events = [pull_mod.PullStarted("glm-4.6", "q4_k_m", "source", "zai-org/GLM-4.6", "c0ffee" * 7, 1, 2048, 0),
+              hub.FileStarted("model.safetensors", 2048, 0),
+              hub.FileProgress("model.safetensors", 1024, 2048, 1024, 2048, 1e6, 1.0),
+              hub.FileRetry("model.safetensors", "connection lost at 1,024 bytes, resuming (retry 1/3)"),
+              hub.FileDone("model.safetensors", 2048, "resumed"),
+              pull_mod.ConvertStarted(tmp_path / "src", tmp_path / "out.gguf", "bf16"),
+              pull_mod.ConvertEvent(ConvertProgress(512, 1024, "token_embd.weight", 1.0)),
+              pull_mod.SourceDeleted(tmp_path / "src", 2048),
+              pull_mod.PullDone(m, tmp_path / "out.gguf", 2048, 2.0)]
+    with PullView(Console(file=out, width=200)) as view:
+        for ev in events:
+            view(ev)
+        with pytest.raises(TypeError, match="PullView has no handler for builtins.object"):
+            view(object())
+    text = out.getvalue()
+    for line in ("glm-4.6 q4_k_m: source checkpoint zai-org/GLM-4.6@c0ffeec0ffee, 1 file(s), 2.00 KiB",
+                 "model.safetensors: connection lost at 1,024 bytes, resuming (retry 1/3)",
+                 "model.safetensors: 2.00 KiB resumed, verified", "converting bf16 checkpoint -> out.gguf",
+                 "deleted the source checkpoint (2.00 KiB)", f"done: {tmp_path / 'out.gguf'} (fetched 2.00 KiB"):
+        assert line in text, (line, text)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -59,11 +61,12 @@ class PullView:
             self.progress.stop()
 
     def __call__(self, ev: object) -> None:
-        handler = getattr(self, "_on_" + type(ev).__name__, None)
-        if handler is not None:
-            handler(ev)
+        handler = _HANDLERS.get(type(ev))
+        if handler is None:  # a new or renamed event must get a handler, not vanish from the screen
+            raise TypeError(f"PullView has no handler for {type(ev).__module__}.{type(ev).__qualname__}")
+        handler(self, ev)
 
-    def _on_PullStarted(self, ev: pull_mod.PullStarted) -> None:
+    def _pull_started(self, ev: pull_mod.PullStarted) -> None:
         what = "GGUF" if ev.method == "gguf" else "source checkpoint"
         self.console.print(f"[bold]{ev.name} {ev.quant}[/]: {what} {ev.repo}@{ev.revision[:12]}, {ev.files} "
                            f"file(s), {human(ev.total)}" + (f" ({human(ev.present)} already here)" if ev.present else ""))
@@ -71,46 +74,58 @@ class PullView:
             self.progress.start()
         self.overall = self.progress.add_task("total", total=ev.total, completed=ev.present, speed="")
 
-    def _on_FileStarted(self, ev: hub.FileStarted) -> None:
+    def _file_started(self, ev: hub.FileStarted) -> None:
         label = Path(ev.path).name + (f" (resuming at {human(ev.resume_from)})" if ev.resume_from else "")
         self.files[ev.path] = self.progress.add_task(label, total=ev.size, completed=ev.resume_from, speed="")
 
-    def _on_FileProgress(self, ev: hub.FileProgress) -> None:
+    def _file_progress(self, ev: hub.FileProgress) -> None:
         speed = f"{ev.rate / 1e6:.1f} MB/s ETA {_eta(ev.eta)}"
         if ev.path in self.files:
             self.progress.update(self.files[ev.path], completed=ev.file_done)
         if self.overall is not None:
             self.progress.update(self.overall, completed=ev.done, speed=speed)
 
-    def _on_FileRetry(self, ev: hub.FileRetry) -> None:
+    def _file_retry(self, ev: hub.FileRetry) -> None:
         self.console.print(f"[yellow]{ev.path}: {ev.reason}[/]")
 
-    def _on_FileDone(self, ev: hub.FileDone) -> None:
+    def _file_done(self, ev: hub.FileDone) -> None:
         task = self.files.pop(ev.path, None)
         if task is not None:
             self.progress.remove_task(task)
         note = {"present": "already here, verified", "hf-cache": "from the Hugging Face cache, verified"}
         self.console.print(f"  {ev.path}: {human(ev.size)} {note.get(ev.how, ev.how + ', verified')}")
 
-    def _on_ConvertStarted(self, ev: pull_mod.ConvertStarted) -> None:
+    def _convert_started(self, ev: pull_mod.ConvertStarted) -> None:
         self.console.print(f"converting {ev.dtype} checkpoint -> {ev.out.name}")
         self.convert = self.progress.add_task("convert", total=None, speed="")
 
-    def _on_ConvertEvent(self, ev: pull_mod.ConvertEvent) -> None:
-        inner = ev.event  # quantize.convert.ConvertProgress
-        done, total = getattr(inner, "bytes_done", None), getattr(inner, "bytes_total", None)
-        if self.convert is not None and isinstance(done, int):
-            eta = getattr(inner, "eta_s", None)
-            speed = f"{getattr(inner, 'mb_per_s', 0.0):.1f} MB/s ETA {_eta(eta)}"
-            self.progress.update(self.convert, completed=done, total=total, speed=speed)
+    def _convert_progress(self, ev: pull_mod.ConvertEvent) -> None:
+        p = ev.event
+        if self.convert is not None:
+            speed = f"{p.mb_per_s:.1f} MB/s ETA {_eta(p.eta_s)}"
+            self.progress.update(self.convert, completed=p.bytes_done, total=p.bytes_total, speed=speed)
 
-    def _on_SourceDeleted(self, ev: pull_mod.SourceDeleted) -> None:
+    def _source_deleted(self, ev: pull_mod.SourceDeleted) -> None:
         self.console.print(f"deleted the source checkpoint ({human(ev.freed)}); keep it with --keep-source")
 
-    def _on_PullDone(self, ev: pull_mod.PullDone) -> None:
+    def _pull_done(self, ev: pull_mod.PullDone) -> None:
         rate = ev.downloaded / ev.seconds / 1e6 if ev.seconds > 0 else 0.0
         self.console.print(f"[green]done[/]: {ev.path} (fetched {human(ev.downloaded)} in {ev.seconds:.1f} s, "
                            f"{rate:.1f} MB/s)")
+
+
+# Every event pull() emits, and what shows it. An event missing here is a TypeError at the first emit.
+_HANDLERS: dict[type, Callable[[PullView, Any], None]] = {
+    pull_mod.PullStarted: PullView._pull_started,
+    hub.FileStarted: PullView._file_started,
+    hub.FileProgress: PullView._file_progress,
+    hub.FileRetry: PullView._file_retry,
+    hub.FileDone: PullView._file_done,
+    pull_mod.ConvertStarted: PullView._convert_started,
+    pull_mod.ConvertEvent: PullView._convert_progress,
+    pull_mod.SourceDeleted: PullView._source_deleted,
+    pull_mod.PullDone: PullView._pull_done,
+}
 
 
 def run_pull(model: str, quant: str, *, from_source: bool, revision: str | None, keep_source: bool,

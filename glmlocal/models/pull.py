@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from glmlocal.errors import HubError, InputError, RepoNotFoundError
 from glmlocal.models import registry
@@ -39,6 +40,9 @@ from glmlocal.models.store import (
     check_free,
     source_quant,
 )
+
+if TYPE_CHECKING:  # the converter (numpy, ggml) is imported only when a pull converts
+    from quantize.convert import ConvertProgress
 
 # README.md: the model card's front matter gives general.license / tags / languages, as in llama.cpp's converter.
 SOURCE_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.tiktoken", "*.model", "README.md",
@@ -73,7 +77,7 @@ class ConvertStarted:
 
 @dataclass(frozen=True)
 class ConvertEvent:
-    event: object  # a quantize.convert progress event, passed through
+    event: ConvertProgress  # the converter's progress, passed through
 
 
 @dataclass(frozen=True)
