@@ -1,17 +1,27 @@
-"""Hardware probe: size parsing, overrides, CUDA_VISIBLE_DEVICES, and the NVML path.
+"""Hardware probe: size parsing, overrides, CUDA_VISIBLE_DEVICES, the NVML path, llama.cpp's device registry,
+unified memory and the OS limit on the GPU's share.
 
 This machine has no GPU, so the NVML path is exercised with a fake `pynvml` module injected into
 probe_gpus(): a unit test of our parsing/ordering logic against NVML's documented API, not of NVML.
-The RAM/cores/bandwidth path runs for real (psutil, numpy).
+The RAM/cores/bandwidth path runs for real (psutil, numpy), and so does llama.cpp's backend registry (the CPU
+here; RPC devices in a child process). Devices of other machines (Metal, Vulkan, ROCm, CUDA on GB10) are the
+`--list-devices` lines llama.cpp printed there (tests/data/machines; each file's first line is its source).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from glmlocal.errors import InputError
+from glmlocal.llama import rpc
+from glmlocal.llama.ggml import Device
+from glmlocal.plan.devices import local_gpus
 from glmlocal.plan.hardware import (
     DEFAULT_CPU_BW,
     GIB,
@@ -24,6 +34,21 @@ from glmlocal.plan.hardware import (
     visible_selection,
 )
 from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.unified import (
+    RAISE_METAL,
+    RAISE_TTM,
+    UnifiedMemory,
+    gtt_limit,
+    metal_memory,
+    parse_kernel_params,
+    parse_sysctl,
+    parse_working_set,
+)
+from tests.recorded import list_devices, recorded
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+needs_rpc = pytest.mark.skipif(not rpc.rpc_available(), reason="llama-cpp-python built without -DGGML_RPC=ON")
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -182,3 +207,232 @@ def test_real_nvml_on_this_machine_does_not_crash():
     assert isinstance(gpus, list)
     if not gpus:
         assert notes
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's backend registry (real on this machine: CPU, and RPC devices in a child process)
+# ---------------------------------------------------------------------------------------------
+GB10_MEMINFO = "\n".join(line for line in recorded("nvidia-smi-dgx-spark-gb10.txt").splitlines()
+                         if line.strip().startswith(("MemTotal:", "MemAvailable:")))  # nvitop#208, a real GB10
+
+
+class FakeNoNvml:
+    """nvidia-ml-py on a machine without an NVIDIA driver."""
+
+    @staticmethod
+    def nvmlInit():
+        raise OSError("no driver")
+
+
+def test_registry_devices_of_this_build_are_probed_for_real():
+    """The CPU-only build here: the registry has the CPU (backend "CPU", with its memory) and no GPU to offload
+    to, so the probe finds no GPUs and no unified pool."""
+    from glmlocal.llama import ggml
+
+    devs = ggml.devices()
+    cpu = next(d for d in devs if d.type == "CPU")
+    assert cpu.backend == "CPU" and cpu.total_bytes > 0 and 0 < cpu.free_bytes <= cpu.total_bytes
+    gpus, pool, notes = local_gpus(64 * GIB, nvml=FakeNoNvml, env={})
+    assert gpus == [] and pool is None and any("no NVIDIA driver" in n for n in notes)
+
+
+RPC_CHILD = """
+import json, sys
+from glmlocal.llama import ggml, rpc
+from glmlocal.plan.devices import local_gpus
+from glmlocal.plan.hardware import probe
+from glmlocal.plan.options import PlanOptions
+with rpc.RpcServer(threads=1) as server:
+    hw = probe(PlanOptions(rpc=(server.endpoint,), ram="16GiB", threads=2, cpu_bw=20), nvml=False)
+    devs = [d.__dict__ for d in ggml.devices()]
+    local = local_gpus(16 << 30, nvml=False, env={})[0]
+    print(json.dumps({"devices": devs, "gpus": [[g.device_name, g.total, g.free, g.unified] for g in hw.gpus],
+                      "local": [g.device_name for g in local]}))
+"""
+
+
+@needs_rpc
+def test_rpc_devices_come_from_the_registry_once():
+    """A registered RPC server is a GPU-type device of backend "RPC" in llama.cpp's registry, with the memory the
+    server reports; the probe plans it once (as an RPC GPU, not again as a local one). In a child process:
+    registering is process-global."""
+    code = RPC_CHILD.replace("nvml=False", "nvml=type('N', (), {'nvmlInit': staticmethod(lambda: 1/0)})")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    rpc_dev = [d for d in res["devices"] if d["backend"] == "RPC"]
+    assert len(rpc_dev) == 1 and rpc_dev[0]["type"] == "GPU" and rpc_dev[0]["name"] == "RPC0"
+    assert rpc_dev[0]["total_bytes"] > 0
+    assert res["gpus"] == [["RPC0", rpc_dev[0]["total_bytes"], rpc_dev[0]["free_bytes"], False]]
+    assert res["local"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices as llama.cpp reports them on other machines (recorded `--list-devices` lines: common/arg.cpp prints
+# each registry device's name, description and ggml_backend_dev_memory), with NVML, sysctl and /proc inputs
+# ---------------------------------------------------------------------------------------------
+def registry(file: str, name: str, dev_type: str, backend: str, desc: str = "") -> Device:
+    """The recorded device `name` (whose description contains `desc`) as ggml.devices() would return it (type
+    and backend as the bundled llama.cpp sets them)."""
+    n, desc, total, free = next(d for d in list_devices(file) if d[0] == name and d[2] > 0 and desc in d[1])
+    return Device(n, desc, dev_type, free, total, f"{backend}0", backend)
+
+
+BLAS = Device("BLAS", "Accelerate", "ACCEL", 0, 0, "", "BLAS")  # listed next to MTL0 on macOS
+
+
+def test_metal_device_is_unified_with_the_working_set_as_its_limit():
+    """M4 Max 128 GB on macOS 26: `MTL0: Apple M4 Max (110100 MiB, ...)` (= recommendedMaxWorkingSetSize
+    115448.73 MB in the same log, index id 68997509094); sysctl says hw.memsize 137438953472 and
+    iogpu.wired_limit_mb 0 (sysctl-mac-128gb.txt). ggml calls Metal a GPU (not IGPU): unified by its backend."""
+    mtl = registry("llama-metal-init-logs.txt", "MTL0", "GPU", "Metal", "M4 Max")
+    assert mtl.description == "Apple M4 Max" and mtl.total_bytes == 110100 * MIB
+    sysctl = "hw.memsize: 137438953472\niogpu.wired_limit_mb: 0\n"
+    gpus, pool, notes = local_gpus(128 * GIB, nvml=FakeNoNvml, env={}, devices=[BLAS, mtl],
+                                   run=lambda argv: sysctl if argv[0] == "sysctl" else None)
+    assert [(g.device_name, g.name, g.total, g.unified) for g in gpus] == [("MTL0", "Apple M4 Max", 110100 * MIB, True)]
+    assert gpus[0].bandwidth == 546e9  # Apple's M4 Max spec (MacRumors)
+    # Raising: leave macOS max(8 GiB, RAM/8) = 16 GiB of 128 -> 112 GiB, the 114688 MiB ds4#893 verified.
+    assert pool == UnifiedMemory(128 * GIB, 110100 * MIB, "Metal recommendedMaxWorkingSetSize", 112 * GIB, RAISE_METAL)
+    assert pool.raise_command(112 * GIB) == "sudo sysctl iogpu.wired_limit_mb=114688 (until reboot)"
+    assert not any("iogpu" in n for n in notes)
+    raised = local_gpus(128 * GIB, nvml=FakeNoNvml, env={}, devices=[mtl],
+                        run=lambda argv: "hw.memsize: 137438953472\niogpu.wired_limit_mb: 114688\n")
+    assert any("iogpu.wired_limit_mb=114688 is set" in n for n in raised[2])
+
+
+@pytest.mark.parametrize("line,gib", [
+    ("ggml_metal_device_init: recommendedMaxWorkingSetSize  = 115448.73 MB", 107.52),  # M4/M5 Max 128 GB, macOS 26
+    ("ggml_metal_init: recommendedMaxWorkingSetSize  = 103079.22 MB", 96.0),  # M3/M4 Max 128 GB, macOS 14/15
+    ("ggml_metal_device_init: recommendedMaxWorkingSetSize  = 498216.21 MB", 464.0),  # M3 Ultra 512 GB
+    ("ggml_metal_init: recommendedMaxWorkingSetSize  = 51539.61 MB", 48.0),  # M1/M2 Max 64 GB
+    ("recommendedMaxWorkingSetSize: 112.00 GiB     # with iogpu.wired_limit_mb = 114688", 112.0),  # ds4#893
+])
+def test_metal_working_set_lines(line, gib):
+    assert any(line in text_line for text_line in recorded_lines())  # the line is in the recorded logs
+    assert parse_working_set(line) / GIB == pytest.approx(gib, abs=0.005)
+
+
+def recorded_lines() -> list[str]:
+    return recorded("llama-metal-init-logs.txt").splitlines() + recorded("sysctl-mac-128gb.txt").splitlines()
+
+
+def test_macos_limit_without_llama_cpp_falls_back_to_sysctl():
+    """M2 Pro Mac mini 32 GB (validation log, index id 66485229638): hw.memsize 34359738368, wired limit 0 (the
+    default), "recommended GPU set 25.0 GiB". With the working set: 25 GiB, and no room to raise (32 - 8 = 24 GiB
+    is below it). Without it: iogpu.wired_limit_mb when set, else 3/4 of RAM."""
+    sysctl = parse_sysctl(recorded("sysctl-mac-m2pro-32gb.txt"))
+    assert sysctl["hw.memsize"] == "34359738368" and sysctl["iogpu.wired_limit_mb"] == "0"
+    pool = int(sysctl["hw.memsize"])
+    assert metal_memory(pool, 25 * GIB).limit_max == 25 * GIB
+    assert metal_memory(pool).gpu_limit == 24 * GIB and "assumed 3/4" in metal_memory(pool).limit_source
+    assert parse_sysctl("iogpu.wired_limit_mb: 0 -> 114688")["iogpu.wired_limit_mb"] == "0"  # `sysctl -w` echo
+    assert metal_memory(128 * GIB, wired_limit_mb=114688).gpu_limit == 112 * GIB
+
+
+def test_strix_halo_vulkan_reports_the_gtt_pool():
+    """Vulkan on Strix Halo: `Vulkan0: Radeon 8060S Graphics (RADV GFX1151) (91136 MiB, 90974 MiB free)` (Rocky
+    Linux guide, index id 62450386783): ggml-vulkan sums every heap of an integrated GPU (type IGPU). The kernel
+    command line of kyuz0's toolboxes README caps GTT at ttm.pages_limit=32505856 x 4 KiB = 124 GiB."""
+    vk = registry("llama-devices-vulkan.txt", "Vulkan0", "IGPU", "Vulkan")
+    cmdline = next(line for line in recorded("strix-halo-memory-config.txt").splitlines()
+                   if line.startswith("amd_iommu=off amdgpu.gttsize=126976"))
+    gpus, pool, _ = local_gpus(128 * GIB, nvml=FakeNoNvml, env={}, devices=[vk],
+                               read=lambda path: cmdline if path == "/proc/cmdline" else None)
+    assert gpus[0].unified and gpus[0].total == 91136 * MIB and gpus[0].bandwidth == 256e9
+    assert pool.gpu_limit == 91136 * MIB and pool.limit_max == 124 * GIB and pool.raise_how == RAISE_TTM
+    assert "ttm.pages_limit=32505856" in pool.limit_source and "124.0 GiB" in pool.limit_source
+    # 124 GiB = 126976 MiB = 32505856 pages: the command the README's users type.
+    assert pool.raise_command(124 * GIB) == ("boot with the kernel parameters ttm.pages_limit=32505856 "
+                                             "ttm.page_pool_size=32505856")
+
+
+def test_gtt_limit_sources():
+    # lhl/strix-halo-testing's /etc/modprobe.d lines ("options ttm pages_limit=N" = kernel parameter ttm.pages_limit)
+    lhl = "\n".join(ln for ln in recorded("strix-halo-memory-config.txt").splitlines() if ln.startswith("options "))
+    params = parse_kernel_params(lhl)
+    assert params["amdgpu.gttsize"] == "120000" and params["ttm.pages_limit"] == "31457280"
+    assert gtt_limit(128 * GIB, params) == (120 * GIB, "GTT (ttm.pages_limit=31457280)")  # 31457280 x 4 KiB
+    assert gtt_limit(128 * GIB, {"amdgpu.gttsize": "126976"})[0] == 124 * GIB
+    assert gtt_limit(128 * GIB) == (64 * GIB, "GTT kernel default (half of RAM)")  # max(3 GiB, RAM/2)
+    assert gtt_limit(4 * GIB)[0] == 3 * GIB
+    assert gtt_limit(128 * GIB, params, gtt_total=100 * GIB)[0] == 100 * GIB  # sysfs wins
+
+
+def test_strix_halo_rocm_sees_only_the_carve_out():
+    """ROCm on Strix Halo reports the BIOS carve-out (`ROCm0: Radeon 8060S Graphics (110456 MiB, ...)`, Windows
+    build guide, index id 55726834592); the APU is recognised by name even if HIP calls it a GPU."""
+    rocm = registry("llama-devices-hip.txt", "ROCm0", "GPU", "ROCm")
+    gpus, pool, notes = local_gpus(128 * GIB, nvml=FakeNoNvml, env={}, devices=[rocm], read=lambda p: None)
+    assert gpus[0].unified and pool.gpu_limit == 110456 * MIB and pool.raise_how == ""
+    assert any("BIOS carve-out" in n and "Vulkan" in n for n in notes)
+
+
+def test_dgx_spark_gb10_through_the_registry():
+    """`CUDA0: NVIDIA GB10 (124609 MiB, 121444 MiB free)` (DGX Spark lab notes, index id 56608019572): ggml-cuda
+    marks prop.integrated devices IGPU and reports MemAvailable as free; no OS limit below the pool."""
+    gb10 = registry("llama-devices-cuda.txt", "CUDA0", "IGPU", "CUDA")
+    gpus, pool, _ = local_gpus(int(121.69 * GIB), nvml=FakeNoNvml, env={}, devices=[gb10])
+    assert gpus[0].unified and gpus[0].bandwidth == 273e9 and gpus[0].free == 121444 * MIB
+    assert pool.gpu_limit == 124609 * MIB and pool.limit_max == 0 and pool.raise_how == ""
+
+
+class GB10NVML(FakeNVML):
+    """NVML on a DGX Spark: the GPU is there, its memory query is NVML_ERROR_NOT_SUPPORTED (nvitop#208)."""
+
+    def __init__(self):
+        super().__init__()
+        self.devs = [("NVIDIA GB10", 0, 0, None, None)]
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    def nvmlDeviceGetMaxClockInfo(self, h, kind):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+
+def test_gb10_nvml_without_memory_is_a_unified_gpu_not_a_crash():
+    """unsloth#10703 read GB10's [N/A] memory as "no GPU"; here NVML's NOT_SUPPORTED makes it a unified GPU
+    sized from /proc/meminfo (MemTotal 127600748 kB, MemAvailable 118566368 kB, recorded on a GB10)."""
+    gpus, notes = probe_gpus(GB10NVML(), env={}, read=lambda path: GB10_MEMINFO)
+    assert [(g.name, g.total, g.free, g.unified) for g in gpus] == [
+        ("NVIDIA GB10", 127600748 * 1024, 118566368 * 1024, True)]
+    assert gpus[0].bandwidth == 273e9  # by name (the clock query is not supported either)
+    # A CPU-only llama.cpp build on the Spark: NVML's GPU stands in, unified, with a note to rebuild.
+    cpu_dev = Device("CPU", "Cortex-X925", "CPU", 1, 1, "CPU", "CPU")
+    gpus, pool, notes = local_gpus(127600748 * 1024, nvml=GB10NVML(), env={}, devices=[cpu_dev],
+                                   read=lambda path: GB10_MEMINFO)
+    assert gpus[0].unified and pool.gpu_limit == 127600748 * 1024 and any("no GPU backend" in n for n in notes)
+
+
+def test_cuda_registry_devices_take_nvml_bandwidth_and_uuid():
+    """Two RTX 3090s as llama.cpp loads them (`using device CUDA0 (NVIDIA GeForce RTX 3090) - 24112 MiB free`,
+    llama.cpp#14939; 24576 MiB total per nvidia-smi): memory from the registry, bandwidth and UUID from NVML
+    (CUDA{i} = NVML's i-th visible GPU)."""
+    lines = [ln for ln in recorded("llama-devices-cuda.txt").splitlines() if "RTX 3090) - " in ln]
+    devs = [Device(f"CUDA{i}", "NVIDIA GeForce RTX 3090", "GPU", int(ln.split(" - ")[1].split()[0]) * MIB,
+                   24576 * MIB, f"CUDA{i}", "CUDA") for i, ln in enumerate(lines)]
+    nvml = FakeNVML()
+    nvml.devs = [("NVIDIA GeForce RTX 3090", 24 * GIB, 23 * GIB, 9751, 384)] * 2
+    gpus, pool, _ = local_gpus(128 * GIB, nvml=nvml, env={}, devices=devs)
+    assert [(g.device_name, g.free, g.total, g.uuid, g.unified) for g in gpus] == [
+        ("CUDA0", 24112 * MIB, 24576 * MIB, UUIDS[0], False), ("CUDA1", 24112 * MIB, 24576 * MIB, UUIDS[1], False)]
+    assert all(g.bandwidth == 936e9 for g in gpus) and pool is None
+
+
+def test_an_igpu_next_to_a_discrete_gpu_is_left_out():
+    """HIP lists a 7900 XTX and the Ryzen's iGPU (gfx1036, index id 68291284354); llama.cpp offloads to the
+    discrete one only (integrated GPUs only when there is no discrete GPU), and so does the plan."""
+    xtx = Device("ROCm0", "AMD Radeon RX 7900 XTX", "GPU", 24560 * MIB, 24560 * MIB, "ROCm0", "ROCm")
+    igpu = Device("ROCm1", "AMD Radeon Graphics", "IGPU", 15607 * MIB, 15607 * MIB, "ROCm1", "ROCm")
+    gpus, pool, _ = local_gpus(64 * GIB, nvml=FakeNoNvml, env={}, devices=[xtx, igpu])
+    assert [g.device_name for g in gpus] == ["ROCm0"] and gpus[0].bandwidth == 960e9 and pool is None
+
+
+def test_probe_uses_the_registry_and_keeps_the_pool():
+    mtl = registry("llama-devices-metal.txt", "MTL0", "GPU", "Metal")  # M1 Max, macOS 26: 25559 MiB
+    hw = probe(PlanOptions(ram="32GiB", threads=8, cpu_bw=100), nvml=FakeNoNvml, devices=[BLAS, mtl])
+    assert [g.device_name for g in hw.gpus] == ["MTL0"] and hw.gpus[0].unified and hw.gpus[0].bandwidth == 400e9
+    assert hw.unified.pool == 32 * GIB and hw.unified.gpu_limit == 25559 * MIB
+    assert probe(PlanOptions(ram="32GiB", threads=8, cpu_bw=100, gpu_mem="24GiB"), devices=[mtl]).unified is None

@@ -41,6 +41,7 @@ _SIGNATURES = [
     ("ggml_backend_dev_description", [_vp], _cp),
     ("ggml_backend_dev_type", [_vp], ctypes.c_int),
     ("ggml_backend_dev_memory", [_vp, ctypes.POINTER(_sz), ctypes.POINTER(_sz)], None),
+    ("ggml_backend_dev_backend_reg", [_vp], _vp),
     ("ggml_backend_dev_buffer_type", [_vp], _vp),
     ("ggml_backend_dev_host_buffer_type", [_vp], _vp),
     ("ggml_backend_dev_by_name", [_cp], _vp),
@@ -71,7 +72,15 @@ class BuftOverride(ctypes.Structure):
 
 @dataclass(frozen=True)
 class Device:
-    """One ggml backend device (the CPU counts as one)."""
+    """One ggml backend device (the CPU counts as one), as the backend registry describes it.
+
+    `type` is ggml's: "GPU" (dedicated memory; Metal says GPU too), "IGPU" (an integrated GPU using host memory:
+    CUDA's prop.integrated, e.g. DGX Spark's GB10; Vulkan's integrated devices), "CPU", "ACCEL" (BLAS, AMX).
+    `backend` is the registry the device belongs to: "CUDA", "ROCm"/"HIP", "Metal", "Vulkan", "RPC", "CPU".
+    Memory is what the backend reports: Metal's total is recommendedMaxWorkingSetSize (its free = total minus
+    what is allocated); CUDA on an integrated GPU reports /proc/meminfo MemAvailable as free; Vulkan sums every
+    memory heap of an integrated GPU (the GTT pool on AMD APUs).
+    """
 
     name: str
     description: str
@@ -79,6 +88,7 @@ class Device:
     free_bytes: int
     total_bytes: int
     buffer_type: str
+    backend: str = ""
 
 
 def backend_names() -> list[str]:
@@ -97,12 +107,14 @@ def devices() -> list[Device]:
         free, total = _sz(0), _sz(0)
         ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         buft = ggml.ggml_backend_dev_buffer_type(dev)
+        reg = ggml.ggml_backend_dev_backend_reg(dev)
         out.append(Device(
             name=ggml.ggml_backend_dev_name(dev).decode(),
             description=(ggml.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
             type=DEVICE_TYPES.get(ggml.ggml_backend_dev_type(dev), "?"),
             free_bytes=free.value, total_bytes=total.value,
             buffer_type=ggml.ggml_backend_buft_name(buft).decode() if buft else "",
+            backend=ggml.ggml_backend_reg_name(reg).decode() if reg else "",
         ))
     return out
 
@@ -170,10 +182,11 @@ class OverrideArray:
         return ctypes.cast(self.array, ctypes.c_void_p).value
 
 
-def gpu_devices() -> list[Device]:
+def gpu_devices(devs: list[Device] | None = None) -> list[Device]:
     """The devices llama.cpp offloads to, in its order (main_gpu / tensor_split / -ngl index them):
-    RPC devices first, then GPUs, then integrated GPUs only when there is no discrete one."""
-    devs = [d for d in devices() if d.type in ("GPU", "IGPU")]
+    RPC devices first, then GPUs, then integrated GPUs only when there is no discrete one.
+    `devs`: a device list to choose from (default: this process's registry)."""
+    devs = [d for d in (devices() if devs is None else devs) if d.type in ("GPU", "IGPU")]
     rpc = [d for d in devs if d.type == "GPU" and d.name.startswith("RPC")]
     gpus = [d for d in devs if d.type == "GPU" and not d.name.startswith("RPC")]
     igpus = [d for d in devs if d.type == "IGPU"]

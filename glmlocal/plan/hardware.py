@@ -1,7 +1,12 @@
-"""Probe the machine the model will run on: NVIDIA GPUs, RAM, cores, memory bandwidth.
+"""Probe the machine the model will run on: GPUs, RAM, cores, memory bandwidth.
 
-The only effectful part of planning. Everything can be overridden (`--gpu-mem 24GiB,24GiB`,
-`--ram 128GiB`, `--cpu-only`, bandwidths) so a user can plan for a machine they do not have yet.
+The only effectful part of planning. GPUs come from llama.cpp's own backend registry (the devices the engine
+will offload to: CUDA, ROCm, Metal, Vulkan, with the free and total memory their backends report); NVML adds
+what only it knows (bandwidth from memory clock and bus width, CUDA_VISIBLE_DEVICES, UUIDs) and stands in when
+the build has no GPU backend. Unified-memory GPUs (Metal, DGX Spark's GB10, AMD APUs) share the host's RAM:
+Hardware.unified then holds the pool and the OS limit on the GPU's share (glmlocal.plan.unified).
+Everything can be overridden (`--gpu-mem 24GiB,24GiB`, `--ram 128GiB`, `--cpu-only`, bandwidths) so a
+user can plan for a machine they do not have yet.
 
 Bandwidth estimates (they only feed the tokens/s estimate):
 - GPU: a table of peak memory bandwidth by product name; else NVML's max memory clock x bus width
@@ -23,6 +28,7 @@ from functools import lru_cache
 
 from glmlocal.errors import InputError
 from glmlocal.plan.options import PlanOptions
+from glmlocal.plan.unified import UnifiedMemory, parse_meminfo
 
 GIB = 1024**3
 DEFAULT_GPU_BW = 936e9  # RTX 3090-class 24 GB card, used when a GPU is given only by its memory size
@@ -38,7 +44,11 @@ GPU_BANDWIDTH = {
     "RTX PRO 6000": 1792e9, "RTX A5000": 768e9, "RTX A4000": 448e9, "A100-SXM4-80GB": 2039e9,
     "A100 80GB PCIe": 1935e9, "A100": 1555e9, "H100 PCIe": 2000e9, "H100 NVL": 3900e9, "H100": 3350e9,
     "H200": 4800e9, "GH200": 4000e9, "B200": 8000e9, "L40S": 864e9, "L40": 864e9, "L4": 300e9,
-    "A40": 696e9, "A10": 600e9, "V100": 900e9, "T4": 320e9,
+    "A40": 696e9, "A10": 600e9, "V100": 900e9, "T4": 320e9, "RX 7900 XTX": 960e9,
+    # Unified-memory chips: the pool's bandwidth (spec values; sources in tests/test_hardware.py and machines.toml)
+    "GB10": 273e9, "Radeon 8060S": 256e9, "Apple M1 Max": 400e9, "Apple M1 Ultra": 800e9, "Apple M2 Max": 400e9,
+    "Apple M2 Ultra": 800e9, "Apple M3 Max": 400e9, "Apple M3 Ultra": 819e9, "Apple M4 Pro": 273e9,
+    "Apple M4 Max": 546e9,
 }
 
 
@@ -46,9 +56,10 @@ GPU_BANDWIDTH = {
 class GPU:
     """One device llama.cpp offloads to; NVIDIA ones numbered as CUDA numbers them (after CUDA_VISIBLE_DEVICES).
 
-    `device` is llama.cpp's name for it ("CUDA0", "RPC0", "Vulkan0"); empty means CUDA{index}.
-    `op_offload`: the backend runs big-batch ops whose weights are in RAM itself (ggml-cuda does, for
-    batches >= 32); backends without it (RPC) leave those ops, e.g. RAM-resident experts, to the CPU.
+    `device` is llama.cpp's name for it ("CUDA0", "RPC0", "Vulkan0", "MTL0"); empty means CUDA{index}.
+    `op_offload`: the backend runs big-batch ops whose weights are in RAM itself (ggml-cuda, Metal and Vulkan
+    do, for batches >= 32); backends without it (RPC) leave those ops, e.g. RAM-resident experts, to the CPU.
+    `unified`: its memory is the host's RAM (Hardware.unified says how much of it the GPU may use).
     """
 
     index: int
@@ -59,6 +70,7 @@ class GPU:
     uuid: str = ""
     device: str = ""
     op_offload: bool = True
+    unified: bool = False
 
     @property
     def device_name(self) -> str:
@@ -75,6 +87,7 @@ class Hardware:
     cores: int
     cpu_bandwidth: float
     notes: tuple[str, ...] = ()
+    unified: UnifiedMemory | None = None  # set when a GPU shares RAM: one pool, an OS limit on the GPU's share
 
     @property
     def cpu_only(self) -> bool:
@@ -150,8 +163,18 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def probe_gpus(nvml=None, env: dict | None = None) -> tuple[list[GPU], list[str]]:
-    """Visible NVIDIA GPUs via nvidia-ml-py. `nvml` may be injected (tests pass a fake module)."""
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def probe_gpus(nvml=None, env: dict | None = None,
+               read: Callable[[str], str | None] = _read_text) -> tuple[list[GPU], list[str]]:
+    """Visible NVIDIA GPUs via nvidia-ml-py. `nvml` may be injected (tests pass a fake module); `read` reads
+    /proc/meminfo for a GPU whose NVML reports no memory (DGX Spark's GB10)."""
     notes: list[str] = []
     if nvml is None:
         try:
@@ -170,21 +193,28 @@ def probe_gpus(nvml=None, env: dict | None = None) -> tuple[list[GPU], list[str]
         order = list(range(len(handles))) if selection is None else selection
         if selection is not None:
             notes.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}: {len(order)} GPU(s) visible")
-        return [_gpu_info(nvml, cuda_idx, handles[i], uuids[i]) for cuda_idx, i in enumerate(order)], notes
+        return [_gpu_info(nvml, cuda_idx, handles[i], uuids[i], read) for cuda_idx, i in enumerate(order)], notes
     finally:
         nvml.nvmlShutdown()
 
 
-def _gpu_info(nvml, cuda_index: int, handle, uuid: str) -> GPU:
+def _gpu_info(nvml, cuda_index: int, handle, uuid: str, read: Callable[[str], str | None]) -> GPU:
     name = _text(nvml.nvmlDeviceGetName(handle))
-    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        total, free = int(mem.total), int(mem.free)
+    except Exception:  # noqa: BLE001 (NVMLError_NotSupported: an integrated GPU has no memory of its own)
+        total = free = 0
+    unified = total == 0  # GB10: NVML_ERROR_NOT_SUPPORTED (or 0): its memory is the host's, /proc/meminfo
+    if unified:
+        total, free = parse_meminfo(read("/proc/meminfo") or "")
     try:
         clock = nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM)
         bus = nvml.nvmlDeviceGetMemoryBusWidth(handle)
     except Exception:  # noqa: BLE001 (NVMLError_NotSupported: older drivers lack the bus-width query)
         clock = bus = None
-    return GPU(index=cuda_index, name=name, total=int(mem.total), free=int(mem.free),
-               bandwidth=gpu_bandwidth(name, clock, bus), uuid=uuid)
+    return GPU(index=cuda_index, name=name, total=total, free=free, bandwidth=gpu_bandwidth(name, clock, bus),
+               uuid=uuid, unified=unified)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,19 +252,27 @@ def physical_cores() -> int:
 
 
 def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, int, int], ...] = (),
-          env: dict | None = None, nvml=None, cpu_bw_probe: Callable[[int], float] | None = None) -> Hardware:
+          env: dict | None = None, nvml=None, cpu_bw_probe: Callable[[int], float] | None = None,
+          devices: list | None = None) -> Hardware:
     """Probe this machine, then apply the user's options (which win over what was probed).
 
     rpc_devices: llama.cpp RPC devices already registered ((name, free, total) each); otherwise the servers in
     options.rpc are registered here. llama.cpp puts them before local GPUs; --gpu-mem sizes apply in that order.
-    env: the environment the NVML probe reads (CUDA_VISIBLE_DEVICES), for tests.
+    env: the environment the NVML probe reads (CUDA_VISIBLE_DEVICES), for tests; devices: llama.cpp registry
+    devices (glmlocal.llama.ggml.Device) instead of this process's, for tests.
     """
     import psutil
 
     ov = options or PlanOptions()
     if ov.rpc and not rpc_devices:
         rpc_devices = register_rpc(ov.rpc)
+    if ov.ram:
+        ram_total = ram_avail = parse_size(ov.ram)
+    else:
+        vm = psutil.virtual_memory()
+        ram_total, ram_avail = int(vm.total), int(vm.available)
     notes: list[str] = []
+    pool = None
     if ov.cpu_only:
         gpus: list[GPU] = []
     elif ov.gpu_mem:
@@ -244,20 +282,17 @@ def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, i
         gpus = [replace(g, device=r[0], op_offload=False) for g, r in zip(gpus, rpc_devices)] + gpus[
             len(rpc_devices):]
     else:
-        gpus, notes = probe_gpus(nvml, env)
+        from glmlocal.plan.devices import local_gpus
+
+        gpus, pool, notes = local_gpus(ram_total, nvml=nvml, env=env, devices=devices)
         if ov.gpu_bw:
             gpus = [replace(g, bandwidth=ov.gpu_bw * 1e9) for g in gpus]
         gpus = rpc_gpus(rpc_devices, ov.gpu_bw) + [replace(g, device=g.device_name) for g in gpus]
     cores = ov.threads or physical_cores()
     if not ov.threads and ov.ram:  # planning for another machine: our core count says little about it
         notes.append(f"threads {cores} (this machine's physical cores); set --threads for the machine you plan for")
-    if ov.ram:
-        ram_total = ram_avail = parse_size(ov.ram)
-    else:
-        vm = psutil.virtual_memory()
-        ram_total, ram_avail = int(vm.total), int(vm.available)
     cpu_bw = _cpu_bandwidth(ov, cores, cpu_bw_probe, notes)
-    return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes))
+    return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes), pool)
 
 
 def register_rpc(endpoints) -> tuple[tuple[str, int, int], ...]:
