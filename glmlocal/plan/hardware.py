@@ -5,8 +5,8 @@ will offload to: CUDA, ROCm, Metal, Vulkan, with the free and total memory their
 what only it knows (bandwidth from memory clock and bus width, CUDA_VISIBLE_DEVICES, UUIDs) and stands in when
 the build has no GPU backend. Unified-memory GPUs (Metal, DGX Spark's GB10, AMD APUs) share the host's RAM:
 Hardware.unified then holds the pool and the OS limit on the GPU's share (glmlocal.plan.unified).
-Everything can be overridden (`--gpu-mem 24GiB,24GiB`, `--ram 128GiB`, `--cpu-only`, bandwidths) so a
-user can plan for a machine they do not have yet.
+Everything can be overridden (`--gpu-mem 24GiB,24GiB`, `--ram 128GiB`, `--cpu-only`, bandwidths, or a
+named `--machine` profile) so a user can plan for a machine they do not have yet.
 
 Bandwidth estimates (they only feed the tokens/s estimate):
 - GPU: a table of peak memory bandwidth by product name; else NVML's max memory clock x bus width
@@ -259,11 +259,16 @@ def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, i
     rpc_devices: llama.cpp RPC devices already registered ((name, free, total) each); otherwise the servers in
     options.rpc are registered here. llama.cpp puts them before local GPUs; --gpu-mem sizes apply in that order.
     env: the environment the NVML probe reads (CUDA_VISIBLE_DEVICES), for tests; devices: llama.cpp registry
-    devices (glmlocal.llama.ggml.Device) instead of this process's, for tests.
+    devices (glmlocal.llama.ggml.Device) instead of this process's, for tests. options.machine: a named
+    profile from machines.toml instead of this machine (nothing is probed).
     """
     import psutil
 
     ov = options or PlanOptions()
+    if ov.machine:
+        from glmlocal.plan.machines import machine_hardware
+
+        return machine_hardware(ov)
     if ov.rpc and not rpc_devices:
         rpc_devices = register_rpc(ov.rpc)
     if ov.ram:

@@ -228,8 +228,15 @@ def fits_gpu(b: Budget, lay: Layout) -> bool:
 
 
 def fits_host(b: Budget, lay: Layout) -> bool:
-    """Whether RAM (less the host reserve) holds everything left to the CPU."""
-    return lay.host_need <= b.hw.ram_available - b.host_reserve
+    """Whether RAM (less the host reserve) holds everything left to the CPU, and what unified-memory GPUs hold
+    (their weights, KV and buffers are in the same RAM: counted there once; mmapped weights are not counted
+    again as page cache)."""
+    return lay.host_need + shared_need(b, lay) <= b.hw.ram_available - b.host_reserve
+
+
+def shared_need(b: Budget, lay: Layout) -> int:
+    """Bytes the unified-memory GPUs of this layout take from RAM."""
+    return sum(need for need, g in zip(lay.gpu_need, b.hw.gpus) if g.unified)
 
 
 def gpu_tensors(lay: Layout) -> dict[int, set[str]]:

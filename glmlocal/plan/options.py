@@ -11,7 +11,8 @@ class PlanOptions:
 
     gpu_mem "24GiB,24GiB" and ram "128GiB" plan for those sizes instead of this machine's; bandwidths are GB/s;
     rpc lists llama.cpp RPC servers (HOST:PORT) to register and use as GPUs (process-global: every later load
-    in this process offloads to them).
+    in this process offloads to them); machine names a profile in machines.toml to plan for instead of this
+    machine (`glmlocal plan MODEL --machine NAME`).
     """
 
     ctx: int | None = None
@@ -23,3 +24,4 @@ class PlanOptions:
     gpu_bw: float | None = None
     cpu_bw: float | None = None
     rpc: tuple[str, ...] = ()
+    machine: str | None = None

@@ -8,6 +8,9 @@ Priorities (the ones users and llama.cpp's `--fit` converged on):
 3. If even (1) does not fit, an automatic context shrinks (multiples of 256, not below 4096); then
    the first layers leave the GPU entirely (-ngl counts from the end).
 4. If RAM + VRAM cannot hold the model, PlanError says the largest context or smaller quant that fits.
+5. Unified memory (Apple Silicon, DGX Spark, AMD APUs; Hardware.unified): the GPU's bytes come out of the same
+   RAM, so they are counted there once; its share is the OS limit, and glmlocal.plan.pool says when raising
+   that limit would put the whole model on the GPU.
 
 GPUs are whatever llama.cpp offloads to (hardware.GPU: CUDA0, RPC0, ...), named as llama.cpp names
 them. How the compute buffers split between a GPU and the CPU depends on the backend: CUDA runs
@@ -42,12 +45,14 @@ from glmlocal.plan.layout import (
     gpu_tensors,
     kv_layer_bytes,
     layout,
+    shared_need,
 )
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.placement import (  # re-exported: they used to live here
     DevicePlan,
     Placement,
 )
+from glmlocal.plan.pool import pool_notes, raise_target
 
 __all__ = [
     "DevicePlan",
@@ -136,7 +141,16 @@ def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_ty
             notes.append(f"context {ctx} exceeds the trained context {footprint.n_ctx_train}")
     if lay is None:
         raise _no_fit_error(b, want, min_ctx, alternatives)
-    return _placement(b, lay, n_batch, notes)
+    return _placement(b, lay, n_batch, notes + pool_notes(b, lay, want))
+
+
+def unified_raise(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_type: str = "f16") -> int | None:
+    """On a unified-memory machine: the GPU limit (bytes) to raise to so that plan() with these arguments puts
+    the whole model (and the wanted context) on the GPU; None when no raise is needed or possible."""
+    b = Budget(footprint, hardware, kv_type, kv_type, 512, GPU_MARGIN, HOST_RESERVE)
+    want = -(-ctx // CTX_STEP) * CTX_STEP if ctx else min(footprint.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+    lay = _best_layout(b, want) if ctx else _auto_ctx_layout(b, want, MIN_CTX, [])
+    return raise_target(b, lay, want) if lay is not None else None
 
 
 def plan_gguf(path: str | Path, options: PlanOptions | None = None, hw: Hardware | None = None) -> Placement:
@@ -168,21 +182,20 @@ def _auto_ctx_layout(b: Budget, want: int, min_ctx: int, notes: list[str]) -> La
 
 def _no_fit_error(b: Budget, want: int, min_ctx: int, alternatives) -> PlanError:
     fp, hw = b.fp, b.hw
-    vram = sum(max(g.free - b.margin, 0) for g in hw.gpus)
+    vram = sum(max(g.free - b.margin, 0) for g in hw.gpus if not g.unified)  # a unified GPU's share is RAM
     have = vram + max(hw.ram_available - b.host_reserve, 0)
     need = fp.weights_bytes + kv_layer_bytes(b, want) * fp.n_layer
     what = f"{fp.label} {fp.quant} with {want} tokens of context needs about {need / GIB:.1f} GiB"
+    kind = "one unified pool" if hw.unified is not None else "VRAM + RAM"
+    usable = f"{what}; this machine has {have / GIB:.1f} GiB usable ({kind})"
     largest = _largest_ctx(b, min(min_ctx, want), want, lambda c: _best_layout(b, c) is not None)
     if largest is not None:
-        return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
-                         hint=f"the largest context that fits is {largest} (--ctx {largest})")
+        return PlanError(usable, hint=f"the largest context that fits is {largest} (--ctx {largest})")
     for quant, alt in (alternatives or {}).items():
         alt_b = replace(b, fp=alt)
         if _best_layout(alt_b, min(want, max(min_ctx, CTX_STEP))) is not None:
-            return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
-                             hint=f"--quant {quant} fits")
-    return PlanError(f"{what}; this machine has {have / GIB:.1f} GiB usable (VRAM + RAM)",
-                     hint="no smaller quant fits either: add RAM or GPUs, or pick a smaller model")
+            return PlanError(usable, hint=f"--quant {quant} fits")
+    return PlanError(usable, hint="no smaller quant fits either: add RAM or GPUs, or pick a smaller model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +263,8 @@ def _device_plans(b: Budget, lay: Layout, on_gpu_experts: dict[int, set[str]]) -
     cpu_expert_bytes = fp.expert_bytes - sum(bytes_of(fp, exps) for exps in lay.gpu_experts)
     read = sum(fp.layers[i].non_expert for i in cpu_layers) + _active(fp, cpu_expert_bytes)
     read += kv_tok_layer * SPEED_CTX * len(cpu_layers) + (fp.output if not lay.ngl else 0)
-    out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, b.hw.ram_available,
+    ram = b.hw.ram_available - shared_need(b, lay)  # unified memory: what the GPU takes is not the CPU's
+    out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, ram,
                           tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read,
                           _repack_on_cpu(fp, set(cpu_layers), cpu_exps, output=not lay.ngl)))
     return out
