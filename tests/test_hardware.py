@@ -344,8 +344,8 @@ def test_strix_halo_vulkan_reports_the_gtt_pool():
     assert pool.gpu_limit == 91136 * MIB and pool.limit_max == 124 * GIB and pool.raise_how == RAISE_TTM
     assert "ttm.pages_limit=32505856" in pool.limit_source and "124.0 GiB" in pool.limit_source
     # 124 GiB = 126976 MiB = 32505856 pages: the command the README's users type.
-    assert pool.raise_command(124 * GIB) == ("boot with the kernel parameters ttm.pages_limit=32505856 "
-                                             "ttm.page_pool_size=32505856")
+    assert pool.raise_command(124 * GIB) == ("kernel parameters ttm.pages_limit=32505856 "
+                                             "ttm.page_pool_size=32505856 (then reboot)")
 
 
 def test_gtt_limit_sources():

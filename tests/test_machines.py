@@ -10,12 +10,15 @@ Published measurements of real machines are compared with the estimates in the l
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import glmlocal.models.hub  # noqa: F401 (huggingface_hub reads HF_HUB_OFFLINE once, at import: not under our env)
+from glmlocal.cli.app import app
 from glmlocal.errors import InputError, PlanError
 from glmlocal.models.registry import get_model
 from glmlocal.plan.footprint import footprint_from_spec
@@ -125,7 +128,7 @@ def test_raising_the_gtt_on_strix_halo():
     assert gpu.total + cpu.total <= 126 * GIB
     note = next(n for n in p.notes if n.startswith("raising"))
     assert note.startswith("raising the GPU limit by 15.0 GiB to 79 GiB puts the whole model on the GPU: ")
-    assert note.endswith("ttm.pages_limit=20709376 ttm.page_pool_size=20709376")
+    assert note.endswith("ttm.pages_limit=20709376 ttm.page_pool_size=20709376 (then reboot)")
     assert 79 * GIB // 4096 == 20_709_376
     # Raised as the measured machines were (124 GiB): all on the GPU, 256e9 x 0.75 / 8,965,298,688 = 21.4 t/s.
     raised = plan(f, with_gpu_limit(hw, 124 * GIB))
@@ -217,6 +220,101 @@ def test_a_bad_profile_is_one_line_naming_the_field(tmp_path, edit, needle):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+def cli(*args: str):
+    return CliRunner().invoke(app, ["plan", *args])
+
+
+def test_plan_for_a_named_machine():
+    r = cli("glm-4.5-air", "--machine", "m4-max-128", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    p = doc["placement"]
+    assert [d["name"] for d in p["devices"]] == ["MTL0", "CPU"] and p["n_ctx"] == 65536 and p["n_gpu_layers"] == 48
+    assert doc["hardware"]["unified"]["pool"] == 128 * GIB and doc["hardware"]["cores"] == 12
+    assert p["est_tokens_per_s"] == pytest.approx(45.68, abs=0.01)
+    text = cli("glm-4.6", "--machine", "m3-ultra-256")
+    assert text.exit_code == 0 and "sudo sysctl iogpu.wired_limit_mb=228352" in text.stdout
+    assert "machine profile m3-ultra-256" in text.stdout
+    fewer = json.loads(cli("glm-4.5-air", "--machine", "m4-max-128", "--threads", "8", "--json").stdout)
+    assert fewer["hardware"]["cores"] == 8
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--machine", "nope"], "known machines: m1-max-64, m4-max-128"),
+    (["--machine", "m4-max-128", "--gpu-mem", "24GiB"], "drop --gpu-mem"),
+    (["--machines", "--ram", "64GiB"], "--machines plans for every profile"),
+])
+def test_machine_errors_are_one_line(args, needle):
+    r = cli("glm-4.5-air", *args)
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_machines_table_for_air():
+    """The best quant per profile (offline: our q4_k_m / q6_k / q8_0 only; the published ones are reported as not
+    sized). m1-max-64: even q4_k_m (65.6 GiB of weights) exceeds the 62 GiB pool; m4-max-128: q8_0 needs a
+    118.1 GiB limit (> 112), q6_k fits under 107.52 GiB; strix-halo-128: q8_0 after raising the GTT to 119 GiB;
+    discrete boxes: q8_0 with experts in RAM and the full context."""
+    r = cli("glm-4.5-air", "--machines", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rows = {m["machine"]: m for m in doc["machines"]}
+    assert doc["candidates"] == ["q8_0", "q6_k", "q4_k_m"]
+    assert set(doc["unsized"]) == {"ud-q2_k_xl", "q3_k_m", "ud-q3_k_xl", "ud-q4_k_xl"}
+    best = {name: (m["quant"], m["clean"], m["n_ctx"]) for name, m in rows.items()}
+    assert best["m1-max-64"] == (None, False, None) and "62.0 GiB usable" in rows["m1-max-64"]["why"]
+    assert best["m4-max-128"] == ("q6_k", True, 65536)
+    assert best["m3-ultra-256"] == best["m3-ultra-512"] == best["dgx-spark"] == ("q8_0", True, 65536)
+    assert best["strix-halo-128"] == ("q8_0", True, 65536) and rows["strix-halo-128"]["gpu_limit_raised_to"] == 119 * GIB
+    assert rows["strix-halo-128"]["est_tokens_per_s_without_raise"] < rows["strix-halo-128"]["est_tokens_per_s"]
+    for name in ("rtx4090-128gb", "2x3090-128gb", "rtx5090-256gb"):
+        assert best[name] == ("q8_0", True, 65536)
+    # Each row is the plan `--machine NAME --quant Q` makes.
+    same = plan(fp("glm-4.5-air", "q6_k"), on("m4-max-128"))
+    assert rows["m4-max-128"]["est_tokens_per_s"] == pytest.approx(same.est_tokens_per_s)
+    assert rows["m4-max-128"]["llama_cpp_flags"] == same.llama_cpp_flags()
+    table = CliRunner().invoke(app, ["plan", "glm-4.5-air", "--machines"], env={"COLUMNS": "240"})
+    assert table.exit_code == 0
+    for text in ("GLM-4.5-Air on every machine profile", "strix-halo-128", "ttm.pages_limit", "not sized"):
+        assert text in table.stdout, text
+
+
+def test_machines_table_with_a_quant_and_for_glm46():
+    r = json.loads(cli("glm-4.6", "--machines", "--quant", "q4_k_m", "--json").stdout)
+    rows = {m["machine"]: m for m in r["machines"]}
+    assert r["candidates"] == ["q4_k_m"] and r["unsized"] == {}
+    assert rows["m3-ultra-512"]["clean"] and rows["m3-ultra-256"]["gpu_limit_raised_to"] == 223 * GIB
+    assert not rows["m4-max-128"]["fits"] and not rows["2x3090-128gb"]["fits"]
+    five = rows["rtx5090-256gb"]  # 32 GiB cannot hold 92 layers' attention + 64K of KV: context shrinks
+    assert five["fits"] and not five["clean"] and five["n_ctx"] < 65536
+
+
+def test_published_quants_join_the_table_from_their_headers(fakehub, ud_parts):
+    """A published-only quant is sized from its GGUF headers (the fake hub serves a real split GGUF under
+    unsloth's GLM-4.6 UD-Q2_K_XL name; it is a tiny model, so it fits everywhere) and becomes the best
+    quant where nothing larger fits; quants the hub does not have are reported as not sized."""
+    fakehub.add_repo("unsloth/GLM-4.6-GGUF", {f"UD-Q2_K_XL/{p.name}": p for p in ud_parts})
+    r = cli("glm-4.6", "--machines", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rows = {m["machine"]: m for m in doc["machines"]}
+    assert "ud-q2_k_xl" in doc["candidates"] and "ud-q2_k_xl" not in doc["unsized"]
+    assert "ud-q4_k_xl" in doc["unsized"]
+    assert rows["m4-max-128"]["quant"] == "ud-q2_k_xl" and rows["m4-max-128"]["published"]
+    assert rows["m3-ultra-512"]["quant"] == "q8_0" and not rows["m3-ultra-512"]["published"]
+
+
+@pytest.fixture(scope="module")
+def ud_parts(gguf_factory, tmp_path_factory):
+    from tests.fakehub import split_gguf
+
+    out = tmp_path_factory.mktemp("ud46")
+    return split_gguf(Path(gguf_factory("tiny", "q4_k_m")), out, "GLM-4.6-UD-Q2_K_XL", 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,14 +136,25 @@ def plan(
     gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
     cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", help="RAM bandwidth in GB/s (speed estimate)")] = None,
     rpc: RpcOpt = None,
+    machine: Annotated[Optional[str], typer.Option("--machine", help="Plan for a named machine profile (machines.toml) instead of this machine, e.g. m4-max-128")] = None,
+    machines: Annotated[bool, typer.Option("--machines", help="One table across every machine profile: fits or not, best quant, context, est. tokens/s")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show where each part of MODEL would live (GPU/CPU), how much context fits, and the speed to expect."""
-    from glmlocal.cli.plan import run_plan
     from glmlocal.plan.options import PlanOptions
 
+    if machines:
+        from glmlocal.cli.machines import run_machines
+        from glmlocal.errors import InputError
+
+        if machine or gpu_mem or ram or cpu_only or rpc:
+            raise InputError("--machines plans for every profile: drop --machine, --gpu-mem, --ram, --cpu-only, --rpc")
+        run_machines(model, quant, ctx=ctx, kv_type=kv_type, as_json=as_json)
+        return
+    from glmlocal.cli.plan import run_plan
+
     options = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
-                          gpu_bw=gpu_bw, cpu_bw=cpu_bw, rpc=_endpoints(rpc))
+                          gpu_bw=gpu_bw, cpu_bw=cpu_bw, rpc=_endpoints(rpc), machine=machine)
     run_plan(model, quant, options, as_json=as_json)
 
 

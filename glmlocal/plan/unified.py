@@ -26,7 +26,7 @@ MIB = 1024**2
 PAGE = 4096  # ttm.pages_limit counts 4 KiB pages
 # How to raise the GPU limit; {mib} and {pages} are the new limit.
 RAISE_METAL = "sudo sysctl iogpu.wired_limit_mb={mib} (until reboot)"
-RAISE_TTM = "boot with the kernel parameters ttm.pages_limit={pages} ttm.page_pool_size={pages}"
+RAISE_TTM = "kernel parameters ttm.pages_limit={pages} ttm.page_pool_size={pages} (then reboot)"
 METAL_FALLBACK = 0.75  # of RAM, only when the working set cannot be queried (macOS 14/15's ratio)
 # Ryzen AI Max APUs (gfx1151) by the GPU names HIP/Vulkan report, in case a backend calls them "GPU":
 # Radeon 8060S (Strix Halo), 8050S / 8065S (unslothai/unsloth#7290).
