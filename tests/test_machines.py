@@ -340,3 +340,23 @@ def test_estimates_next_to_published_measurements():
     assert all(0.85 < q4 / m < 1.15 for m in measured.values())
     q6 = plan(fp("glm-4.5-air", "q6_k"), strix).est_tokens_per_s
     assert q6 == pytest.approx(16.09, abs=0.01) and tg128("llama-bench-vulkan-radv-strix-halo-glm45air-q6.txt") == 17.71
+
+
+def test_estimates_for_the_other_published_rows():
+    """The README table's other rows (facts gathered for issue 17; secondary sources where marked there):
+    - Mac Studio M3 Ultra 512 GB, GLM-4.6 UD-Q8_K_XL (363 GB), llama.cpp: 13.82 tok/s (X posts quoted in a
+      Chinese article): m3-ultra-512 with our q8_0 (379 GB), all on the GPU -> 819e9 x 0.75 / read = 16.7.
+    - Ryzen 9 9950X + 256 GB DDR5-6000 + RTX 5090, GLM-4.7 (MXFP4 or Q4_0), experts on the CPU: 6.17 tok/s
+      (postl.ai): rtx5090-256gb with q4_k_m -> 5.4 (context shrinks to 58624 to keep attention on the card).
+    - 2x RTX 3060 12 GB + 96 GB DDR5-5600, GLM-4.5-Air Q4_K_S, all experts on the CPU (-ncmoe 99): 10.83 tok/s:
+      the planner, free to put some experts on the cards (360 GB/s each), estimates 11.2 for q4_k_m.
+    - Strix Halo with the 96 GB GPU setting (Minisforum MS-S1 MAX, Windows, Vulkan): 22.79; at 96 GiB Air
+      q4_k_m (77.2 GiB) is all on the GPU: 21.4, as with 124 GiB."""
+    m3u = plan(fp("glm-4.6", "q8_0"), on("m3-ultra-512"))
+    assert m3u.devices[-1].expert_layers == () and m3u.est_tokens_per_s == pytest.approx(16.75, abs=0.01)
+    five = plan(fp("glm-4.7"), on("rtx5090-256gb"))
+    assert five.n_ctx == 58624 and five.est_tokens_per_s == pytest.approx(5.43, abs=0.01)
+    two3060 = probe(PlanOptions(gpu_mem="12GiB,12GiB", ram="96GiB", gpu_bw=360, cpu_bw=89.6, threads=12))
+    assert plan(fp("glm-4.5-air"), two3060).est_tokens_per_s == pytest.approx(11.16, abs=0.01)
+    ms1 = plan(fp("glm-4.5-air"), with_gpu_limit(on("strix-halo-128"), 96 * GIB))
+    assert ms1.devices[-1].expert_layers == () and ms1.est_tokens_per_s == pytest.approx(21.42, abs=0.01)

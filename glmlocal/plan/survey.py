@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from glmlocal.errors import GlmlocalError, PlanError
+from glmlocal.models.registry import QUANTS, ModelSpec, normalize_quant
 from glmlocal.plan.footprint import Footprint, footprint_from_spec
 from glmlocal.plan.machines import Machine, machines
 from glmlocal.plan.placement import Placement
@@ -46,13 +47,12 @@ class Survey:
     candidates: tuple[str, ...] = ()
 
 
-Sizer = Callable[[object, str], Footprint]  # (spec, published quant) -> its footprint (may raise GlmlocalError)
+Sizer = Callable[[ModelSpec, str], Footprint]  # (spec, published quant) -> its footprint (may raise GlmlocalError)
 
 
-def candidates(spec, quant: str | None, sizer: Sizer) -> tuple[list[tuple[str, Footprint, bool]], dict[str, str]]:
+def candidates(spec: ModelSpec, quant: str | None,
+               sizer: Sizer) -> tuple[list[tuple[str, Footprint, bool]], dict[str, str]]:
     """(quant, footprint, published?) largest file first, and the published quants that could not be sized."""
-    from glmlocal.models.registry import QUANTS, normalize_quant
-
     if quant:
         names = [normalize_quant(quant)]
     else:
@@ -108,7 +108,7 @@ def _raised(fit: Fit, fp: Footprint, ctx: int | None, kv_type: str, want: int) -
                fit.placement.est_tokens_per_s)
 
 
-def survey(spec, quant: str | None = None, *, ctx: int | None = None, kv_type: str = "f16",
+def survey(spec: ModelSpec | None, quant: str | None = None, *, ctx: int | None = None, kv_type: str = "f16",
            profiles: dict[str, Machine] | None = None, sizer: Sizer | None = None,
            footprint: Footprint | None = None) -> Survey:
     """Plan `spec`'s candidate quants (or just `footprint`, e.g. a local GGUF's) on every profile (default:
@@ -119,7 +119,7 @@ def survey(spec, quant: str | None = None, *, ctx: int | None = None, kv_type: s
         if sizer is None:
             from glmlocal.plan.published import published_footprint
 
-            def sizer(s, q):
+            def sizer(s: ModelSpec, q: str) -> Footprint:
                 return published_footprint(s, q)[0]
         cands, unsized = candidates(spec, quant, sizer)
     fits = [best_fit(m, cands, ctx, kv_type) for m in (profiles or machines()).values()]
