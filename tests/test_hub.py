@@ -262,6 +262,9 @@ def test_disk_full_mid_file_keeps_partial_and_resumes(fakehub, gguf_repo, monkey
         def __exit__(self, *exc):
             self.fh.close()
 
+        def __getattr__(self, name):  # everything but write: the real file's
+            return getattr(self.fh, name)
+
         def write(self, data):
             if written["n"] + len(data) > 400_000:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -477,3 +480,27 @@ def test_download_starts_over_when_the_server_ignores_range(fakehub, gguf_repo):
     assert fakehub.served(REPO, part2) == 100_000 + PART_SIZE
     last = [e for e in events if isinstance(e, hubmod.FileProgress)][-1]
     assert last.done == last.total == 3 * PART_SIZE  # the discarded partial bytes were taken back
+
+
+def test_download_that_starts_over_mid_resume_keeps_its_accounts(fakehub, gguf_repo):
+    """Resumed (206) bytes arrive, the connection drops, and the retry gets the whole file (200): the partial
+    file and the progress both start over from byte 0."""
+    part2 = "Q4_K_M/GLM-4.6-Q4_K_M-00002-of-00003.gguf"
+    fakehub.faults.append(Fault(path=part2, kind="drop", at=100_000))
+    with pytest.raises(HubError):
+        pull("glm-4.6", "q4_k_m", client=_client(retries=0, workers=1))
+    fakehub.faults.append(Fault(path=part2, kind="drop", at=150_000))
+    events: list = []
+
+    def progress(ev):
+        events.append(ev)
+        if isinstance(ev, FileRetry):
+            fakehub.ranges = False  # the retry is answered with the whole file
+
+    m = pull("glm-4.6", "q4_k_m", client=_client(retries=1, workers=1), progress=progress)
+    assert m.verified and len([e for e in events if isinstance(e, FileRetry)]) == 1
+    d = Store().model_dir("glm-4.6", "q4_k_m")
+    assert (d / os.path.basename(part2)).read_bytes() == gguf_repo[part2]
+    assert fakehub.served(REPO, part2) == 150_000 + PART_SIZE
+    last = [e for e in events if isinstance(e, hubmod.FileProgress)][-1]
+    assert last.done == last.total == 3 * PART_SIZE and last.file_done == PART_SIZE

@@ -250,12 +250,7 @@ class HubClient:
         if part.exists():
             _hash_existing(part, hashers)
         part.touch()
-        offset = part.stat().st_size
-
-        def restart() -> None:  # the server ignored Range: the whole file follows
-            part.write_bytes(b"")
-            on_bytes(-offset)
-            hashers.update(new_hashers(rf))
+        kept = [part.stat().st_size]  # bytes in `part`: where to resume, what to take back if the file starts over
 
         def retry(n: int, at: int, e: Exception) -> None:
             emit(FileRetry(rf.path, f"connection lost at {at:,} bytes, resuming (retry {n}/{self.retries})"))
@@ -265,10 +260,17 @@ class HubClient:
                 _write(fh, chunk, part)
                 for h in hashers.values():
                     h.update(chunk)
+                kept[0] += len(chunk)
                 on_bytes(len(chunk))
 
+            def restart() -> None:  # the server ignored Range: the whole file follows
+                fh.truncate(0)  # flushes what is buffered first; appends then start at byte 0
+                on_bytes(-kept[0])
+                kept[0] = 0
+                hashers.update(new_hashers(rf))
+
             try:
-                self.stream_range(repo, commit, rf, offset, on_chunk=take, on_restart=restart, on_retry=retry)
+                self.stream_range(repo, commit, rf, kept[0], on_chunk=take, on_restart=restart, on_retry=retry)
             except TransferFailed as e:
                 raise HubError(f"network failure while downloading {rf.path} ({e.reached:,} of {rf.size:,} bytes "
                                f"kept): {e.cause}", hint="run the same command again to resume") from e
