@@ -153,3 +153,20 @@ def test_default_output_name_beside_checkpoint_or_in_cwd_for_hf_snapshots(tmp_pa
     work.mkdir()
     monkeypatch.chdir(work)
     assert default_convert_output(snap, "q8_0") == work / "GLM-4.6-Q8_0.gguf"
+
+
+def test_tensor_names_are_gguf_py_tensor_map_for_glm4moe():
+    """Our HF -> GGUF name table is the glm4moe part of gguf-py's TensorNameMap (what convert_hf_to_gguf maps
+    with), checked name by name; merged experts map like the converter's `mlp.experts.<w>_proj` stand-ins."""
+    import gguf
+
+    from quantize.glm4moe import _GLOBAL_MAP, _LAYER_MAP, map_name
+
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.GLM4_MOE, 4)
+    names = list(_GLOBAL_MAP) + [f"model.layers.3.{rest}" for rest in _LAYER_MAP]
+    names += [f"model.layers.2.mlp.experts.5.{w}_proj.weight" for w in ("gate", "up", "down")]
+    assert len(names) == len(_GLOBAL_MAP) + len(_LAYER_MAP) + 3
+    for hf in names:
+        # conversion/base.py renames the router bias before mapping; experts are mapped after merging
+        key = hf.replace("e_score_correction_bias", "e_score_correction.bias").replace("experts.5.", "experts.")
+        assert map_name(hf)[0] == tmap.get_name(key, try_suffixes=(".weight", ".bias")), hf
