@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 from gguf import GGUFValueType as VT
 
-from quantize import glm4moe, metadata, recipe, vocab
+from quantize import fp8, glm4moe, metadata, recipe, vocab
 from quantize.errors import DiskSpaceError, InputError
 from quantize.ggml import (
     MIN_CHUNK_ELEMENTS,
@@ -99,15 +99,16 @@ def plan(src_dir: Path, quant: str, mtp: bool = True, out_path: Path | None = No
          source_name: str | None = None) -> tuple[Checkpoint, GGUFWriter, list[_Job]]:
     """Validate the checkpoint and build a writer with all metadata and tensor infos declared.
 
-    Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size.
-    `source_name`: see `convert`."""
+    Reads headers only, so it doubles as a dry run: `writer.total_bytes` is the exact output size. Every check
+    happens here, before the output is opened: an FP8 scheme the converter does not read, or an FP8 tensor that
+    does not fit the one config.json declares, fails now, not hours into the write. `source_name`: see `convert`."""
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise InputError(f"{src_dir} is not a directory", hint="pass a checkpoint directory")
     cfg = glm4moe.GLMConfig.load(src_dir)
-    ckpt = Checkpoint(src_dir)
+    ckpt = Checkpoint(src_dir, fp8.read_scheme(cfg.raw))
     shapes = {n: e.shape for n, e in ckpt.entries.items()}
     planned = glm4moe.plan_tensors(ckpt.file_order(), shapes, cfg, mtp)
     for t in planned:
@@ -197,10 +198,12 @@ def _slabs(ckpt: Checkpoint, jobs: list[_Job]):
     """(job, [(source tensor, first row, end row), ...]) for every bounded piece, in output order.
 
     A piece holds at most SLAB_BYTES of F32: several whole experts of a merged expert tensor, or a row
-    block of one large 2-D tensor (row counts are multiples of 128, the FP8 scale block)."""
+    block of one large 2-D tensor, starting at a multiple of the FP8 tile height when the tensor is FP8 (so a
+    piece covers whole rows of its scale grid, whatever the checkpoint's block)."""
     for job in jobs:
         ncols = job.planned.shape[0]
-        step = max(128, SLAB_BYTES // (ncols * 4) // 128 * 128)
+        align = max(ckpt.row_align(s) for s in job.planned.sources)  # one value: experts share a layout
+        step = max(align, SLAB_BYTES // (ncols * 4) // align * align)
         group: list[tuple[str, int, int]] = []
         rows = 0
         for src in job.planned.sources:

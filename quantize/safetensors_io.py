@@ -1,10 +1,10 @@
 """Header-only index of a sharded safetensors checkpoint, and single-tensor reads to float32.
 
 Only headers are parsed up front; each tensor is read with one positioned read when needed, so memory
-holds one tensor (one expert slice) at a time. Supported dtypes: BF16, F16, F32 and FP8 E4M3 with either
-block scales (`weight_scale_inv`, DeepSeek/`quant_method: fp8`) or per-channel `weight_scale`
-(compressed-tensors). FP8 weights are dequantized in F32 and rounded once to BF16, exactly like
-converting the equivalent BF16 checkpoint.
+holds one tensor (one expert slice) at a time. Supported dtypes: BF16, F16, F32 and FP8 E4M3 scaled as the
+checkpoint's config.json declares (quantize.fp8: per tile of any size, per channel or per tensor); every FP8
+tensor is checked against that scheme when the checkpoint is opened, before anything is written. FP8 weights are
+dequantized in F32 and rounded once to BF16, exactly like llama.cpp's converter does.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from quantize.errors import ConversionError
+from quantize.fp8 import Fp8Scheme, check_tensors, dequantize_rows
 
 _ELEM_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
 SUPPORTED = ("BF16", "F16", "F32", "F8_E4M3")
-SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-FP8_BLOCK = 128
 
 
 class MissingShardError(ConversionError):
@@ -100,15 +99,19 @@ def index_shard(path: Path) -> dict[str, TensorEntry]:
 
 
 class Checkpoint:
-    """All tensors of a checkpoint directory, by name (headers only)."""
+    """All tensors of a checkpoint directory, by name (headers only).
 
-    def __init__(self, src_dir: str | Path):
+    `scheme`: the FP8 scheme its config.json declares (quantize.fp8.read_scheme), None when it declares none;
+    every FP8 weight and scale is checked against it here (SchemeError), so a conversion fails before writing."""
+
+    def __init__(self, src_dir: str | Path, scheme: Fp8Scheme | None = None):
         self.dir = Path(src_dir)
         self.shards = self._shard_files()
         self.entries: dict[str, TensorEntry] = {}
         for shard in self.shards:
             self.entries.update(index_shard(shard))
         self._check_index()
+        self.tilings = check_tensors(scheme, {n: (e.dtype, e.shape) for n, e in self.entries.items()})
 
     def _shard_files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -156,6 +159,12 @@ class Checkpoint:
         if n != e.nbytes:
             raise TruncatedFileError(e.path, e.start + e.nbytes, os.path.getsize(e.path))
         return buf
+
+    def row_align(self, name: str) -> int:
+        """Rows a piece of this tensor should start at a multiple of: an FP8 weight's tile height (so a slab
+        covers whole rows of its scale grid), 1 otherwise."""
+        tiling = self.tilings.get(name)
+        return tiling.rows if tiling is not None and tiling.rows < self.entries[name].shape[0] else 1
 
     def n_rows(self, name: str) -> int:
         """Rows of a stored tensor seen as 2-D (1-D tensors are one row)."""
@@ -222,19 +231,10 @@ class Checkpoint:
         return self._dequant_fp8(name, raw.view(np.uint8).reshape(e.shape), 0)
 
     def _dequant_fp8(self, name: str, q: np.ndarray, r0: int) -> np.ndarray:
-        """Dequantize FP8 rows starting at row r0: F32 product with the scale, then one BF16 rounding."""
-        base = name[: -len("weight")]
-        x = fp8_e4m3_to_f32(q)
-        n = x.shape[0]
-        if base + "weight_scale_inv" in self.entries:
-            s = self.read_f32(base + "weight_scale_inv")
-            rows = np.repeat(s, FP8_BLOCK, axis=0)[r0: r0 + n]
-            x *= np.repeat(rows, FP8_BLOCK, axis=1)[:, : x.shape[1]]
-        elif base + "weight_scale" in self.entries:
-            x *= self.read_f32(base + "weight_scale").reshape(-1, 1)[r0: r0 + n]
-        else:
-            raise ConversionError(f"FP8 tensor {name} has no weight_scale_inv / weight_scale")
-        return bf16_bits_to_f32(f32_to_bf16_bits(x))
+        """Dequantize FP8 rows starting at row r0: F32 product with their tiles' scales, then one BF16 rounding."""
+        tiling, shape = self.tilings[name], self.entries[name].shape
+        scale = self.read_f32(tiling.scale).reshape(tiling.scale_grid((shape[0], shape[1])))
+        return bf16_bits_to_f32(f32_to_bf16_bits(dequantize_rows(q, scale, tiling, r0)))
 
 
 def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -254,22 +254,3 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     if nan.any():
         rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
     return rounded
-
-
-def _fp8_table() -> np.ndarray:
-    """float8_e4m3fn value for every byte (bias 7, no infinities, 0x7f/0xff are NaN)."""
-    b = np.arange(256, dtype=np.uint32)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    exp = (b >> 3) & 0xF
-    man = (b & 0x7).astype(np.float64)
-    val = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp.astype(np.float64) - 7))
-    val = sign * val
-    val[(b & 0x7F) == 0x7F] = np.nan
-    return val.astype(np.float32)
-
-
-_FP8 = _fp8_table()
-
-
-def fp8_e4m3_to_f32(q: np.ndarray) -> np.ndarray:
-    return _FP8[q]
