@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from glmlocal.errors import HubError, InputError, RepoNotFoundError
-from glmlocal.models import registry
+from glmlocal.errors import ConversionError, HubError, InputError, RepoNotFoundError
+from glmlocal.models import registry, scheme
 from glmlocal.models.hub import (
     Callback,
     FileDone,
@@ -318,7 +318,8 @@ def choose_source(spec, quant: str, listings: dict[str, RepoListing], requested:
 
     An explicit --source wins. BF16 output or Q8_0 comes from BF16 (re-quantizing FP8 values would lose
     precision the original has). For Q6_K / Q4_K_M the FP8 checkpoint is about half the download and its
-    rounding error is small next to the quantization's, so the smaller one is used.
+    rounding error is small next to the quantization's, so the smaller one is used (unless its config.json
+    declares an FP8 scheme the converter does not read: _pull_convert then takes the BF16 one, see scheme.py).
     """
     if requested is not None:
         if requested not in spec.sources:
@@ -346,6 +347,15 @@ def _pull_convert(spec, quant: str, revision: str | None, keep_source: bool, req
     files = select_source(listing)
     out_dir, src_dir = store.model_dir(spec.name, quant), store.source_dir(spec.name, dtype)
     out_name = f"{spec.display}-{quant.upper()}.gguf"
+    repo_dir = listing.repo.split("/")[-1]
+    config = scheme.source_config(client, listing, files, src_dir / repo_dir) if dtype == "fp8" else None
+    if config is not None:
+        try:
+            scheme.check_scheme(config, listing)  # the converter's reading, before any weight is downloaded
+        except ConversionError:
+            if requested is None and "bf16" in spec.sources:
+                return _pull_convert(spec, quant, revision, keep_source, "bf16", store, client, emit, threads)
+            raise
     with store.lock(spec.name, quant), store.lock(spec.name, source_quant(dtype)):
         done = _already_converted(store, spec.name, quant, listing)
         if done is not None:
@@ -353,13 +363,14 @@ def _pull_convert(spec, quant: str, revision: str | None, keep_source: bool, req
             return done
         # general.name / basename / version come from the checkpoint folder's name (as in llama.cpp's
         # convert_hf_to_gguf): the files sit in a folder named like the repository, and the name is passed on.
-        repo_dir = listing.repo.split("/")[-1]
         sm = _manifest_for(store, spec.name, source_quant(dtype), "source", listing, revision, files, repo_dir + "/")
         m = Manifest(spec.name, quant, "convert", listing.repo, listing.commit, revision,
                      source={"repo": listing.repo, "revision": listing.commit, "dtype": dtype, "kept": keep_source})
         _preflight(store, src_dir, files, sm, estimate_output(files, dtype, quant), f"{spec.name} {quant}")
         store.write_manifest(m)
         store.write_manifest(sm)
+        if config is not None:
+            scheme.put_config(src_dir / repo_dir, config)
         downloaded = download_set(client, listing, files, src_dir, sm, store, emit)
         sm.state, sm.verified = "complete", True
         store.write_manifest(sm)

@@ -222,6 +222,9 @@ def spec_from_checkpoint(ckpt_dir: str | Path) -> ModelSpec:
         raise InputError(f"cannot read {path}: {e}") from e
     if "Glm4MoeForCausalLM" not in cfg.get("architectures", []):
         raise InputError(f"{path}: not a GLM-4 MoE checkpoint (architectures={cfg.get('architectures')})")
+    from quantize.fp8 import read_scheme
+
+    read_scheme(cfg)  # planning a checkpoint the converter would refuse: the same one line `convert` gives
     cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     names = HParams.__dataclass_fields__
     values = {k: cfg.get(k, _CONFIG_DEFAULTS.get(k)) for k in names if k in cfg or k in _CONFIG_DEFAULTS}
