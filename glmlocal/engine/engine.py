@@ -20,6 +20,7 @@ from pathlib import Path
 import llama_cpp.llama_cpp as C
 import numpy as np
 
+from glmlocal.engine.budget import ThinkBudget, ThinkState
 from glmlocal.engine.generation import (
     GenerationStats,
     Sampling,
@@ -204,15 +205,14 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_tokens: Sequence[int], sampling: Sampling | None = None, *,
                  grammar: str | None = None, max_tokens: int | None = None,
-                 cancel: threading.Event | None = None,
+                 cancel: threading.Event | None = None, think: ThinkBudget | None = None,
                  want_logits: bool = False) -> Generator[TokenOut, None, None]:
         """Stream the continuation of prompt_tokens.
 
         Raises ContextOverflowError (prompt + max_tokens > n_ctx) and EngineError (bad grammar) before
-        anything is decoded. The returned iterator holds the engine lock while it runs; close it (or
-        exhaust it) to release. max_tokens None fills the context. The last TokenOut has finish_reason
-        and stats.
-        """
+        anything is decoded. The iterator holds the engine lock while it runs; close or exhaust it to release.
+        max_tokens None fills the context. The last TokenOut has finish_reason and stats. `think` enforces a
+        thinking budget (engine/budget.py); each TokenOut says whether its token counted as thinking."""
         prompt = [int(t) for t in prompt_tokens]
         if not prompt:
             raise InputError("empty prompt")
@@ -223,19 +223,20 @@ class Engine:
         room = self.n_ctx - len(prompt)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             raise ContextOverflowError(len(prompt), max_tokens if max_tokens is not None else 1, self.n_ctx)
-        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
-        if bad:
-            raise InputError(f"token id {bad[0]} outside the vocabulary of {self.n_vocab}")
         sampling = sampling or Sampling()
-        bad = [t for t in sampling.logit_bias if not 0 <= t < self.n_vocab]
-        if bad:  # llama.cpp would silently ignore them
-            raise InputError(f"logit_bias: token id {bad[0]} outside the vocabulary of {self.n_vocab}")
+        think_ids = [] if think is None else [think.open_id, think.close_id, think.call_id]
+        # llama.cpp would silently ignore a logit_bias outside the vocabulary
+        for what, ids in (("", prompt), ("logit_bias: ", sampling.logit_bias), ("thinking budget: ", think_ids)):
+            bad = [t for t in ids if t is not None and not 0 <= t < self.n_vocab]
+            if bad:
+                raise InputError(f"{what}token id {bad[0]} outside the vocabulary of {self.n_vocab}")
         C.llama_sampler_free(self._sampler(sampling, grammar))  # validate the grammar eagerly
         limit = room if max_tokens is None else max_tokens
-        return self._run(prompt, sampling, grammar, limit, cancel, want_logits)
+        return self._run(prompt, sampling, grammar, limit, cancel, want_logits, think)
 
     def _run(self, prompt: list[int], sampling: Sampling, grammar: str | None, limit: int,
-             cancel: threading.Event | None, want_logits: bool) -> Generator[TokenOut, None, None]:
+             cancel: threading.Event | None, want_logits: bool,
+             think: ThinkBudget | None) -> Generator[TokenOut, None, None]:
         # Built here, not in generate(), so a stream that is never started leaks nothing.
         sampler = self._sampler(sampling, grammar)
         try:
@@ -249,11 +250,13 @@ class Engine:
                     yield TokenOut(None, "", "cancelled", stats)
                     return
                 stats.prompt_s = time.perf_counter() - t0
-                yield from self._sample_loop(sampler, sampling, limit, cancel, want_logits, stats, t0)
+                grammar_smpl = C.llama_sampler_chain_get(sampler, int(bool(sampling.logit_bias))) if grammar else None
+                picker = _Picker(self, sampler, ThinkState(think) if think else None, grammar_smpl)
+                yield from self._sample_loop(picker, sampling, limit, cancel, want_logits, stats, t0)
         finally:
             C.llama_sampler_free(sampler)
 
-    def _sample_loop(self, sampler: C.llama_sampler_p_ctypes, sampling: Sampling, limit: int,
+    def _sample_loop(self, picker: _Picker, sampling: Sampling, limit: int,
                      cancel: threading.Event | None, want_logits: bool, stats: GenerationStats,
                      t0: float) -> Generator[TokenOut, None, None]:
         text_in, stops = self.utf8_stream(), StopMatcher(sampling.stop)
@@ -263,27 +266,25 @@ class Engine:
                 yield self._final(None, _drain(text_in, stops), "cancelled", stats, t_first)
                 return
             logits = self._logits_copy() if want_logits else None
-            tok = C.llama_sampler_sample(sampler, self._ctx, -1)
+            tok, thinking = picker.next()
             stats.completion_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
-            if tok in self.eog_ids:
-                yield self._final(tok, _drain(text_in, stops), "stop", stats, t_first, eog=True, logits=logits)
+            eog = tok in self.eog_ids  # its text is never emitted
+            emit, hit = ("", False) if eog else stops.push(text_in.push(tok))
+            if eog or hit or i == limit - 1:
+                text, reason = (emit, "stop") if hit else (emit + _drain(text_in, stops), "stop" if eog else "length")
+                yield self._final(tok, text, reason, stats, t_first, eog=eog, logits=logits, thinking=thinking)
                 return
-            emit, hit = stops.push(text_in.push(tok))
-            if hit or i == limit - 1:
-                text = emit if hit else emit + _drain(text_in, stops)
-                yield self._final(tok, text, "stop" if hit else "length", stats, t_first, logits=logits)
-                return
-            yield TokenOut(tok, emit, logits=logits)
+            yield TokenOut(tok, emit, logits=logits, thinking=thinking)
             self._eval([tok], None)  # the last token is never decoded: the next prompt re-evaluates it
 
     def _final(self, tok: int | None, text: str, reason: str, stats: GenerationStats, t_first: float | None,
-               *, eog: bool = False, logits: np.ndarray | None = None) -> TokenOut:
+               *, eog: bool = False, logits: np.ndarray | None = None, thinking: bool = False) -> TokenOut:
         if t_first is not None:
             stats.decode_s = time.perf_counter() - t_first
-        return TokenOut(tok, text, reason, stats, eog=eog, logits=logits)
+        return TokenOut(tok, text, reason, stats, eog=eog, logits=logits, thinking=thinking)
 
     def _logits_copy(self) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self._ctx, -1)
@@ -405,6 +406,37 @@ class Engine:
             C.llama_memory_clear(self._mem, True)
             self._live = []
             self.state_cache.clear()
+
+
+class _Picker:
+    """The next token: sampled through the chain, or forced by the thinking budget. A forced `</think>` is
+    accepted into the chain (grammar and penalties advance as if sampled), unless the grammar cannot take it
+    here (llama.cpp aborts on a rejected token): then the step samples. Banned tokens get -inf logits."""
+
+    def __init__(self, engine: Engine, sampler: C.llama_sampler_p_ctypes, state: ThinkState | None,
+                 grammar: C.llama_sampler_p_ctypes | None):
+        self.engine, self.sampler, self.state, self.grammar = engine, sampler, state, grammar
+
+    def next(self) -> tuple[int, bool]:
+        """(token, whether it counted as thinking)."""
+        st, ctx = self.state, self.engine._ctx
+        tok = st.forced() if st is not None else None
+        if tok is not None and self._grammar_allows(tok):
+            C.llama_sampler_accept(self.sampler, tok)
+        else:
+            if st is not None and st.banned():
+                logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(self.engine.n_vocab,))
+                logits[list(st.banned())] = -np.inf
+            tok = C.llama_sampler_sample(self.sampler, ctx, -1)
+        return tok, st.push(tok) if st is not None else False
+
+    def _grammar_allows(self, token: int) -> bool:
+        if self.grammar is None:
+            return True
+        data = (C.llama_token_data * 1)(C.llama_token_data(token, 0.0, 0.0))
+        arr = C.llama_token_data_array(data=data, size=1, selected=-1, sorted=False)
+        C.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return data[0].logit != -np.inf
 
 
 def _drain(text_in: Utf8Stream, stops: StopMatcher) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from glmlocal.engine.budget import ThinkBudget
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -75,6 +77,7 @@ class TokenOut:
     stats: GenerationStats | None = None
     eog: bool = False
     logits: np.ndarray | None = None  # numpy copy of the raw logits this token was sampled from, when asked for
+    thinking: bool = False  # the token counted against the thinking budget (inside a block, its tags included)
 
 
 class StopMatcher:
@@ -152,7 +155,7 @@ class TokenEngine(Protocol):
 
     def generate(self, prompt_tokens: Sequence[int], sampling: Sampling | None = None, *,
                  grammar: str | None = None, max_tokens: int | None = None,
-                 cancel: threading.Event | None = None,
+                 cancel: threading.Event | None = None, think: ThinkBudget | None = None,
                  want_logits: bool = False) -> Generator[TokenOut, None, None]: ...
 
 
