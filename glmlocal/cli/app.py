@@ -14,27 +14,63 @@ from typing import Annotated, Optional
 
 import typer
 
+from glmlocal.cli.style import HELP_OPTION_NAMES, Group
 from glmlocal.errors import GlmlocalError
 
 app = typer.Typer(
     name="glmlocal",
     help="Run GLM-4.5 / 4.5-Air / 4.6 / 4.7 locally: pull, convert, plan, chat, serve.",
+    cls=Group,  # conventional help: MODEL, --quant QUANT, flags without type labels (glmlocal/cli/style.py)
+    context_settings={"help_option_names": HELP_OPTION_NAMES},  # -h and --help, on every command
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
+def version_line() -> str:
+    """glmlocal's version, the llama-cpp-python and llama.cpp build it runs on, and that build's backends."""
+    from importlib.metadata import version
+
+    from glmlocal import __version__
+
+    line = f"glmlocal {__version__}"
+    try:
+        from glmlocal.llama import ggml
+
+        commit, ggml_version = ggml.build_info()
+        backends = ", ".join(ggml.backend_names())
+        line += (f" (llama-cpp-python {version('llama-cpp-python')}, llama.cpp {commit}, ggml {ggml_version}; "
+                 f"backends: {backends})")
+    except Exception as e:  # noqa: BLE001 (a broken build must not hide the version; `glmlocal doctor` explains)
+        line += f" (llama.cpp could not be loaded: {type(e).__name__}: {e})"
+    return line
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version, the llama.cpp build and its backends, and exit")] = False,
+) -> None:
+    """Run GLM-4.5 / 4.5-Air / 4.6 / 4.7 locally: pull, convert, plan, chat, serve."""
+
+
 # Planner options shared by plan, chat and serve (one definition, one help text).
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="q4_k_m, q6_k, q8_0, bf16, or a published GGUF's quant such as ud-q2_k_xl (registry models)")]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: the largest that fits, up to 64K)")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", metavar="TOKENS", help="Context length (default: the largest that fits, up to 64K)")]
 KvTypeOpt = Annotated[Optional[str], typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (default: the planner's choice)")]
-GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
-RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM instead of the probed amount, e.g. 128GiB")]
+GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", metavar="SIZES", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
+RamOpt = Annotated[Optional[str], typer.Option("--ram", metavar="SIZE", help="Plan for this much RAM instead of the probed amount, e.g. 128GiB")]
 CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N", help="CPU threads (default: physical cores)")]
 TemplateOpt = Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")]
-RpcOpt = Annotated[Optional[list[str]], typer.Option("--rpc", help="A llama.cpp RPC server (HOST:PORT) to use as a GPU, e.g. on a second machine (repeatable or comma-separated; see `glmlocal rpc-server`)")]
+RpcOpt = Annotated[Optional[list[str]], typer.Option("--rpc", metavar="HOST:PORT", help="A llama.cpp RPC server (HOST:PORT) to use as a GPU, e.g. on a second machine (repeatable or comma-separated; see `glmlocal rpc-server`)")]
 
 
 def _endpoints(rpc: list[str] | None) -> tuple[str, ...]:
@@ -133,8 +169,8 @@ def plan(
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
     threads: ThreadsOpt = None,
-    gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
-    cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", help="RAM bandwidth in GB/s (speed estimate)")] = None,
+    gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", metavar="GB/S", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
+    cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", metavar="GB/S", help="RAM bandwidth in GB/s (speed estimate)")] = None,
     rpc: RpcOpt = None,
     machine: Annotated[Optional[str], typer.Option("--machine", help="Plan for a named machine profile (machines.toml) instead of this machine, e.g. m4-max-128")] = None,
     machines: Annotated[bool, typer.Option("--machines", help="One table across every machine profile: fits or not, best quant, context, est. tokens/s")] = False,
@@ -236,7 +272,7 @@ def serve(
 
 @command("rpc-server")
 def rpc_server(
-    endpoint: Annotated[str, typer.Argument(help="HOST:PORT to listen on, e.g. 0.0.0.0:50052")],
+    endpoint: Annotated[str, typer.Argument(metavar="HOST:PORT", help="HOST:PORT to listen on, e.g. 0.0.0.0:50052")],
     threads: ThreadsOpt = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Keep large tensors sent by clients here, so a reload skips the transfer (llama.cpp rpc-server -c)")] = None,
 ) -> None:
@@ -275,7 +311,7 @@ def doctor(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="glmlocal")  # `python -m glmlocal` is the same command: its usage lines say so
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -124,6 +124,13 @@ def system_info() -> str:
     return C.llama_print_system_info().decode(errors="replace").strip()
 
 
+def build_info() -> tuple[str, str]:
+    """(llama.cpp commit the library was built from, ggml version), as libggml-base reports them."""
+    base = load("ggml-base")
+    base.ggml_commit.restype = base.ggml_version.restype = _cp
+    return base.ggml_commit().decode(errors="replace"), base.ggml_version().decode(errors="replace")
+
+
 def buffer_type(name: str) -> int:
     """Look up a buffer type by device name ("CPU", "CUDA0") or buffer-type name ("CUDA_Host").
 
