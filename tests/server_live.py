@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.cli_run import default_sigint
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,7 +36,8 @@ class ServeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("GLMLOCAL_API_KEY", None)
         self.out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=default_sigint)  # stop() sends SIGINT, even from a background pytest
         self._wait(startup_s)
 
     def _wait(self, startup_s: float) -> None:

@@ -218,12 +218,15 @@ def test_ctrl_c_stops_the_generation_and_the_repl_goes_on():
     long = [ContentDelta("\n")] + [ContentDelta(f"word{i} ") for i in range(5)] + ["SIGINT"]
     long += [ContentDelta(f"late{i} ") for i in range(50)] + [Finish("stop")]
     session = FakeSession(long, answer("second answer"), delay=0.01)
+    # The handler that was there before: Python's default in a foreground pytest, SIG_IGN when pytest was started
+    # in the background (`setsid ... &`, nohup), which ignores SIGINT from the start.
+    before = signal.getsignal(signal.SIGINT)
     repl, term = drive(session, "tell me a long story" + ENTER + "next" + ENTER + CTRL_D)
     text = term.text()
     assert "word4" in text and "late" not in text
     assert "stopped (Ctrl-C)" in text
     assert "second answer" in text  # the REPL kept going after the interrupt
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     partial = repl.conv.messages[1]
     assert partial["role"] == "assistant" and partial["content"] == "word0 word1 word2 word3 word4"
 

@@ -28,6 +28,7 @@ from glmlocal.engine.generation import Sampling
 from glmlocal.engine.session import Session
 from glmlocal.launch import LoadedModel, open_model
 from glmlocal.plan.options import PlanOptions
+from tests.cli_run import default_sigint
 from tests.test_chat import CTRL_D, ENTER, Terminal, drive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -253,8 +254,10 @@ def test_chat_on_a_real_terminal(gguf_factory, tmp_path):
     env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "TERM": "xterm-256color",
            "PROMPT_TOOLKIT_NO_CPR": "1"}  # pyte does not answer cursor-position requests
     rows = 200  # tall enough that nothing scrolls away: each attempt is judged by the lines below its prompt
+    # default_sigint: Ctrl-C must reach the chat even when pytest itself runs in the background
     child = pexpect.spawn(sys.executable, ["-m", "glmlocal", "chat", gguf, "--ctx", "2048", "--no-think"],
-                          env=env, cwd=str(tmp_path), dimensions=(rows, 100), encoding="utf-8", timeout=120)  # fmt: skip
+                          env=env, cwd=str(tmp_path), dimensions=(rows, 100), encoding="utf-8", timeout=120,
+                          preexec_fn=default_sigint)  # fmt: skip
     screen = pyte.Screen(100, rows)
     stream = pyte.Stream(screen)
 
