@@ -39,7 +39,7 @@ def test_rich_table_shows_devices_flags_and_speed():
     r = run("glm4.6", "--gpu-mem", "24GiB,24GiB", "--ram", "256GiB", "--cpu-bw", "89.6", "--gpu-bw", "936")
     assert r.exit_code == 0, r.output
     for text in ("GLM-4.6 q4_k_m", "CUDA0", "CUDA1", "CPU", "llama.cpp flags", "-ts 46,48", "tokens/s",
-                 "KV cache GB", "headroom GB"):
+                 "KV cache GiB", "headroom GiB"):
         assert text in r.output, text
 
 

@@ -37,7 +37,7 @@ def run_convert(src: Path, *, quant: str, out: Path | None, threads: int | None,
 
     console = console or Console(stderr=True)
     out = Path(out) if out else default_convert_output(src, quant)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     bar = Progress(*columns, console=console, transient=True)  # a failed run leaves only its error line
     task = bar.add_task(quant.upper(), total=None)

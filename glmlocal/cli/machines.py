@@ -8,19 +8,18 @@ import json
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from glmlocal.errors import InputError
 from glmlocal.plan.survey import Fit, Survey, survey
-from glmlocal.plan.unified import GIB
-
-GB = 1e9
+from glmlocal.plan.view import GIB, cli_console
 
 
 def run_machines(model: str, quant: str | None, *, ctx: int | None = None, kv_type: str = "f16",
                  as_json: bool = False, console: Console | None = None) -> None:
     """Plan MODEL on every profile and print the table (or JSON). MODEL: a registry name (every candidate quant)
     or anything `glmlocal plan` takes (its one footprint)."""
-    console = console or Console()
+    console = console or cli_console()
     if ctx is not None and ctx <= 0:
         raise InputError(f"--ctx must be positive, got {ctx}")
     result = _survey(model, quant, ctx, kv_type)
@@ -29,12 +28,12 @@ def run_machines(model: str, quant: str | None, *, ctx: int | None = None, kv_ty
         return
     console.print(machines_table(result))
     if result.unsized:
-        console.print(f"[dim]- published quants not sized: {', '.join(result.unsized)} "
-                      f"({next(iter(result.unsized.values()))}); `glmlocal plan {model} --quant QUANT` sizes one "
-                      "from its GGUF headers when online[/]")
-    console.print("[dim]- best = the largest quant (up to q8_0) with everything on the GPU (unified memory) or the "
-                  "full context (GPU + RAM); estimates: bytes read per token / (bandwidth x 0.75 GPU, 0.6 CPU), "
-                  "not calibrated per backend[/]")
+        console.print(Text(f"- published quants not sized: {', '.join(result.unsized)} "
+                           f"({next(iter(result.unsized.values()))}); `glmlocal plan {model} --quant QUANT` sizes "
+                           "one from its GGUF headers when online", style="dim"))
+    console.print(Text("- best = the largest quant (up to q8_0) with everything on the GPU (unified memory) or the "
+                       "full context (GPU + RAM); estimates: bytes read per token / (bandwidth x 0.75 GPU, 0.6 CPU), "
+                       "not calibrated per backend", style="dim"))
 
 
 def _survey(model: str, quant: str | None, ctx: int | None, kv_type: str) -> Survey:
@@ -52,15 +51,15 @@ def _survey(model: str, quant: str | None, ctx: int | None, kv_type: str) -> Sur
 def _memory(f: Fit) -> str:
     m = f.machine
     if m.unified:
-        return f"{m.memory / GIB:.0f} GiB unified, GPU {m.gpu_limit / GIB:.1f}"
-    vram = " + ".join(f"{g.vram / GIB:.0f}" for g in m.gpus)
-    return f"{m.memory / GIB:.0f} GiB + {vram} GiB VRAM"
+        return f"{m.memory / GIB:.0f} GiB unified (GPU {m.gpu_limit / GIB:.1f} GiB)"
+    vram = " + ".join(f"{g.vram / GIB:.0f} GiB" for g in m.gpus)
+    return f"{m.memory / GIB:.0f} GiB RAM + {vram} VRAM"
 
 
 def _status(f: Fit) -> tuple[str, str]:
     """(fits column, note column) for one machine."""
     if f.placement is None:  # the smallest quant's no-fit message, in fewer words
-        why = f.why.replace("tokens of context", "ctx").replace("this machine has ", "")
+        why = f.why.replace("tokens of context", "ctx").replace(f"{f.machine.hardware().label} has ", "")
         return "[red]no[/]", why.replace(" (one unified pool)", "").replace(" (VRAM + RAM)", "")
     p = f.placement
     if f.raise_to is not None:
@@ -78,7 +77,7 @@ def _status(f: Fit) -> tuple[str, str]:
 def machines_table(result: Survey) -> Table:
     t = Table(title=f"{result.model} on every machine profile", box=box.SIMPLE_HEAD, title_justify="left")
     for col, just in (("machine", "left"), ("memory", "left"), ("backend", "left"), ("fits", "left"),
-                      ("best quant", "left"), ("size GB", "right"), ("context", "right"), ("est. tok/s", "right"),
+                      ("best quant", "left"), ("file GiB", "right"), ("context", "right"), ("est. tok/s", "right"),
                       ("note", "left")):
         t.add_column(col, justify=just, overflow="fold")
     for f in result.fits:
@@ -86,7 +85,7 @@ def machines_table(result: Survey) -> Table:
         p = f.placement
         quant = (f.quant or "-") + (" (published)" if f.published else "")
         t.add_row(f.machine.name, _memory(f), f.machine.backend, fits, quant if p else "-",
-                  f"{f.file_bytes / GB:.0f}" if p else "-", str(p.n_ctx) if p else "-",
+                  f"{f.file_bytes / GIB:.1f}" if p else "-", str(p.n_ctx) if p else "-",
                   f"{p.est_tokens_per_s:.1f}" if p else "-", note)
     return t
 

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict
 
 from rich.console import Console
-from rich.panel import Panel
+from rich.text import Text
 
 from glmlocal.plan.footprint import Footprint
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.placement import Placement
 from glmlocal.plan.resolve import plan_model
-from glmlocal.plan.view import GB, device_table
+from glmlocal.plan.view import cli_console, device_table, gib
 
 
 def run_plan(model: str, quant: str | None, options: PlanOptions, *, as_json: bool = False,
              console: Console | None = None) -> None:
     """Plan and print: a table per device, the llama.cpp flags and the notes (or JSON)."""
-    console = console or Console()
+    console = console or cli_console()
     mp = plan_model(model, quant, options)
     placement, fp, hw, origin, source = mp.placement, mp.footprint, mp.hardware, mp.origin, mp.source
-    flags = placement.llama_cpp_flags() + (f" --rpc {','.join(options.rpc)}" if options.rpc else "")
+    flags = placement.llama_cpp_flags() + (f" --rpc {shlex.quote(','.join(options.rpc))}" if options.rpc else "")
     if as_json:
         doc = {"model": fp.label, "quant": fp.quant, "footprint_source": origin, **source,
                "file_bytes": fp.file_bytes, "weights_bytes": fp.weights_bytes,
@@ -31,16 +32,18 @@ def run_plan(model: str, quant: str | None, options: PlanOptions, *, as_json: bo
         return
     console.print(_header(placement, fp, origin))
     console.print(device_table(placement))
-    console.print(Panel(flags, title="llama.cpp flags", expand=False))
+    # The flags as one plain line (no box, no wrapping, regexes shell-quoted): paste it after llama-server's -m.
+    console.print(Text("llama.cpp flags (llama-server -m MODEL.gguf ...):", style="bold"))
+    console.print(Text(flags), soft_wrap=True)
     for note in [*hw.notes, *placement.notes]:
-        console.print(f"[dim]- {note}[/]")
+        console.print(Text(f"- {note}", style="dim"))
 
 
-def _header(p: Placement, fp: Footprint, origin: str) -> str:
+def _header(p: Placement, fp: Footprint, origin: str) -> Text:
     kv = fp.kv_bytes_per_token(p.type_k, p.type_v) * p.n_ctx
-    return (f"[bold]{fp.label} {fp.quant}[/]: {fp.weights_bytes / GB:.1f} GB of weights "
-            f"(file {fp.file_bytes / GB:.1f} GB; from {origin})\n"
-            f"context [bold]{p.n_ctx}[/] tokens, KV {p.type_k}/{p.type_v} = {kv / GB:.1f} GB; "
-            f"estimated decode speed [bold]{p.est_tokens_per_s:.1f} tokens/s[/]")
+    return Text.assemble((f"{fp.label} {fp.quant}", "bold"), f": {gib(fp.weights_bytes)} of weights "
+                         f"(file {gib(fp.file_bytes)}; from {origin})\ncontext ", (str(p.n_ctx), "bold"),
+                         f" tokens, KV {p.type_k}/{p.type_v} = {gib(kv)}; estimated decode speed ",
+                         (f"{p.est_tokens_per_s:.1f} tokens/s", "bold"))
 
 

@@ -46,7 +46,7 @@ class PullView:
     def __init__(self, console: Console):
         self.console = console
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
             TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), console=console, transient=True,
         )
         self.overall: TaskID | None = None

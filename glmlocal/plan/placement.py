@@ -6,6 +6,7 @@ Plain data, shared by the planner that makes it, the engine that applies it and 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 
 
@@ -66,12 +67,12 @@ class Placement:
                    ["CPU only"])
 
     def llama_cpp_flags(self) -> str:
-        """The equivalent llama-server / llama-cli flags."""
+        """The equivalent llama-server / llama-cli flags, shell-quoted (a -ot regex is pasted into a shell)."""
         flags = [f"-ngl {self.n_gpu_layers}"]
         if self.tensor_split:
             flags.append("-ts " + ",".join(f"{x:g}" for x in self.tensor_split))
             flags.append(f"-mg {self.main_gpu}")
-        flags += [f'-ot "{pattern}={buft}"' for pattern, buft in self.tensor_overrides]
+        flags += [f"-ot {shlex.quote(f'{pattern}={buft}')}" for pattern, buft in self.tensor_overrides]
         flags += [f"-c {self.n_ctx}", f"-ctk {self.type_k}", f"-ctv {self.type_v}",
                   f"-fa {'on' if self.flash_attn else 'off'}", f"-b {self.n_batch}", f"-ub {self.n_ubatch}",
                   f"-t {self.n_threads}"]

@@ -144,7 +144,7 @@ class SmallerQuants(Mapping):
         named = next((q for q in self.published if f"--quant {q} " in hint + " "), None)
         if named is not None:
             size = self.sizes.get(named, 0)
-            size_text = f"{size / 1e9:.0f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+            size_text = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
             err.hint = (f"--quant {named} fits: a published GGUF of {size_text}; "
                         f"run: glmlocal pull {self.spec.name} --quant {named}")
         elif "--quant" not in hint and "--ctx" not in hint and self.unsized and self._order is not None:

@@ -58,13 +58,13 @@ def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, Smaller
         from glmlocal.plan.published import published_footprint
 
         fp, remote = published_footprint(spec, quant, revision=manifest.revision if manifest else None)
-        how = "cached" if remote.cached else f"{remote.fetched_bytes / 1e6:.1f} MB fetched"
+        how = "cached" if remote.cached else f"{remote.fetched_bytes / 2**20:.1f} MiB fetched"
         origin = (f"GGUF headers of {remote.repo}@{remote.commit[:12]}, {len(remote.files)} file(s) of "
-                  f"{remote.total_bytes / 1e9:.1f} GB ({how}; before download)")
+                  f"{remote.total_bytes / 2**30:.1f} GiB, {how}, before download")
         return fp, _alternatives(spec, fp), origin, {"sizes_from": "remote-header", "remote": remote.describe()}
     fp = footprint_from_spec(spec, quant)
     if kind == "registry":
-        return fp, _alternatives(spec, fp), f"models.toml + the {quant} recipe (before download)", {"sizes_from": "recipe"}
+        return fp, _alternatives(spec, fp), f"models.toml + the {quant} recipe, before download", {"sizes_from": "recipe"}
     return fp, _alternatives(spec, fp), f"{path}/config.json", {"sizes_from": "checkpoint-config"}
 
 

@@ -1,15 +1,45 @@
 """How a Placement is shown: one device table (used by `glmlocal plan` and by chat / serve while loading) and
-the summary rows above it. Rich renderables only; the caller prints them."""
+the summary rows above it. Rich renderables only; the caller prints them.
+
+Units, in every command: byte counts (memory, files, bytes read per token) in binary units with the unit printed
+every time (GiB, as --gpu-mem and --ram take them; MiB for small ones); rates in decimal units per second
+(memory bandwidth in GB/s as datasheets give it, downloads in MB/s); JSON in bytes and bytes/s.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import TextIO
+
 from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from glmlocal.plan.placement import Placement
 
-GB = 1e9
+GIB = 1024**3
+MIB = 1024**2
+GB = 1e9  # rates only: bandwidth in GB/s
+NO_WRAP_WIDTH = 100_000  # a pipe has no width: lines go out whole
+
+
+def gib(n: float, digits: int = 1) -> str:
+    """Bytes as GiB with the unit: 72975748384 -> '68.0 GiB'; under 1 GiB in MiB ('310.6 MiB')."""
+    if abs(n) < GIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / GIB:.{digits}f} GiB"
+
+
+def cli_console(*, stderr: bool = False, file: TextIO | None = None) -> Console:
+    """The console a command prints on. A terminal gets Rich at its width with text soft-wrapped (the terminal
+    folds long lines, copying one gives it back whole); a pipe or file gets no wrapping at all (lines as
+    long as they are) and no colour codes, so `glmlocal ... | grep` and pasted flags see exactly one line each."""
+    stream = file or (sys.stderr if stderr else sys.stdout)
+    console = Console(file=stream, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(file=stream, soft_wrap=True, width=NO_WRAP_WIDTH)
+    return console
 
 
 def layers_text(layers: tuple[int, ...]) -> str:
@@ -28,7 +58,7 @@ def layers_text(layers: tuple[int, ...]) -> str:
 
 
 def device_table(p: Placement) -> Table:
-    """One column per device: which layers' attention and experts live there, and how many GB."""
+    """One column per device: which layers' attention and experts live there, and how many GiB."""
     t = Table(title="placement", show_lines=False, box=box.SIMPLE_HEAD)
     t.add_column("")
     for d in p.devices:
@@ -36,12 +66,12 @@ def device_table(p: Placement) -> Table:
     rows = [
         ("layers (attention, shexp, router)", lambda d: layers_text(d.layers)),
         ("layers (routed experts)", lambda d: layers_text(d.expert_layers)),
-        ("weights GB", lambda d: f"{d.weights / GB:.2f}"),
-        ("KV cache GB", lambda d: f"{d.kv / GB:.2f}"),
-        ("compute buffers GB", lambda d: f"{d.compute / GB:.2f}"),
-        ("total / capacity GB", lambda d: f"{d.total / GB:.1f} / {d.capacity / GB:.1f}"),
-        ("headroom GB", lambda d: f"{d.headroom / GB:.2f}"),
-        ("read per token GB", lambda d: f"{d.bytes_per_token / GB:.2f}"),
+        ("weights GiB", lambda d: f"{d.weights / GIB:.2f}"),
+        ("KV cache GiB", lambda d: f"{d.kv / GIB:.2f}"),
+        ("compute buffers GiB", lambda d: f"{d.compute / GIB:.2f}"),
+        ("total / capacity GiB", lambda d: f"{d.total / GIB:.1f} / {d.capacity / GIB:.1f}"),
+        ("headroom GiB", lambda d: f"{d.headroom / GIB:.2f}"),
+        ("read per token GiB", lambda d: f"{d.bytes_per_token / GIB:.2f}"),
         ("bandwidth GB/s", lambda d: f"{d.bandwidth / GB:.0f}"),
     ]
     for label, cell in rows:
