@@ -36,10 +36,12 @@ def run_piped(args: list[str], home: Path, *, stdin: str | None = "", timeout: f
 
 @dataclass
 class Screen:
-    """What a terminal showed: its lines (trailing blanks dropped) and the exit status."""
+    """What a terminal showed: its lines (trailing blanks dropped), the same rows as the terminal holds them
+    (full width, for joining rows the terminal wrapped), and the exit status."""
 
     lines: list[str]
     status: int | None
+    raw: list[str]
 
     @property
     def text(self) -> str:
@@ -65,7 +67,9 @@ def run_on_pty(args: list[str], home: Path, *, cols: int = 100, rows: int = 400,
                 break
     finally:
         child.close()
-    lines = [line.rstrip() for line in screen.display]
+    raw = list(screen.display)
+    lines = [line.rstrip() for line in raw]
     while lines and not lines[-1]:
         lines.pop()
-    return Screen(lines, child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0))
+    status = child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0)
+    return Screen(lines, status, raw[:len(lines)])

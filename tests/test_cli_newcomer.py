@@ -6,6 +6,7 @@ port error."""
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -79,3 +80,60 @@ def test_installed_typer_is_inside_the_pinned_range():
     assert typer_req.specifier, "typer must have an upper bound"
     assert any(s.operator == "<" for s in typer_req.specifier)
     assert typer_req.specifier.contains(version("typer")), (version("typer"), str(typer_req.specifier))
+
+
+# -- 2. one unit, 3. copyable flags, 4. "the planned machine" ---------------------------------------------------
+PLANNED = ["--gpu-mem", "24GiB", "--ram", "64GiB", "--threads", "16", "--gpu-bw", "936", "--cpu-bw", "89.6"]
+DECIMAL_BYTES = re.compile(r"\d\s*(?:GB|MB|TB)\b(?!/s)")  # a byte count in decimal units (rates are GB/s, MB/s)
+
+
+def _flags_line(text: str) -> str:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("-ngl ")]
+    return line
+
+
+def test_plan_prints_gib_and_flags_a_shell_takes_as_is(home):
+    out = run_piped(["plan", "glm-4.5-air", "--quant", "q4_k_m", *PLANNED], home)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert not DECIMAL_BYTES.search(text), DECIMAL_BYTES.search(text)
+    assert re.search(r"GLM-4.5-Air q4_k_m: \d+\.\d GiB of weights \(file \d+\.\d GiB; from models\.toml", text)
+    for row in ("weights GiB", "KV cache GiB", "total / capacity GiB", "read per token GiB", "bandwidth GB/s"):
+        assert row in text, row
+    assert "╭" not in text and "│" not in text  # no box around anything
+    doc = run_piped(["plan", "glm-4.5-air", "--quant", "q4_k_m", *PLANNED, "--json"], home)
+    placement = __import__("json").loads(doc.stdout)["placement"]
+    flags = _flags_line(text)
+    assert flags == placement["llama_cpp_flags"]  # one whole line, however long (no wrapping in a pipe)
+    assert len(flags) > 200
+    # pasted into a shell, -ot gets each pattern=buffer exactly, and llama.cpp's regex search finds the tensors
+    args = shlex.split(flags)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "-ot"]
+    assert overrides == [f"{p}={b}" for p, b in placement["tensor_overrides"]] and len(overrides) >= 2
+    pattern = overrides[0].rsplit("=", 1)[0]
+    assert re.search(pattern, "blk.45.ffn_up_exps.weight") and not re.search(pattern, "blk.45.attn_q.weight")
+    # notes are whole lines too
+    assert any(ln.startswith("- speed estimate ") and ln.endswith("KV read at 4096 tokens") for ln in text.splitlines())
+    assert "the planned machine" not in text  # it fits: nothing to say about the machine
+    assert "threads 16" not in text
+
+
+def test_plan_flags_on_a_terminal_are_one_soft_wrapped_line(home):
+    """On an 80-column terminal the flags wrap where the terminal wraps them (no box, no inserted newlines):
+    the screen rows from `-ngl` on, joined, give back the flags exactly."""
+    doc = run_piped(["plan", "glm-4.5-air", "--quant", "q4_k_m", *PLANNED, "--json"], home)
+    flags = __import__("json").loads(doc.stdout)["placement"]["llama_cpp_flags"]
+    screen = run_on_pty(["plan", "glm-4.5-air", "--quant", "q4_k_m", *PLANNED], home, cols=80)
+    assert screen.status == 0
+    start = next(i for i, row in enumerate(screen.raw) if row.startswith("-ngl "))
+    rows = -(-len(flags) // 80)
+    assert "".join(screen.raw[start:start + rows]).rstrip() == flags
+    assert "│" not in "".join(screen.raw[start:start + rows]) and not DECIMAL_BYTES.search(screen.text)
+
+
+def test_planned_machines_are_called_the_planned_machine(home):
+    given = run_piped(["plan", "glm-4.6", "--quant", "q8_0", "--gpu-mem", "24GiB", "--ram", "256GiB"], home)
+    assert given.returncode == 1 and "the planned machine has" in given.stderr and "this machine" not in given.stderr
+    profile = run_piped(["plan", "glm-4.5-air", "--machine", "m1-max-64", "--ctx", "65536"], home)
+    assert profile.returncode == 1, profile.stderr
+    assert "the planned machine (m1-max-64) has" in profile.stderr and "this machine" not in profile.stderr

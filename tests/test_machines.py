@@ -139,7 +139,8 @@ def test_a_limit_that_cannot_be_raised_far_enough_is_said():
     """m4-max-128 with Air q8_0: all on the GPU would need 118.1 GiB; macOS keeps 16 GiB, so 112 GiB is the
     most (ds4#893 set 114688 MiB). The plan runs 6 MoE layers' experts (and part of one) on the CPU instead."""
     p = plan(fp("glm-4.5-air", "q8_0"), on("m4-max-128"))
-    assert "the whole model on the GPU needs a 118.1 GiB GPU limit; the most this machine allows is 112 GiB" in p.notes
+    assert ("the whole model on the GPU needs a 118.1 GiB GPU limit; the most the planned machine (m4-max-128) "
+            "allows is 112 GiB") in p.notes
     assert p.devices[-1].expert_layers and unified_raise(fp("glm-4.5-air", "q8_0"), on("m4-max-128")) is None
 
 

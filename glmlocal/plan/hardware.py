@@ -88,6 +88,7 @@ class Hardware:
     cpu_bandwidth: float
     notes: tuple[str, ...] = ()
     unified: UnifiedMemory | None = None  # set when a GPU shares RAM: one pool, an OS limit on the GPU's share
+    label: str = "this machine"  # how messages name it: "the planned machine" for --gpu-mem/--ram/--machine
 
     @property
     def cpu_only(self) -> bool:
@@ -297,7 +298,8 @@ def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, i
     if not ov.threads and ov.ram:  # planning for another machine: our core count says little about it
         notes.append(f"threads {cores} (this machine's physical cores); set --threads for the machine you plan for")
     cpu_bw = _cpu_bandwidth(ov, cores, cpu_bw_probe, notes)
-    return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes), pool)
+    label = "the planned machine" if ov.gpu_mem or ov.ram else "this machine"
+    return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes), pool, label)
 
 
 def register_rpc(endpoints) -> tuple[tuple[str, int, int], ...]:

@@ -54,16 +54,17 @@ class Machine:
     gpus: tuple[MachineGPU, ...] = ()
 
     def hardware(self) -> Hardware:
-        """The Hardware this machine is: its GPUs whole and free, all of its RAM available."""
+        """The Hardware this profile describes: its GPUs whole and free, all of its RAM available."""
         prefix = BACKENDS[self.backend]
         note = f"machine profile {self.name}: {self.display} ({self.source or 'machines.toml'})"
+        label = f"the planned machine ({self.name})"
         if not self.unified:
             gpus = tuple(GPU(i, g.name, g.vram, g.vram, g.bandwidth, device=f"{prefix}{i}")
                          for i, g in enumerate(self.gpus))
-            return Hardware(gpus, self.memory, self.memory, self.cores, self.cpu_bandwidth, (note,))
+            return Hardware(gpus, self.memory, self.memory, self.cores, self.cpu_bandwidth, (note,), label=label)
         gpu = GPU(0, self.display, self.gpu_limit, self.gpu_limit, self.gpu_bandwidth, device=f"{prefix}0",
                   unified=True)
-        return Hardware((gpu,), self.memory, self.memory, self.cores, self.cpu_bandwidth, (note,), self.pool())
+        return Hardware((gpu,), self.memory, self.memory, self.cores, self.cpu_bandwidth, (note,), self.pool(), label)
 
     def pool(self) -> UnifiedMemory:
         source = {"metal": "Metal working set", "cuda": "CUDA on an integrated GPU (the whole pool)"}.get(

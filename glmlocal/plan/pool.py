@@ -73,7 +73,7 @@ def pool_notes(b: Budget, lay: Layout, want: int) -> list[str]:
     elif _single_unified(b.hw) and not all_on_gpu(b, lay):
         need = gpu_limit_needed(b, want)
         if need is not None:
-            how = (f"the most this machine allows is {u.limit_max / GIB:.0f} GiB" if u.raise_how
+            how = (f"the most {b.hw.label} allows is {u.limit_max / GIB:.0f} GiB" if u.raise_how
                    else "it cannot be raised here")
             lines.append(f"the whole model on the GPU needs a {need / GIB:.1f} GiB GPU limit; {how}")
     return lines
