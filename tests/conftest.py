@@ -106,3 +106,31 @@ def fakehub(tmp_path, monkeypatch):
     with FakeHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         yield hub
+
+
+# ---- F32 fixtures (owner: batch) --------------------------------------------------------------------
+def build_cached_f32_gguf(preset: str, family: str = "glm45"):
+    """Path of an F32 copy of the cached BF16 GGUF (llama_model_quantize, LLAMA_FTYPE_ALL_F32; the NextN block
+    is kept). llama.cpp's CPU kernels give bit-identical rows for F32 weights whatever the batch shape, so
+    tests that compare a batched decode with a solo one token for token use these (bf16 and q4 matmuls take
+    other paths for 1 row and n rows, which can flip a near-tie)."""
+    import llama_cpp.llama_cpp as C
+
+    src = build_cached_gguf(preset, "bf16", family=family)
+
+    def build(d):
+        qp = C.llama_model_quantize_default_params()
+        qp.ftype = 0  # LLAMA_FTYPE_ALL_F32
+        qp.nthread = 2
+        rc = C.llama_model_quantize(str(src).encode(), str(d / "model.gguf").encode(), qp)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to F32 failed ({rc})")
+
+    return cached_dir(f"gguf-{preset}-{family}-f32", GGUF_SOURCES, build) / "model.gguf"
+
+
+@pytest.fixture(scope="session")
+def f32_gguf_factory():
+    """Callable (preset, family="glm45") -> Path of a cached F32 GGUF."""
+    return build_cached_f32_gguf
+# ---- end F32 fixtures --------------------------------------------------------------------------------

@@ -51,7 +51,13 @@ class GenerationStats:
     ttft_s: float = 0.0
     prompt_s: float = 0.0
     decode_s: float = 0.0
-    cache_source: str = "none"  # "live", "stash" (restored from the state cache) or "none"
+    # "live" (the slot's own KV), "copy" (a running sequence's prefix, shared with llama_memory_seq_cp),
+    # "stash" (restored from the state cache) or "none"
+    cache_source: str = "none"
+    queue_s: float = 0.0  # waiting for a free slot before prompt processing started
+    preempted: int = 0  # times the KV pool was full and this sequence was parked in RAM (nothing recomputed)
+    draft_n: int = 0  # speculative tokens drafted and verified
+    draft_n_accepted: int = 0  # of which the target agreed with
 
     @property
     def tokens_per_s(self) -> float:
@@ -172,9 +178,10 @@ class _Entry(Generic[Blob]):
 class StateCache(Generic[Blob]):
     """Bounded LRU of saved KV states keyed by the token sequence they hold.
 
-    The engine keeps one live sequence; when a request would discard a long live state it is stashed
-    here, and a later request whose prompt shares a longer prefix with a stashed state restores it.
-    So two alternating conversations do not evict each other.
+    The engine's slots keep the KV of recent conversations; when one would be dropped (its slot is reused,
+    or the KV pool needs the room) a long enough state is stashed here, and a later request whose prompt
+    shares a longer prefix with a stashed state restores it. So alternating conversations do not evict
+    each other.
     """
 
     def __init__(self, max_entries: int = 4, max_bytes: int = 2 << 30):

@@ -13,6 +13,10 @@ from glmlocal.errors import EngineError, InputError, PlanError
 from glmlocal.llama import ggml
 from glmlocal.plan.placement import Placement
 
+MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; past this a batch is mostly bookkeeping)
+PARALLEL_SHARE = 8192  # tokens of the shared KV pool a sequence should be able to count on when all run
+DEFAULT_PARALLEL = 4
+
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
@@ -104,13 +108,28 @@ def _kv_type(name: str) -> int:
         raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
 
 
-def context_params(placement: Placement, n_ctx: int) -> C.llama_context_params:
-    """llama_context_params for the placement with `n_ctx` tokens of context (0 threads: llama.cpp's default)."""
+def default_parallel(n_ctx: int) -> int:
+    """How many requests `serve` runs at once when not told: 4 when the KV pool holds 4 x 8K tokens, else as
+    many 8K shares as it holds (at least 1).
+
+    TODO(planner, #14): the planner will choose this from the memory left for KV (and size the pool for it);
+    this is the one place to replace with its answer.
+    """
+    return max(1, min(DEFAULT_PARALLEL, n_ctx // PARALLEL_SHARE))
+
+
+def context_params(placement: Placement, n_ctx: int, n_seq: int = 1) -> C.llama_context_params:
+    """llama_context_params for the placement with `n_ctx` tokens of context shared by `n_seq` sequences
+    (0 threads: llama.cpp's default).
+
+    One unified KV pool (kv_unified) of n_ctx cells, not n_ctx / n_seq per sequence: one conversation may use
+    all of it when it runs alone, and a prefix copied between sequences shares cells (engine/batch.py)."""
     cp = C.llama_context_default_params()
     cp.n_ctx = n_ctx
     cp.n_batch = int(placement.n_batch)
     cp.n_ubatch = min(int(placement.n_ubatch), cp.n_batch)
-    cp.n_seq_max = 1
+    cp.n_seq_max = int(n_seq)
+    cp.kv_unified = True
     if placement.n_threads > 0:
         cp.n_threads = cp.n_threads_batch = int(placement.n_threads)
     cp.flash_attn_type = 1 if placement.flash_attn else 0
