@@ -61,16 +61,30 @@ def test_build_features_missing_on_this_cpu_are_named():
     assert unsupported_features(info, {"pni", "avx", "avx2", "avx_vnni"}) == []
 
 
-def test_cpu_only_build_on_a_gpu_machine_prints_the_cuda_rebuild(monkeypatch):
+def test_cpu_only_build_on_a_gpu_machine_prints_the_rebuild_for_its_backend(monkeypatch):
+    """The rebuild command is the one choose_build makes for the machine: CUDA for its compute capability with
+    the toolkit, HIP for an AMD GPU with ROCm (a GPU NVML never sees), the toolkit to install when it is missing."""
     monkeypatch.setattr(doctor, "cpu_flags", lambda *a: set())
-    info = ChildResult({"backends": ["CPU"], "system_info": "", "devices": []}, 0, None, False, "")
-    gpu = GPU(0, "NVIDIA RTX 4090", 24 << 30, 23 << 30, 1e12)
-    c = backend_check(info, [gpu])
-    assert c.status == "fail" and "-DGGML_CUDA=on" in c.fix and "--force-reinstall" in c.fix
+    info = ChildResult({"backends": ["RPC", "CPU"], "system_info": "", "devices": []}, 0, None, False, "")
+    gpu = GPU(0, "NVIDIA GeForce RTX 4090", 24 << 30, 23 << 30, 1e12)
+    csv4090 = block_after("nvidia-smi-query-csv-rtx4090.txt", "$ nvidia-smi")
+    cuda = choose_build(machine(tools=("nvcc", "nvidia-smi"), outputs={SMI: csv4090}))
+    c = backend_check(info, [gpu], cuda)
+    assert c.status == "fail" and "--force-reinstall" in c.fix and "nothing will be offloaded" in c.detail
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89 ' in c.fix
     ok = backend_check(ChildResult({"backends": ["CUDA", "CPU"], "system_info": "", "devices": []}, 0, None, False,
-                                   ""), [gpu])
+                                   ""), [gpu], cuda)
     assert ok.status == "ok"
-    assert backend_check(info, []).status == "ok"
+    strix = recorded("rocminfo-strix-halo-gfx1151.txt")
+    hip = choose_build(machine(tools=("hipconfig", "rocminfo"), outputs={"rocminfo": strix}))
+    amd = backend_check(info, [], hip)  # NVML lists nothing; ROCm does
+    assert amd.status == "fail" and 'CMAKE_ARGS="-DGGML_HIP=on -DGPU_TARGETS=gfx1151 ' in amd.fix
+    no_toolkit = choose_build(machine(tools=("nvidia-smi",), outputs={SMI: csv4090}))
+    c = backend_check(info, [gpu], no_toolkit)
+    assert c.status == "fail" and "no CUDA toolkit (nvcc)" in c.fix
+    assert c.fix.endswith('CMAKE_ARGS="$(python3 -m glmlocal.doctor --cmake-args)" pip install --force-reinstall '
+                          '--no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==0.3.36"')
+    assert backend_check(info, [], choose_build(machine())).status == "ok"  # a CPU machine, a CPU build
 
 
 def test_child_needs_no_torch(tmp_path):

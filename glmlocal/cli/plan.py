@@ -6,21 +6,34 @@ import json
 import shlex
 from dataclasses import asdict
 
+import typer
 from rich.console import Console
 from rich.text import Text
 
 from glmlocal.plan.footprint import Footprint
+from glmlocal.plan.minimum import MachineTooSmall
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.placement import Placement
 from glmlocal.plan.resolve import plan_model
-from glmlocal.plan.view import cli_console, device_table, gib
+from glmlocal.plan.view import (
+    cli_console,
+    device_table,
+    gib,
+    minimum_lines,
+    unsized_line,
+    works_here,
+)
 
 
 def run_plan(model: str, quant: str | None, options: PlanOptions, *, as_json: bool = False,
              console: Console | None = None) -> None:
     """Plan and print: a table per device, the llama.cpp flags and the notes (or JSON)."""
     console = console or cli_console()
-    mp = plan_model(model, quant, options)
+    try:
+        mp = plan_model(model, quant, options)
+    except MachineTooSmall as e:
+        too_small(e, as_json=as_json, out=console if as_json else cli_console(stderr=True))
+        raise typer.Exit(1) from None
     placement, fp, hw, origin, source = mp.placement, mp.footprint, mp.hardware, mp.origin, mp.source
     flags = placement.llama_cpp_flags() + (f" --rpc {shlex.quote(','.join(options.rpc))}" if options.rpc else "")
     if as_json:
@@ -47,3 +60,21 @@ def _header(p: Placement, fp: Footprint, origin: str) -> Text:
                          (f"{p.est_tokens_per_s:.1f} tokens/s", "bold"))
 
 
+
+
+def too_small(e: MachineTooSmall, *, as_json: bool, out: Console) -> None:
+    """The straight answer when nothing of the model fits: the smallest machine for each GLM-4.x model (its
+    smallest quant known here, with the numbers) and what works on this one; JSON in bytes."""
+    if as_json:
+        doc = {"fits": False, "error": e.one_line(), "machine": e.label, "usable_bytes": e.usable,
+               "smallest": [asdict(m) for m in e.models], "runs_here": [m.name for m in e.fits]}
+        out.file.write(json.dumps(doc, indent=2) + "\n")
+        return
+    out.print(Text(f"error: {e.message}", style="red"))
+    out.print(f"the smallest machine for each GLM-4.x model (its smallest quant known here, "
+              f"{e.minimum.ctx} tokens of context):", highlight=False)
+    for line in minimum_lines(e.models):
+        out.print(Text(f"  {line}"))
+    for line in (unsized_line(e.models), works_here(e.label, e.usable, e.fits)):
+        if line:
+            out.print(Text(line))

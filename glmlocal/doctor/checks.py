@@ -15,30 +15,23 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from glmlocal.doctor.build import (
-    CUDA_CMAKE_ARGS,
-    cpu_cmake_args,
+    BuildChoice,
+    choose_build,
     cpu_flags,
     rebuild_command,
     unsupported_features,
 )
+from glmlocal.doctor.memory import disk_check, ram_check
+from glmlocal.doctor.result import Check
 
+__all__ = ["Check", "backend_check", "disk_check", "gpu_check", "ram_check", "run_checks", "smoke_check"]
 GIB = 1024**3
-MIN_FREE_DISK = 20 * GIB  # below this even Air's smallest quant cannot be pulled
-
-
-@dataclass
-class Check:
-    """One doctor finding. status: "ok" | "warn" | "fail". fix: what to run, when something is wrong."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str | None = None
-    data: dict = field(default_factory=dict)
+# After installing a GPU toolkit: the flags are chosen again, for what is installed then.
+REBUILD_FOR_THIS_MACHINE = rebuild_command("$(python3 -m glmlocal.doctor --cmake-args)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +128,13 @@ def _tail(text: str, n: int = 6) -> str:
     return " | ".join(lines[-n:])
 
 
-def smoke_check(timeout: float = 300.0, argv_factory: Callable[[str], list[str]] | None = None) -> Check:
+def smoke_check(timeout: float = 300.0, argv_factory: Callable[[str], list[str]] | None = None,
+                choice: BuildChoice | None = None) -> Check:
     """The end-to-end test: a tiny random Q4_K_M model evaluated by the installed llama.cpp, in a child."""
     with tempfile.TemporaryDirectory(prefix="glmlocal-doctor-") as tmp:
         argv = argv_factory(tmp) if argv_factory else _child_argv("smoke", tmp)
         res = run_child(argv, timeout)
-    fix_cpu = rebuild_command(cpu_cmake_args())
+    fix_cpu = rebuild_command((choice or choose_build()).args)  # this CPU's flags, and this machine's GPU backend
     if res.signal_name:
         return Check("smoke test", "fail",
                      f"llama.cpp crashed with {res.signal_name} evaluating a quantized (Q4_K_M) model: the "
@@ -162,26 +156,28 @@ def smoke_check(timeout: float = 300.0, argv_factory: Callable[[str], list[str]]
                  f"({r['tokens_per_s']:.0f} tok/s, {r['seconds']:.1f} s total)", data=r)
 
 
-def backend_check(info: ChildResult, gpus: list) -> Check:
-    """Which ggml backends the build has, against the GPUs the machine has."""
+def backend_check(info: ChildResult, gpus: list, choice: BuildChoice | None = None) -> Check:
+    """Which ggml backends the build has, against the GPUs the machine has and the build it should have
+    (doctor/build.choose_build: CUDA, HIP, Metal, Vulkan or CPU, for this machine's toolkits and GPUs)."""
+    choice = choice or choose_build()
+    rebuild = rebuild_command(choice.args)
     if info.signal_name or info.result is None:
         return Check("llama.cpp build", "fail",
-                     f"could not load llama-cpp-python ({info.signal_name or _tail(info.output, 2)})",
-                     fix=rebuild_command(f"{CUDA_CMAKE_ARGS} {cpu_cmake_args()}" if gpus else cpu_cmake_args()))
+                     f"could not load llama-cpp-python ({info.signal_name or _tail(info.output, 2)})", fix=rebuild)
     backends = info.result["backends"]
     names = ", ".join(backends)
     missing = unsupported_features(info.result.get("system_info", ""), cpu_flags())
     if missing:
         return Check("llama.cpp build", "fail",
                      f"llama-cpp-python was compiled for {', '.join(missing)}, which this CPU does not have: "
-                     "it will crash (SIGILL) on quantized models", fix=rebuild_command(cpu_cmake_args()),
-                     data=info.result)
+                     "it will crash (SIGILL) on quantized models", fix=rebuild, data=info.result)
     gpu_backends = [b for b in backends if b.upper() not in ("CPU", "BLAS", "RPC")]
-    if gpus and not gpu_backends:
+    if not gpu_backends and (gpus or choice.backend != "cpu"):
+        has = f"{len(gpus)} GPU(s) ({', '.join(g.name for g in gpus)})" if gpus else f"a {choice.backend} GPU"
+        fix = rebuild if choice.backend != "cpu" else f"{choice.reason.split(': ', 1)[-1]}; then {REBUILD_FOR_THIS_MACHINE}"
         return Check("llama.cpp build", "fail",
-                     f"llama-cpp-python was built with backends [{names}] only, but this machine has "
-                     f"{len(gpus)} NVIDIA GPU(s): nothing will be offloaded",
-                     fix=rebuild_command(f"{CUDA_CMAKE_ARGS} {cpu_cmake_args()}"), data=info.result)
+                     f"llama-cpp-python was built with backends [{names}] only, but this machine has {has}: "
+                     f"nothing will be offloaded (the build for it: {choice.reason})", fix=fix, data=info.result)
     sysinfo = info.result.get("system_info", "").replace("CPU :", "")
     kernels = [p.split("=")[0].strip() for p in sysinfo.split("|") if p.strip().endswith("= 1")]
     return Check("llama.cpp build", "ok", f"backends: {names}; CPU kernels: {' '.join(kernels) or 'baseline'}",
@@ -189,39 +185,28 @@ def backend_check(info: ChildResult, gpus: list) -> Check:
 
 
 def gpu_check(gpus: list, notes: Sequence[str]) -> Check:
+    """The GPUs llama.cpp will offload to (its device registry; NVML's list when the build has no GPU backend)."""
     if not gpus:
         extra = f" ({'; '.join(notes)})" if notes else ""
-        return Check("GPUs", "warn", f"no NVIDIA GPU visible: models run on the CPU{extra}")
-    desc = "; ".join(f"GPU{g.index} {g.name}: {g.free / GIB:.1f} of {g.total / GIB:.1f} GiB free" for g in gpus)
-    busy = [g for g in gpus if g.total and g.free < 0.5 * g.total]
+        return Check("GPUs", "warn", f"no GPU that llama.cpp can use: models run on the CPU{extra}")
+    desc = "; ".join(f"{g.device_name} {g.name}: {g.free / GIB:.1f} of {g.total / GIB:.1f} GiB free"
+                     + (" (shared with RAM)" if g.unified else "") for g in gpus)
+    busy = [g for g in gpus if g.total and g.free < 0.5 * g.total and not g.unified]
     if busy:
         return Check("GPUs", "warn", desc + " (less than half free: other processes hold VRAM)",
-                     fix="close other GPU programs (see nvidia-smi) before loading a model")
-    return Check("GPUs", "ok", desc)
+                     fix="close the other GPU programs (nvidia-smi, rocm-smi or nvtop lists them) before loading a model")
+    return Check("GPUs", "ok", desc + (f" ({'; '.join(notes)})" if notes else ""))
 
 
-SMALLEST_MODEL = 72 * 10**9  # GLM-4.5-Air Q4_K_M weights (~68 GB) plus a small KV cache
+def _gpus(info: ChildResult, ram_total: int) -> tuple[list, list[str]]:
+    """This machine's GPUs as llama.cpp sees them, from the device list the child read (the parent never loads
+    llama.cpp: a crashing build must not take the doctor down); NVML's when the child could not say."""
+    from glmlocal.llama.ggml import Device
+    from glmlocal.plan.devices import local_gpus
 
-
-def ram_check(total: int, available: int, vram: int = 0) -> Check:
-    """RAM, judged together with VRAM against the smallest GLM-4.x model."""
-    detail = f"{available / GIB:.1f} of {total / GIB:.1f} GiB available"
-    if total + vram < SMALLEST_MODEL:
-        return Check("RAM", "warn", detail + f" (+ {vram / GIB:.0f} GiB VRAM): the smallest GLM-4.x model "
-                     "(GLM-4.5-Air Q4_K_M, ~68 GB) needs about 72 GB of RAM + VRAM",
-                     fix="run `glmlocal plan glm-4.5-air` to see what fits")
-    return Check("RAM", "ok", detail)
-
-
-def disk_check(root: Path) -> Check:
-    from glmlocal.models.store import free_bytes
-
-    free = free_bytes(root)
-    detail = f"{free / GIB:.1f} GiB free at {root}"
-    if free < MIN_FREE_DISK:
-        return Check("disk", "warn", detail + ": too little for any GLM-4.x model (the smallest is ~68 GB)",
-                     fix="free space or set GLMLOCAL_HOME to a larger disk")
-    return Check("disk", "ok", detail)
+    devices = [Device(**d) for d in (info.result or {}).get("devices", [])]
+    gpus, _, notes = local_gpus(ram_total, devices=devices)
+    return gpus, notes
 
 
 def run_checks(*, smoke: bool = True, on_check: Callable[[Check], None] | None = None) -> list[Check]:
@@ -229,9 +214,8 @@ def run_checks(*, smoke: bool = True, on_check: Callable[[Check], None] | None =
     import psutil
 
     from glmlocal.models import store
-    from glmlocal.plan import hardware
+    from glmlocal.plan.minimum import minimums
 
-    gpus, notes = hardware.probe_gpus()
     vm = psutil.virtual_memory()
     checks: list[Check] = []
 
@@ -240,10 +224,14 @@ def run_checks(*, smoke: bool = True, on_check: Callable[[Check], None] | None =
         if on_check:
             on_check(c)
 
-    add(backend_check(run_child(_child_argv("info"), 120), gpus))
+    info = run_child(_child_argv("info"), 120)
+    gpus, notes = _gpus(info, int(vm.total))
+    choice = choose_build()
+    add(backend_check(info, gpus, choice))
     add(gpu_check(gpus, notes))
-    add(ram_check(int(vm.total), int(vm.available), sum(g.total for g in gpus)))
-    add(disk_check(store.home()))
+    models = minimums()
+    add(ram_check(int(vm.total), int(vm.available), sum(g.total for g in gpus if not g.unified), models))
+    add(disk_check(store.home(), models))
     if smoke:
-        add(smoke_check())
+        add(smoke_check(choice=choice))
     return checks

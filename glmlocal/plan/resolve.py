@@ -89,7 +89,8 @@ class ModelPlan:
 
 
 def plan_model(model: str, quant: str | None, options: PlanOptions) -> ModelPlan:
-    """Resolve MODEL, probe (or take) the hardware, plan (PlanError names what would fit instead)."""
+    """Resolve MODEL, probe (or take) the hardware, plan. PlanError names what would fit instead; MachineTooSmall
+    (a PlanError) when nothing of the model can fit, with the smallest machine for it and for each model."""
     if options.ctx is not None and options.ctx <= 0:
         raise InputError(f"--ctx must be positive, got {options.ctx}")
     fp, smaller, origin, source = resolve_footprint(model, quant)
@@ -99,5 +100,9 @@ def plan_model(model: str, quant: str | None, options: PlanOptions) -> ModelPlan
     try:
         placement = plan(fp, hw, ctx=options.ctx, kv_type=options.kv_type or "f16", alternatives=smaller or {})
     except PlanError as e:
-        raise smaller.explain(e) if smaller is not None else e
+        if smaller is None:
+            raise
+        from glmlocal.plan.minimum import too_small
+
+        raise too_small(smaller.spec, hw) or smaller.explain(e) from None
     return ModelPlan(placement, fp, hw, origin, source)

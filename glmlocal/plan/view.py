@@ -9,7 +9,7 @@ every time (GiB, as --gpu-mem and --ram take them; MiB for small ones); rates in
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from rich import box
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from glmlocal.plan.placement import Placement
+
+if TYPE_CHECKING:  # the minimum module plans on every profile: imported only where a machine is too small
+    from glmlocal.plan.minimum import Minimum
 
 GIB = 1024**3
 MIB = 1024**2
@@ -97,3 +100,34 @@ def summary_table(p: Placement, title: str) -> Table:
         if value:
             table.add_row(Text(key, style="dim"), value)
     return table
+
+
+def minimum_lines(models: list[Minimum]) -> list[str]:
+    """One line per model: its smallest quant known here, the RAM + VRAM that needs, and the smallest machine
+    profiles that run it (with their memory and estimated speed)."""
+    lines = []
+    for m in models:
+        runs = ", ".join(f"{p.name} ({gib(p.memory)}, ~{p.est_tokens_per_s:.0f} tok/s)" for p in m.profiles[:3])
+        lines.append(f"{m.display} {m.quant}{' (published)' if m.published else ''}: {gib(m.file_bytes)} file, "
+                     f"needs {gib(m.need_bytes)} of RAM + VRAM; runs on {runs or 'none of the machine profiles'}")
+    return lines
+
+
+def unsized_line(models: list[Minimum]) -> str | None:
+    """Why the published quants not sized here do not change the answer (their bit class bounds them)."""
+    bounds = [(m, m.unsized[0]) for m in models if m.unsized]
+    if not bounds:
+        return None
+    parts = ", ".join(f"{m.display} {u.quant} at least {gib(u.at_least)}" for m, u in bounds)
+    return f"published quants not sized here cannot fit either, by their bits per weight alone: {parts}"
+
+
+def works_here(label: str, usable: int, fits: list[Minimum]) -> str:
+    """What the (probed or planned) machine can do instead."""
+    if fits:
+        return "runs here: " + ", ".join(f"{m.display} {m.quant} (glmlocal plan {m.name})" for m in fits)
+    if label == "this machine":
+        return (f"what works here: `glmlocal rpc-server 0.0.0.0:50052` lends this machine's memory "
+                f"({gib(usable)}) to a machine that runs a model (`--rpc THIS_HOST:50052` there); "
+                "`glmlocal plan MODEL --machine NAME` (or --machines) plans for a machine you do not have")
+    return "`glmlocal plan MODEL --machine NAME` (or --machines) plans one of the machine profiles"
