@@ -6,6 +6,7 @@ glmlocal/models.toml (a link to the root file), which is what an installed glmlo
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,12 +199,28 @@ def find_model(name_or_alias: str) -> ModelSpec | None:
 
 
 def get_model(name_or_alias: str) -> ModelSpec:
-    """Like find_model, but an unknown name raises InputError that lists the known names."""
+    """Like find_model, but an unknown name raises unknown_model()."""
     spec = find_model(name_or_alias)
     if spec is None:
-        known = ", ".join(s.name for s in all_models())
-        raise InputError(f"unknown model {name_or_alias!r}", hint=f"known models: {known}")
+        raise unknown_model(name_or_alias)
     return spec
+
+
+def did_you_mean(word: str, choices: dict[str, str]) -> str:
+    """'; did you mean X?' (or 'X or Y') for a near miss among `choices` (spelling -> the name to suggest)."""
+    word = word.strip().lower()
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), choices[c]) for c in choices), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    # a typo is close (ratio >= 0.75); a second name only when it is as close as the first
+    names = list(dict.fromkeys(name for ratio, name in scored if ratio >= max(0.75, best - 0.05)))[:2]
+    return f"; did you mean {' or '.join(names)}?" if names else ""
+
+
+def unknown_model(name: str) -> InputError:
+    """The error for a name no registry model has: a near miss suggested, every known name listed."""
+    spellings = {key.lower(): spec.name for spec in all_models() for key in (spec.name, spec.display, *spec.aliases)}
+    known = ", ".join(s.name for s in all_models())
+    return InputError(f"unknown model {name!r}{did_you_mean(name, spellings)}", hint=f"known models: {known}")
 
 
 _CONFIG_DEFAULTS = {"num_nextn_predict_layers": 0, "n_shared_experts": 0, "first_k_dense_replace": 0,

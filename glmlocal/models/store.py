@@ -355,8 +355,7 @@ def resolve_model(spec: str, *, quant: str | None = None, store: Store | None = 
     if model is None:
         if spec.endswith(".gguf") or os.sep in spec:
             raise InputError(f"no such file or directory: {spec}")
-        known = ", ".join(m.name for m in registry.all_models())
-        raise InputError(f"unknown model {name!r}", hint=f"known models: {known}")
+        raise registry.unknown_model(name)
     quant = validate_quant(model, q or quant or _pick_quant(store, model, model.name))
     m = store.read_manifest(model.name, quant)
     if m is None:

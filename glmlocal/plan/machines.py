@@ -142,7 +142,10 @@ def get_machine(name: str, profiles: dict[str, Machine] | None = None) -> Machin
     profiles = machines() if profiles is None else profiles
     found = {k.lower(): m for k, m in profiles.items()}.get(name.strip().lower())
     if found is None:
-        raise InputError(f"unknown machine {name!r}", hint=f"known machines: {', '.join(profiles)}")
+        from glmlocal.models.registry import did_you_mean
+
+        near = did_you_mean(name, {k.lower(): k for k in profiles})
+        raise InputError(f"unknown machine {name!r}{near}", hint=f"known machines: {', '.join(profiles)}")
     return found
 
 
