@@ -29,9 +29,11 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
 
 def run_piped(args: list[str], home: Path, *, stdin: str | None = "", timeout: float = 300,
               **env: str) -> subprocess.CompletedProcess:
-    """`glmlocal ARGS` with stdin, stdout and stderr all pipes (as in `glmlocal ... | less` or a script)."""
-    return subprocess.run([sys.executable, "-m", "glmlocal", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, cwd=home, env=cli_env(home, **env), check=False)
+    """`glmlocal ARGS` with stdout and stderr pipes (as in `glmlocal ... | less` or a script) and stdin a pipe
+    holding `stdin` (None: /dev/null)."""
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run([sys.executable, "-m", "glmlocal", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=home, env=cli_env(home, **env), check=False, **feed)
 
 
 @dataclass

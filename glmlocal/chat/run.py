@@ -22,7 +22,7 @@ from glmlocal.chat.transcript import (
 from glmlocal.engine.generation import Sampling
 from glmlocal.errors import InputError
 from glmlocal.launch import LoadedModel, open_model
-from glmlocal.models.store import home
+from glmlocal.models.store import home, resolve_model
 from glmlocal.plan.options import PlanOptions
 
 
@@ -78,7 +78,9 @@ def start_conversation(args: ChatArgs, tools: list | None) -> tuple[Conversation
 def run_chat(args: ChatArgs, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """The `glmlocal chat` command: interactive when stdin is a terminal, else piped. Returns the exit code."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tools = load_tools(args.tools) if args.tools else None  # bad input fails before the slow load
+    # Bad input fails before the slow load, the model first: a missing file is the first thing to fix.
+    resolve_model(args.model, quant=args.quant).require_gguf()
+    tools = load_tools(args.tools) if args.tools else None
     piped = not stdin.isatty()
     prompts = split_prompts(stdin.read(), args.each_line) if piped else []
     if piped and not prompts:

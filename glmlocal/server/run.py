@@ -6,6 +6,7 @@ second with one clear line, and `--port 0` picks a free port that is printed onc
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -53,8 +54,11 @@ def open_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                         hint="pick another --port (or stop the other server)") from None
+        what = {errno.EADDRINUSE: "another program is listening there; stop it or pick another --port",
+                errno.EACCES: "ports below 1024 need root; pick another --port",
+                errno.EADDRNOTAVAIL: "no network interface has that address; pick another --host"}
+        why = what.get(exc.errno, f"{(exc.strerror or str(exc)).lower()}; pick another --port or --host")
+        raise InputError(f"cannot listen on {f'[{host}]' if ':' in host else host}:{port}: {why}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
