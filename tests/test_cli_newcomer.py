@@ -120,7 +120,13 @@ def test_plan_prints_gib_and_flags_a_shell_takes_as_is(home):
     # notes are whole lines too
     assert any(ln.startswith("- speed estimate ") and ln.endswith("KV read at 4096 tokens") for ln in text.splitlines())
     assert "the planned machine" not in text  # it fits: nothing to say about the machine
-    assert "threads 16" not in text
+    assert all(line == line.rstrip() for line in text.splitlines())  # no padding out to a pipe's "width"
+    survey = run_piped(["plan", "glm-4.5-air", "--machines"], home)
+    rows = survey.stdout.splitlines()
+    assert survey.returncode == 0 and all(line == line.rstrip() for line in rows)
+    assert re.search(r"^\s+machine\s+memory\s+backend\s+fits\s+best quant\s+file GiB\s+context", survey.stdout, re.M)
+    assert any(re.match(r"\s+m4-max-128\s+128 GiB unified \(GPU 107\.5 GiB\)\s", row) for row in rows)
+    assert not DECIMAL_BYTES.search(survey.stdout)
 
 
 def test_plan_flags_on_a_terminal_are_one_soft_wrapped_line(home):

@@ -8,6 +8,7 @@ every time (GiB, as --gpu-mem and --ram take them; MiB for small ones); rates in
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import TYPE_CHECKING, TextIO
 
@@ -34,14 +35,42 @@ def gib(n: float, digits: int = 1) -> str:
     return f"{n / GIB:.{digits}f} GiB"
 
 
+class _Unpadded(io.TextIOBase):
+    """A pipe's end of the console: each line without the trailing blanks Rich pads table cells with (at a width
+    of NO_WRAP_WIDTH a table row would end in hundreds of spaces)."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.pending = out, ""
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.out, "encoding", None) or "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.out.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write(self.pending)
+            self.pending = ""
+        self.out.flush()
+
+
 def cli_console(*, stderr: bool = False, file: TextIO | None = None) -> Console:
     """The console a command prints on. A terminal gets Rich at its width with text soft-wrapped (the terminal
     folds long lines, copying one gives it back whole); a pipe or file gets no wrapping at all (lines as
-    long as they are) and no colour codes, so `glmlocal ... | grep` and pasted flags see exactly one line each."""
+    long as they are, without padding) and no colour codes, so `glmlocal ... | grep` and pasted flags see
+    exactly one line each."""
     stream = file or (sys.stderr if stderr else sys.stdout)
     console = Console(file=stream, soft_wrap=True)
     if not console.is_terminal:
-        console = Console(file=stream, soft_wrap=True, width=NO_WRAP_WIDTH)
+        console = Console(file=_Unpadded(stream), soft_wrap=True, width=NO_WRAP_WIDTH)
     return console
 
 
