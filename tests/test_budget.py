@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from glmlocal.engine.budget import ThinkBudget, ThinkState
+from glmlocal.engine.budget import (
+    UTF8_GUARD,
+    ThinkBudget,
+    ThinkState,
+    char_openers,
+    opens_char,
+)
 
 OPEN, CLOSE, CALL, A = 10, 11, 12, 1
 
@@ -69,3 +75,26 @@ def test_room_is_what_may_be_generated_before_the_forced_close():
 def test_a_budget_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         ThinkBudget(OPEN, CLOSE, 0)
+
+
+@pytest.mark.parametrize("piece,opens", [
+    (b"abc", False), (b"", False), ("é".encode(), False), ("é".encode()[:1], True), (b"a\xe4\xba", True),
+    (b"\xba\xba", False),  # continuation bytes only: finishing a character, not starting one
+    (b"\xb7\xa5\xe6", True), ("人".encode() + "😀".encode()[:3], True), ("😀".encode(), False),
+    (b"<think>", False),
+])
+def test_opens_char(piece, opens):
+    assert opens_char(piece) is opens
+
+
+def test_tokens_that_would_split_a_character_are_banned_just_before_the_forced_close():
+    pieces = {0: b"a", 1: b"\xe4", 2: b"\xba\xba", 3: b"x\xf0"}
+    openers = char_openers(4, pieces.__getitem__)
+    assert openers == (1, 3)
+    st = ThinkState(ThinkBudget(OPEN, CLOSE, 8, starts_inside=True, char_openers=openers))
+    seen = []
+    while st.forced() is None:
+        seen.append((st.room(), st.banned()))
+        st.push(A)
+    assert [r for r, b in seen if b] == list(range(UTF8_GUARD, 0, -1)) and all(b in ((), openers) for _, b in seen)
+    assert st.room() == 0 and st.forced() == CLOSE

@@ -1,6 +1,7 @@
-"""Grammars in real llama.cpp: every generated GBNF parses, accepts the right texts and rejects wrong ones, and
-sampling the random tiny GLM model with it yields calls/JSON that the parser reads and the schema validates
-(without the grammar the same model emits noise)."""
+"""Grammars in real llama.cpp: every generated GBNF parses, accepts the right texts and rejects wrong ones (the
+shortest call glm/shortest.py sizes included), and sampling the random tiny GLM model with it through the engine,
+thinking budget included, yields calls/JSON that the parser reads and the schema validates (without the grammar
+the same model emits noise)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 jsonschema = pytest.importorskip("jsonschema")
 
+from glmlocal.engine.budget import ThinkBudget
+from glmlocal.engine.engine import Engine
+from glmlocal.engine.generation import Sampling
 from glmlocal.glm.events import ContentDelta, ToolCallEnd
 from glmlocal.glm.parser import StreamParser
+from glmlocal.glm.shortest import shortest_call, worst_case_tokens
 from glmlocal.glm.template import ChatTemplate
 from glmlocal.glm.tools import json_schema_grammar, tool_call_grammar
-from tests.test_glm_tools import PYDANTIC_STYLE
+from glmlocal.plan.planner import Placement
+from tests.test_glm_tools import PYDANTIC_STYLE, WEATHER
 
 # Bounded schemas: a random model only stops a free-text value by luck, so the sampled tools bound every string.
 ALARM = {"type": "function", "function": {"name": "set_alarm", "description": "Set an alarm", "parameters": {
@@ -46,6 +52,12 @@ def llm(gguf_factory):
     return llama_cpp.Llama(str(path), n_ctx=2048, n_threads=2, n_batch=256, verbose=False, seed=0)
 
 
+@pytest.fixture(scope="module")
+def engine(gguf_factory):
+    with Engine.load(gguf_factory("tiny", "bf16"), Placement.cpu_only(ctx=2048, threads=2)) as eng:
+        yield eng
+
+
 def parses(llm, grammar: str) -> bool:
     smpl = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
     if not smpl:
@@ -61,12 +73,13 @@ def _allowed(smpl, token: int) -> bool:
     return not math.isinf(data[0].logit)
 
 
-def accepts(llm, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar sampler lets exactly `text` (then end-of-generation) through."""
+def accepts(llm, grammar: str, text: str | list[int]) -> bool:
+    """Whether llama.cpp's grammar sampler lets exactly `text` (or these tokens), then end-of-generation, through."""
     smpl = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
     assert smpl, "grammar failed to parse"
+    tokens = text if isinstance(text, list) else llm.tokenize(text.encode(), add_bos=False, special=True)
     try:
-        for tok in llm.tokenize(text.encode(), add_bos=False, special=True):
+        for tok in tokens:
             if not _allowed(smpl, tok):
                 return False
             llama_cpp.llama_sampler_accept(smpl, tok)
@@ -75,18 +88,50 @@ def accepts(llm, grammar: str, text: str) -> bool:
         llama_cpp.llama_sampler_free(smpl)
 
 
-GRAMMAR_CASES = [(fam, choice, thinking, budget)
-                 for fam in ("glm45", "glm47") for thinking in (False, True) for budget in (None, 16)
+GRAMMAR_CASES = [(fam, choice, thinking) for fam in ("glm45", "glm47") for thinking in (False, True)
                  for choice in ("required", {"type": "function", "function": {"name": "lights"}})]
 
 
-@pytest.mark.parametrize("family,choice,thinking,budget", GRAMMAR_CASES)
-def test_tool_grammars_parse_in_llama_cpp(llm, family, choice, thinking, budget):
+@pytest.mark.parametrize("family,choice,thinking", GRAMMAR_CASES)
+def test_tool_grammars_parse_in_llama_cpp(llm, family, choice, thinking):
     for tools in (TOOLS, [FREE], TOOLS + [FREE]):
         if isinstance(choice, dict) and tools == [FREE]:
             continue
-        g = tool_call_grammar(tools, family, choice, enable_thinking=thinking, think_budget=budget, parallel=True)
+        g = tool_call_grammar(tools, family, choice, enable_thinking=thinking, parallel=True)
         assert parses(llm, g), g
+
+
+@pytest.mark.parametrize("family", ["glm45", "glm47"])
+def test_the_shortest_call_is_accepted_and_its_bound_holds(llm, family):
+    """glm/shortest.py's shortest call is a text the grammar accepts, and no tokenization of it is longer than
+    its worst-case count; one byte less in a value is refused (it really is the shortest)."""
+    for tool in (*TOOLS, FREE, WEATHER, *PYDANTIC_STYLE):
+        fn = tool["function"]
+        g = tool_call_grammar([tool], family, "required", enable_thinking=False)
+        text = shortest_call(fn, family)
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert accepts(llm, g, ("\n" if family == "glm45" else "") + text), text
+        assert len(tokens) <= worst_case_tokens(text)
+    lights = shortest_call(LIGHTS["function"], family)
+    assert not accepts(llm, tool_call_grammar([LIGHTS], family, "required", enable_thinking=False),
+                       lights.replace(">hall<", ">hal<"))
+
+
+def test_think_blocks_end_only_at_the_closing_token(llm):
+    """The tags are tokens: `</think>` spelled in pieces, or a `<tool_call>` inside thinking, cannot end the block
+    (the engine's budget counts on the token); GLM-4.5/4.6 may skip the block, GLM-4.7's prompt opened it."""
+    call = ("<tool_call>lights<arg_key>on</arg_key><arg_value>true</arg_value><arg_key>room</arg_key>"
+            "<arg_value>hall</arg_value></tool_call>")
+    g47 = tool_call_grammar([LIGHTS], "glm47", "required", enable_thinking=True)
+    assert accepts(llm, g47, "Plan: <b>x</b> </thin</think>" + call)
+    pieces = [t for part in (b"Plan.</", b"think", b">") for t in llm.tokenize(part, add_bos=False, special=False)]
+    assert llm.detokenize(pieces) == b"Plan.</think>" and not accepts(llm, g47, pieces + llm.tokenize(call.encode(), add_bos=False, special=True))
+    assert not accepts(llm, g47, "Plan." + call)  # a call inside reasoning
+    assert not accepts(llm, g47, "Plan.<tool_call>x</think>" + call)
+    g45 = tool_call_grammar([LIGHTS], "glm45", "required", enable_thinking=True)
+    call45 = ("<tool_call>lights\n<arg_key>on</arg_key>\n<arg_value>true</arg_value>\n<arg_key>room</arg_key>\n"
+              "<arg_value>hall</arg_value>\n</tool_call>")
+    assert accepts(llm, g45, "\n<think>Plan.</think>\n" + call45) and accepts(llm, g45, "\n" + call45)
 
 
 def test_json_grammars_parse_in_llama_cpp(llm):
@@ -98,7 +143,8 @@ def test_json_grammars_parse_in_llama_cpp(llm):
                                 family="glm45", enable_thinking=True)
     assert accepts(llm, typed, '\n<think>Count.</think>\n{"n": 42}')
     assert not accepts(llm, typed, '\n<think>Count.</think>\n{"n": "42"}')
-    assert not accepts(llm, typed, '{"n": 42}')  # the think block comes first when thinking is on
+    assert accepts(llm, typed, '{"n": 42}')  # GLM-4.5/4.6 may skip the block (a spent budget bans it)
+    assert not accepts(llm, typed, '{"n": 42}</think>')
     assert not parses(llm, "root ::= undefined-rule")  # the probe itself can tell a broken grammar
     assert not parses(llm, "root ::= [a-")
 
@@ -142,11 +188,14 @@ def test_grammar_accepts_valid_and_rejects_invalid_calls(llm):
                                  "<arg_key>room</arg_key><arg_value>attic</arg_value></tool_call>")  # think first
 
 
-def _sample(llm, prompt: str, grammar: str | None, seed: int, max_tokens: int):
-    kw = {"grammar": llama_cpp.LlamaGrammar.from_string(grammar)} if grammar else {}
-    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                                seed=seed, **kw)
-    return out["choices"][0]["text"], out["choices"][0]["finish_reason"]
+def _sample(engine: Engine, prompt: str, grammar: str | None, seed: int, max_tokens: int,
+            think: int | None = None, starts_inside: bool = False):
+    """Random sampling through the engine; `think`: a thinking budget (the random model never closes on its own)."""
+    budget = None if think is None else ThinkBudget(engine.token_id("<think>"), engine.token_id("</think>"), think,
+                                                    starts_inside, engine.token_id("<tool_call>"))
+    outs = list(engine.generate(engine.tokenize(prompt), Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=seed),
+                                grammar=grammar, max_tokens=max_tokens, think=budget))
+    return "".join(o.text for o in outs), outs[-1].finish_reason
 
 
 def _parse(text, family, tools, starts_in_thinking, reason):
@@ -156,15 +205,15 @@ def _parse(text, family, tools, starts_in_thinking, reason):
 
 @pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
 @pytest.mark.parametrize("family,thinking", [("glm45", False), ("glm47", False), ("glm45", True), ("glm47", True)])
-def test_forced_tool_call_from_random_model(llm, family, thinking):
+def test_forced_tool_call_from_random_model(engine, family, thinking):
     tpl = ChatTemplate.builtin(family)
     prompt = tpl.render([{"role": "user", "content": "Wake me at 7 and dim the lights."}], TOOLS,
                         enable_thinking=thinking)
     start = tpl.starts_in_thinking(thinking)
     for i, seed in enumerate(SEEDS):
         choice = "required" if i % 2 == 0 else {"type": "function", "function": {"name": "set_alarm"}}
-        grammar = tool_call_grammar(TOOLS, family, choice, enable_thinking=thinking, think_budget=12)
-        text, reason = _sample(llm, prompt, grammar, seed, max_tokens=400)
+        grammar = tool_call_grammar(TOOLS, family, choice, enable_thinking=thinking)
+        text, reason = _sample(engine, prompt, grammar, seed, max_tokens=400, think=12, starts_inside=start)
         events = _parse(text, family, TOOLS, start, reason)
         calls = [e for e in events if isinstance(e, ToolCallEnd)]
         assert reason == "stop" and len(calls) == 1, text
@@ -176,18 +225,18 @@ def test_forced_tool_call_from_random_model(llm, family, thinking):
 
 
 @pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
-def test_without_grammar_the_random_model_emits_noise(llm):
+def test_without_grammar_the_random_model_emits_noise(engine):
     tpl = ChatTemplate.builtin("glm47")
     prompt = tpl.render([{"role": "user", "content": "Wake me at 7."}], TOOLS, enable_thinking=False)
     for seed in SEEDS:
-        text, _ = _sample(llm, prompt, None, seed, max_tokens=60)
+        text, _ = _sample(engine, prompt, None, seed, max_tokens=60)
         events = _parse(text, "glm47", TOOLS, False, "length")
         assert not any(isinstance(e, ToolCallEnd) for e in events), text
 
 
 @pytest.mark.slow  # samples hundreds of tokens; minutes when the machine is busy
 @pytest.mark.parametrize("family", ["glm45", "glm47"])
-def test_forced_json_answer_from_random_model(llm, family):
+def test_forced_json_answer_from_random_model(engine, family):
     schema = {"type": "object", "properties": {
         "ok": {"type": "boolean"}, "n": {"type": "integer"},
         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
@@ -197,11 +246,11 @@ def test_forced_json_answer_from_random_model(llm, family):
     prompt = tpl.render([{"role": "user", "content": "Answer in JSON."}], enable_thinking=False)
     grammar = json_schema_grammar(schema, family=family, enable_thinking=False)
     for seed in SEEDS[:3]:
-        text, reason = _sample(llm, prompt, grammar, seed, max_tokens=300)
+        text, reason = _sample(engine, prompt, grammar, seed, max_tokens=300)
         events = _parse(text, family, None, False, reason)
         content = "".join(e.text for e in events if isinstance(e, ContentDelta))
         assert reason == "stop", text
         jsonschema.validate(json.loads(content), schema)
-        noise, _ = _sample(llm, prompt, None, seed, max_tokens=60)
+        noise, _ = _sample(engine, prompt, None, seed, max_tokens=60)
         with pytest.raises((json.JSONDecodeError, jsonschema.ValidationError)):
             jsonschema.validate(json.loads(noise), schema)

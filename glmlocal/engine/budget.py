@@ -5,11 +5,36 @@ generated tokens inside thinking blocks, the tags included: when the block has u
 forced to the closing tag (accepted into the sampler chain as if sampled, so a grammar continues after it), and
 once the budget is spent the opening tag is banned. So `reasoning_tokens <= N` holds to the token, the way
 Anthropic's `budget_tokens` and Qwen's / GLM's "thinking budget" work.
+
+A grammar cannot take the closing tag while a multi-byte UTF-8 character is half written (llama.cpp's grammar
+waits for its remaining bytes), and byte-level models do split characters across tokens. So in the last
+UTF8_GUARD steps before the forced close, tokens that would start a character they do not finish are banned
+too (`char_openers`): a character started earlier is finished by then, and the tag always lands on time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+UTF8_GUARD = 3  # once its first byte is out, a UTF-8 character needs at most 3 more
+
+
+def opens_char(piece: bytes) -> bool:
+    """Whether `piece` ends inside a multi-byte UTF-8 character that it starts itself (its last lead byte is
+    followed by fewer continuation bytes than the character needs)."""
+    for back in range(1, min(4, len(piece)) + 1):
+        b = piece[-back]
+        if b & 0xC0 == 0x80:  # a continuation byte: the lead is further back
+            continue
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return need > back
+    return False
+
+
+def char_openers(n_vocab: int, piece: Callable[[int], bytes]) -> tuple[int, ...]:
+    """The tokens of a vocabulary that open a character without finishing it (see `opens_char`)."""
+    return tuple(t for t in range(n_vocab) if opens_char(piece(t)))
 
 
 @dataclass(frozen=True)
@@ -19,6 +44,8 @@ class ThinkBudget:
     open_id / close_id: the family's `<think>` / `</think>` tokens. budget: most tokens spent thinking (>= 1; the
     closing tag counts). starts_inside: the prompt already opened the block (GLM-4.7). call_id: `<tool_call>`,
     which also ends reasoning (the parser treats a call inside reasoning as its end); None if not a single token.
+    char_openers: the vocabulary's tokens that leave a UTF-8 character unfinished (`char_openers()`), banned in
+    the last UTF8_GUARD steps before a forced close.
     """
 
     open_id: int
@@ -26,6 +53,7 @@ class ThinkBudget:
     budget: int | None  # None: count only, never force
     starts_inside: bool = False
     call_id: int | None = None
+    char_openers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 1:
@@ -53,9 +81,13 @@ class ThinkState:
         return None
 
     def banned(self) -> tuple[int, ...]:
-        """Tokens the next step must not sample: the opening tag once nothing is left to think with."""
+        """Tokens the next step must not sample: the opening tag once nothing is left to think with; just before
+        a forced close, tokens that would leave a character unfinished."""
         if not self.inside and self.spec.budget is not None and self.spent >= self.spec.budget - 1:
             return (self.spec.open_id,)
+        room = self.room()
+        if room is not None and 0 < room <= UTF8_GUARD:
+            return self.spec.char_openers
         return ()
 
     def room(self) -> int | None:

@@ -153,7 +153,10 @@ class TokenEngine(Protocol):
     scripted token stream in tests. `generate` returns a generator: closing it releases the engine."""
 
     n_ctx: int
+    n_vocab: int
     last_stats: GenerationStats | None
+
+    def token_bytes(self, token: int) -> bytes: ...
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]: ...
 

@@ -18,6 +18,13 @@ Stop strings end the visible answer: they are matched in the content only, never
 markup (as Anthropic's stop_sequences), and `TurnResult.stop_sequence` says which one ended the turn.
 tool_choice "none" keeps the tools in the prompt (so the prompt, and its KV cache, match the turns that do
 allow calls, as vLLM renders it) and bans the `<tool_call>` token, so the answer is always plain content.
+
+Thinking: a turn rendered with thinking off bans `<think>` (off means off, whatever a small model would do). A
+thinking budget (tokens, the tags included) is enforced by the engine (engine/budget.py), and
+`TurnResult.reasoning_tokens` sums the engine's per-token flags. A forced tool call or JSON answer caps thinking
+so that the output has room within max_tokens: `think_limit` reserves the worst-case tokens of the shortest
+valid output (glm/shortest.py) plus FORCED_MARGIN, and refuses (ThinkRoomError, param max_tokens) a forced call
+that cannot fit even without thinking.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from glmlocal.engine.budget import ThinkBudget, char_openers
 from glmlocal.engine.generation import (
     GenerationStats,
     Sampling,
@@ -44,12 +52,16 @@ from glmlocal.glm.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from glmlocal.glm.parser import CALL_OPEN, StreamParser
+from glmlocal.glm.parser import CALL_OPEN, THINK_CLOSE, THINK_OPEN, StreamParser
+from glmlocal.glm.shortest import forced_call_tokens, forced_json_tokens
 from glmlocal.glm.template import ChatTemplate
 from glmlocal.glm.tools import ToolChoice, json_schema_grammar, tool_call_grammar
 
 Messages = Sequence[Mapping[str, object]]  # OpenAI chat messages (glmlocal.glm.template normalises them)
 Tools = list[Mapping[str, object]]  # OpenAI function tools
+# Tokens kept free beyond the shortest forced output: argument values longer than the shortest, the optional
+# space after JSON values, optional arguments. Small next to any real max_tokens, and it only shortens thinking.
+FORCED_MARGIN = 32
 
 
 @dataclass
@@ -92,7 +104,40 @@ class PreparedTurn:
     grammar: str | None
     tools: Tools | None  # the tools the parser recognises (None for tool_choice "none")
     starts_in_thinking: bool
-    banned: tuple[int, ...] = ()  # tokens never sampled (tool_choice "none": `<tool_call>`)
+    banned: tuple[int, ...] = ()  # tokens never sampled (tool_choice "none": `<tool_call>`; thinking off: `<think>`)
+    thinking: bool = True  # rendered with thinking on
+    forced_room: int | None = None  # tokens a forced call / JSON answer needs after thinking (None: nothing forced)
+    forced_call: bool = False  # forced_room is a tool call's: without room for it the request is refused
+
+
+class ThinkRoomError(InputError):
+    """max_tokens cannot hold the forced tool call even with no thinking (`param`: the request field to name)."""
+
+    param = "max_tokens"
+
+
+def think_limit(prep: PreparedTurn, requested: int | None, max_tokens: int) -> int | None:
+    """The thinking budget a turn runs with: `requested` (None: unbounded), capped when the output is forced so
+    that it keeps `forced_room + FORCED_MARGIN` tokens of max_tokens (thinking shrinks down to nothing first:
+    a GLM-4.7 prompt opened the block, so closing it takes one token). Raises InputError for a budget below 1
+    and ThinkRoomError when max_tokens cannot hold even the shortest forced call."""
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+        raise InputError(f"a thinking budget must be a whole number of tokens, at least 1; got {requested!r}")
+    if prep.forced_room is None:
+        return requested
+    need = prep.forced_room + (1 if prep.starts_in_thinking else 0)
+    if prep.forced_call and max_tokens < need:
+        raise _no_room(need, max_tokens)
+    if not prep.thinking:
+        return requested
+    cap = max(max_tokens - prep.forced_room - FORCED_MARGIN, 1)
+    return cap if requested is None else min(requested, cap)
+
+
+def _no_room(need: int, max_tokens: int) -> ThinkRoomError:
+    return ThinkRoomError(f"max_tokens {max_tokens} cannot hold the forced tool call: its shortest valid form "
+                          f"needs up to {need} tokens (the end token, and closing an open think block, included)",
+                          hint=f"raise max_tokens to at least {need}")
 
 
 def _response_schema(response_format: Mapping[str, object] | None) -> tuple[bool, Mapping[str, object] | None]:
@@ -132,7 +177,15 @@ class Session:
                  default_sampling: Sampling | None = None, think_budget: int | None = None):
         self.engine, self.template, self.family = engine, template, family
         self.default_sampling = default_sampling or Sampling()
-        self.think_budget = think_budget  # caps forced-output thinking (chars) so a grammar cannot think forever
+        self.think_budget = think_budget  # tokens a turn may think when the call names none (None: unbounded)
+        self._tags: tuple[int | None, int | None, int | None] | None = None
+        self._openers: tuple[int, ...] | None = None  # engine/budget.py char_openers, computed on first use
+
+    def _tag_ids(self) -> tuple[int | None, int | None, int | None]:
+        """`<think>`, `</think>`, `<tool_call>` as single tokens (None where the vocabulary lacks one)."""
+        if self._tags is None:
+            self._tags = tuple(self.engine.token_id(t) for t in (THINK_OPEN, THINK_CLOSE, CALL_OPEN))
+        return self._tags
 
     def prepare(self, messages: Messages, tools: Tools | None = None, *, tool_choice: ToolChoice = "auto",
                 enable_thinking: bool = True, clear_thinking: bool | None = None,
@@ -143,19 +196,23 @@ class Session:
         # Tools stay in the prompt for "none" too: the system turn (what agents' KV caches reuse) is unchanged.
         prompt = self.template.render(messages, tools, add_generation_prompt=True,
                                       enable_thinking=enable_thinking, clear_thinking=clear_thinking)
-        grammar = tool_call_grammar(tools, self.family, tool_choice, enable_thinking=enable_thinking,
-                                    think_budget=self.think_budget) if tools else None
+        grammar = tool_call_grammar(tools, self.family, tool_choice, enable_thinking=enable_thinking) if tools else None
         if grammar is None and tool_choice not in (None, "auto", "none") and not tools:
             raise InputError(f"tool_choice {tool_choice!r} needs tools")
+        room = forced_call_tokens(tools, tool_choice, self.family, enable_thinking=enable_thinking) if grammar else None
+        forced_call = room is not None
         constrain, schema = _response_schema(response_format)
         if grammar is None and constrain:
-            grammar = json_schema_grammar(schema, family=self.family, enable_thinking=enable_thinking,
-                                          think_budget=self.think_budget)
+            grammar = json_schema_grammar(schema, family=self.family, enable_thinking=enable_thinking)
+            room = forced_json_tokens(schema, self.family, enable_thinking=enable_thinking)
         no_calls = tool_choice == "none" and tools is not None
-        call_token = self.engine.token_id(CALL_OPEN) if no_calls else None
+        think_open, _, call_token = self._tag_ids()
+        banned = [call_token] if no_calls else []
+        banned += [] if enable_thinking else [think_open]
         return PreparedTurn(prompt, self.engine.tokenize(prompt), grammar, None if no_calls else tools,
                             self.template.starts_in_thinking(enable_thinking),
-                            banned=() if call_token is None else (call_token,))
+                            banned=tuple(t for t in banned if t is not None), thinking=enable_thinking,
+                            forced_room=room, forced_call=forced_call)
 
     def count_tokens(self, messages: Messages, tools: Tools | None = None, *, enable_thinking: bool = True,
                      tool_choice: ToolChoice = "auto") -> int:
@@ -166,40 +223,59 @@ class Session:
              enable_thinking: bool = True, clear_thinking: bool | None = None,
              response_format: Mapping[str, object] | None = None, sampling: Sampling | None = None,
              max_tokens: int | None = None, cancel: threading.Event | None = None,
-             stop: Sequence[str] = (), parallel_tool_calls: bool = True) -> TurnStream:
+             stop: Sequence[str] = (), parallel_tool_calls: bool = True,
+             think_budget: int | None = None) -> TurnStream:
         """Run one assistant turn: `prepare()` then `run()` (see the module docstring)."""
         prep = self.prepare(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
                             clear_thinking=clear_thinking, response_format=response_format)
         return self.run(prep, sampling=sampling, max_tokens=max_tokens, cancel=cancel, stop=stop,
-                        parallel_tool_calls=parallel_tool_calls)
+                        parallel_tool_calls=parallel_tool_calls, think_budget=think_budget)
 
     def run(self, prep: PreparedTurn, *, sampling: Sampling | None = None, max_tokens: int | None = None,
             cancel: threading.Event | None = None, stop: Sequence[str] = (),
-            parallel_tool_calls: bool = True) -> TurnStream:
+            parallel_tool_calls: bool = True, think_budget: int | None = None) -> TurnStream:
         """Generate the answer to a prepared request; yields glm events, then one TurnResult.
 
         `stop` (and `sampling.stop`) are stop strings for the answer's content. `parallel_tool_calls=False`
         ends the turn after its first tool call (OpenAI's parallel_tool_calls, Anthropic's
-        disable_parallel_tool_use)."""
+        disable_parallel_tool_use). `think_budget` (tokens; None: the session's) bounds thinking, see
+        `think_limit` (which raises here, before anything is generated, when a forced call cannot fit)."""
         sampling = sampling or self.default_sampling
         stops = (*stop, *sampling.stop)
         bias = {**sampling.logit_bias, **{t: float("-inf") for t in prep.banned}}
+        limit = max_tokens if max_tokens is not None else self.engine.n_ctx - len(prep.tokens)
+        think = self.think_budget_for(prep, think_budget, limit)
         stream = self.engine.generate(prep.tokens, replace(sampling, stop=(), logit_bias=bias),
-                                      grammar=prep.grammar, max_tokens=max_tokens, cancel=cancel)
+                                      grammar=prep.grammar, max_tokens=max_tokens, cancel=cancel, think=think)
         parser = StreamParser(self.family, prep.tools, starts_in_thinking=prep.starts_in_thinking)
-        return TurnStream(self.engine, stream, parser, stops, max_calls=None if parallel_tool_calls else 1)
+        return TurnStream(self.engine, stream, parser, stops, max_calls=None if parallel_tool_calls else 1,
+                          flags=think is not None)
+
+    def think_budget_for(self, prep: PreparedTurn, requested: int | None, max_tokens: int) -> ThinkBudget | None:
+        """What the engine enforces for this turn (None when the vocabulary lacks single-token think tags: then
+        the parser counts). Raises as `think_limit` does."""
+        budget = think_limit(prep, self.think_budget if requested is None else requested, max_tokens)
+        think_open, think_close, call = self._tag_ids()
+        if think_open is None or think_close is None:
+            return None
+        budget = budget if prep.thinking else None
+        if budget is not None and self._openers is None:
+            self._openers = char_openers(self.engine.n_vocab, self.engine.token_bytes)
+        return ThinkBudget(think_open, think_close, budget, prep.starts_in_thinking, call,
+                           self._openers if budget is not None else ())
 
 
 class TurnStream:
     """The iterator `Session.turn` returns: glm events, then one TurnResult.
 
     While it runs, `completion_tokens` and `reasoning_tokens` count the tokens generated so far (the chat's
-    "Thought for N tokens" reads the latter when the thinking block closes). `close()` stops the generation
-    and releases the engine."""
+    "Thought for N tokens" reads the latter when the thinking block closes; with `flags`, they are the engine's
+    own per-token marks, exact by construction). `close()` stops the generation and releases the engine."""
 
     def __init__(self, engine: TokenEngine, stream: Generator[TokenOut, None, None], parser: StreamParser,
-                 stops: Sequence[str], *, max_calls: int | None = None):
+                 stops: Sequence[str], *, max_calls: int | None = None, flags: bool = False):
         self._engine, self._stream, self._parser, self._max_calls = engine, stream, parser, max_calls
+        self._flags = flags  # the engine marks thinking tokens (TokenOut.thinking); else the parser's state counts
         self._stops = StopMatcher(stops)
         self._agg = _Aggregate()
         self.completion_tokens = 0
@@ -241,7 +317,9 @@ class TurnStream:
         if out.token is not None:
             self.completion_tokens += 1
             self._t_first = self._t_first or time.perf_counter()
-            if not out.eog:
+            if self._flags:
+                self.reasoning_tokens += out.thinking
+            elif not out.eog:
                 self.reasoning_tokens += was_reasoning or self._parser.in_reasoning
         if out.finish_reason is not None:
             events += self._parser.finish(out.finish_reason)
