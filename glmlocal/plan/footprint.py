@@ -28,7 +28,7 @@ from quantize.ggml import BLOCK_SIZES, GGMLType, tensor_nbytes
 from quantize.gguf_reader import GGUFHeader, read_gguf
 from quantize.recipe import plan_types
 
-GROUPS = ("attention", "dense_ffn", "shared_expert", "router", "experts", "nextn")
+GROUPS = ("attention", "dense_ffn", "shared_expert", "router", "experts", "nextn", "nextn_embd")
 KV_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 STEADY_LAYERS = 4  # MoE layers after which ggml-alloc's state repeats (3 measured; one spare)
@@ -39,7 +39,9 @@ class LayerFootprint:
     """Bytes of one repeating block (`blk.N.*`), split into the groups placement cares about.
 
     `is_nextn` marks the MTP block: llama.cpp counts it as a layer slot for -ngl but does not
-    allocate its tensors unless MTP speculative decoding is on, and it has no KV in the main context.
+    allocate its tensors unless MTP speculative decoding is on (load_mtp), and it has no KV in the main context.
+    `nextn` is its eh_proj, norms and (GLM-4.5 layout) shared head; `nextn_embd` its own token embedding
+    (GLM-4.5 layout), kept apart because, like token_embd, it only feeds get_rows and can stay in RAM.
     `expert_tensors` are (name, bytes) of the routed-expert tensors (ffn_*_exps).
     """
 
@@ -50,13 +52,14 @@ class LayerFootprint:
     router: int = 0
     experts: int = 0
     nextn: int = 0
+    nextn_embd: int = 0
     is_nextn: bool = False
     expert_tensors: tuple[tuple[str, int], ...] = ()
 
     @property
     def non_expert(self) -> int:
         """What every token touches: attention, dense FFN, shared expert, router (and norms)."""
-        return self.attention + self.dense_ffn + self.shared_expert + self.router + self.nextn
+        return self.attention + self.dense_ffn + self.shared_expert + self.router + self.nextn + self.nextn_embd
 
     @property
     def total(self) -> int:
@@ -114,6 +117,17 @@ class Footprint:
     def expert_bytes(self) -> int:
         return sum(layer.experts for layer in self.trunk)
 
+    @property
+    def mtp_layer(self) -> LayerFootprint | None:
+        """The NextN (MTP) block, when the file has one with its eh_proj (a trunk-only GGUF keeps the count)."""
+        nextn = [layer for layer in self.layers if layer.is_nextn and layer.nextn]
+        return nextn[0] if len(nextn) == 1 else None  # llama.cpp's graph_mtp runs exactly one block
+
+    @property
+    def mtp_weights_bytes(self) -> int:
+        """Bytes load_mtp adds: the whole NextN block (0 without one)."""
+        return self.mtp_layer.total if self.mtp_layer else 0
+
     def kv_bytes_per_token(self, type_k: str = "f16", type_v: str = "f16") -> int:
         """K+V bytes per context token over the trunk layers (the NextN layer has no KV here)."""
         per_layer = kv_row_bytes(type_k, self.n_head_kv * self.head_dim)
@@ -129,7 +143,7 @@ class Footprint:
 # --------------------------------------------------------------------------------------------
 def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn: bool = True,
                          output: bool = True, type_k: str = "f16", type_v: str | None = None,
-                         n_layer: int | None = None) -> int:
+                         n_layer: int | None = None, n_seq: int = 1, h_all: bool = False) -> int:
     """Bytes of the compute buffer llama.cpp reserves on one backend for the worst-case graph.
 
     llama.cpp reserves the prompt graph with T = min(n_ubatch, n_ctx) tokens, all of them outputs,
@@ -142,14 +156,40 @@ def compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, flash_attn
     layers plus a few MoE layers and every later layer repeats it: replaying `n_layer` layers
     (default: the dense ones + STEADY_LAYERS) gives the same bytes as all 92 of GLM-4.6, ~20x faster
     (tests/test_memory_prediction.py checks that equality on the registry's shapes).
+
+    `n_seq` sequences (n_seq_max): the token graph has one token each. `h_all`: the context will run with
+    llama_set_embeddings_nextn(masked=False) (MTP on), whose graph keeps every row to the output norm; its
+    prompt ubatch (one output per sequence) is counted too, as ggml-alloc grows the buffer if it needs more.
     """
     n_kv = -(-n_ctx // KV_PAD) * KV_PAD
     n_layer = min(fp.n_dense_lead + STEADY_LAYERS, fp.n_layer) if n_layer is None else n_layer
     base = _graph_shape_args(fp, n_kv, max(1, min(n_layer, fp.n_layer)), flash_attn=flash_attn, output=output,
                              type_k=type_k, type_v=type_v)
-    # prompt graph, then the one-token graph: the buffer only ever grows
-    return max(reserve_bytes(GraphShape(n_tokens=min(n_ubatch, n_kv), **base)),
-               reserve_bytes(GraphShape(n_tokens=1, **base)))
+    t = _reserve_tokens(n_ubatch, n_kv, n_seq)
+    # prompt graph, then the token graph: the buffer only ever grows
+    sizes = [reserve_bytes(GraphShape(n_tokens=t, **base)), reserve_bytes(GraphShape(n_tokens=n_seq, **base))]
+    if h_all and output:
+        sizes.append(reserve_bytes(GraphShape(n_tokens=t, n_outputs=min(n_seq, t), h_all=True, **base)))
+    return max(sizes)
+
+
+def mtp_compute_buffer_bytes(fp: Footprint, n_ctx: int, n_ubatch: int, *, n_seq: int = 1, flash_attn: bool = True,
+                             type_k: str = "f16", type_v: str | None = None) -> int:
+    """The compute buffer of an MTP context (ctx_type MTP: llama.cpp's graph_mtp over the NextN block) with
+    n_outputs_max = n_seq: its decodes ask logits for at most one entry per sequence (the draft root or step),
+    so the reserve counts n_seq rows of logits, not one per token."""
+    n_kv = -(-n_ctx // KV_PAD) * KV_PAD
+    base = _graph_shape_args(fp, n_kv, 1, flash_attn=flash_attn, output=True, type_k=type_k, type_v=type_v)
+    base.update(n_dense_lead=0, mtp=True)  # the NextN block is a MoE layer
+    t = _reserve_tokens(n_ubatch, n_kv, n_seq)
+    return max(reserve_bytes(GraphShape(n_tokens=t, n_outputs=min(n_seq, t), **base)),
+               reserve_bytes(GraphShape(n_tokens=n_seq, **base)))
+
+
+def _reserve_tokens(n_ubatch: int, n_kv: int, n_seq: int) -> int:
+    """The worst-case ubatch llama.cpp reserves: min(n_ubatch, n_ctx) tokens, rounded up to a multiple of n_seq."""
+    t = min(n_ubatch, n_kv)
+    return -(-t // n_seq) * n_seq
 
 
 def compute_buffers_split(fp: Footprint, n_ctx: int, n_ubatch: int, devices: tuple, *, flash_attn: bool = True,
@@ -206,7 +246,9 @@ def classify(name: str) -> tuple[int | None, str]:
             return None, "token_embd"
         return None, "output"  # output.weight, output_norm.weight
     layer, rest = int(m.group(1)), m.group(2)
-    if rest.startswith("nextn."):
+    if rest.startswith("nextn.embed_tokens"):
+        group = "nextn_embd"
+    elif rest.startswith("nextn."):
         group = "nextn"
     elif "_exps" in rest:
         group = "experts"

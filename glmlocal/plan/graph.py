@@ -59,6 +59,13 @@ class GraphShape:
     rot_k: bool = False  # quantized K cache: llama.cpp rotates Q and K with a Hadamard matrix
     rot_v: bool = False  # quantized V cache: V and the attention output are rotated too
     output: bool = True  # the graph ends in the output norm + logits (False: layers only)
+    n_outputs: int = 0  # rows that get logits (0: every token, as llama.cpp reserves by default)
+    # The main graph as it runs with llama_set_embeddings_nextn(masked=False) (MTP on): the last layer keeps every
+    # row and the output rows are picked after the output norm, which stays alive as the NextN hidden state.
+    h_all: bool = False
+    # The MTP graph (glm4-moe.cpp graph_mtp) instead of the trunk: one NextN layer fed a token embedding and the
+    # trunk's hidden state (eh_proj over their concatenation), then its own head norm and LM head.
+    mtp: bool = False
     # Where weights live, for the multi-backend replay (None: one backend). Backends are numbered as
     # llama.cpp's scheduler numbers them, GPUs first and the CPU last: (n_backends, output backend,
     # per layer (trunk tensors + KV, ffn_up_exps, ffn_gate_exps, ffn_down_exps)).
@@ -94,7 +101,7 @@ class _Builder:
         v_trans = not s.flash_attn
         self.v_idxs = Tensor(None, (), (t * (s.n_head_kv * s.head_dim if v_trans else 1),), 8, flags=INPUT)
         self.mask = Tensor(None, (), (s.n_kv, t), 2 if s.flash_attn else 4, flags=INPUT)
-        self.out_ids = Tensor(None, (), (t,), flags=INPUT)
+        self.out_ids = Tensor(None, (), (s.n_outputs or t,), flags=INPUT)
         nrot = 64
         while s.head_dim % (nrot * 2) == 0:
             nrot *= 2
@@ -115,8 +122,14 @@ class _Builder:
         flat = _view(x, (n, x.nbytes // 4 // n)) if x.contig else _op("cont", (x,), (n, x.nbytes // 4 // n))
         return _view(_op("mul_mat", (rot, flat), flat.ne), x.ne)
 
+    @property
+    def n_out(self) -> int:
+        return self.s.n_outputs or self.s.n_tokens
+
     def build(self) -> Graph:
         s, g = self.s, self.g
+        if s.mtp:
+            return self.build_mtp()
         g.expand(_op("get_rows", (_w(self.cpu), self.tokens), (s.n_embd, s.n_tokens)))  # embeddings stay in RAM
         inp = g.nodes[-1]
         g.expand(self.embd_in)  # ggml_build_forward_select keeps the unused embeddings input as a leaf
@@ -127,12 +140,39 @@ class _Builder:
             g.expand(inp)
             return g
         self.dev = s.devices[1] if s.devices else 0
-        out = _op("mul", (_op("rms_norm", (inp,), inp.ne), _w(self.dev)), inp.ne)
-        out.flags |= OUTPUT  # t_embd / t_h_nextn
-        logits = _op("mul_mat", (_w(self.dev), out), (s.n_vocab, inp.ne[1]))
+        return self.head(inp, rows_picked=not s.h_all, embd_output=True)
+
+    def head(self, x: Tensor, *, rows_picked: bool, embd_output: bool) -> Graph:
+        """Norm + LM head: the norm's output is t_h_nextn (kept: an output); unless the output rows were picked
+        before the last FFN, get_rows picks them here (the trunk's t_embd is then that copy, also an output)."""
+        s, g = self.s, self.g
+        out = _op("mul", (_op("rms_norm", (x,), x.ne), _w(self.dev)), x.ne)
+        out.flags |= OUTPUT  # t_h_nextn (the trunk's t_embd too, when no get_rows follows)
+        if not rows_picked:
+            out = _op("get_rows", (out, self.out_ids), (s.n_embd, self.n_out))
+            out.flags |= OUTPUT if embd_output else 0
+        logits = _op("mul_mat", (_w(self.dev), out), (s.n_vocab, out.ne[1]))
         logits.flags |= OUTPUT
         g.expand(logits)
         return g
+
+    def build_mtp(self) -> Graph:
+        """graph_mtp: h_norm(h) and e_norm(embedding of the token) concatenated, eh_proj, one MoE decoder layer
+        over the NextN KV, then the head (every row normed, the output rows picked, logits)."""
+        s = self.s
+        self.set_layer(0)
+        # nextn.embed_tokens (overridden to RAM like token_embd) or token_embd itself
+        embd = _op("get_rows", (_w(self.cpu), self.tokens), (s.n_embd, s.n_tokens))
+        h = Tensor(None, (), (s.n_embd, s.n_tokens), flags=INPUT)
+        e_norm, h_norm = self.norm(embd), self.norm(h)
+        cat = _op("concat", (e_norm, h_norm), (2 * s.n_embd, s.n_tokens))
+        proj = self.mm(cat, s.n_embd)
+        cur = self.attention(self.norm(proj))
+        ffn_inp = _op("add", (cur, proj), cur.ne)
+        x = self.norm(ffn_inp)
+        moe = self.moe(x)
+        out = _op("add", (moe, self.ffn(x, s.n_ff_shexp)), moe.ne) if s.n_ff_shexp else moe
+        return self.head(_op("add", (out, ffn_inp), out.ne), rows_picked=False, embd_output=False)
 
     def qkv(self, x: Tensor):
         s = self.s
@@ -179,17 +219,21 @@ class _Builder:
             cur = self.hadamard(cur, self.v_rot)
         return self.mm(cur, s.n_embd)
 
-    def layer(self, il: int, inp: Tensor) -> Tensor:
-        s = self.s
-        if s.devices:
-            self.dev, *exp = s.devices[2][il]
+    def set_layer(self, il: int) -> None:
+        """Backends of layer il's trunk tensors and of its three expert tensors."""
+        if self.s.devices:
+            self.dev, *exp = self.s.devices[2][il]
             self.exp_dev = tuple(exp)
         else:
             self.exp_dev = (0, 0, 0)
+
+    def layer(self, il: int, inp: Tensor) -> Tensor:
+        s = self.s
+        self.set_layer(il)
         cur = self.attention(self.norm(inp))
-        if il == s.n_layer - 1 and s.output:  # only the output rows go on: all of them in the worst-case graph
-            cur = _op("get_rows", (cur, self.out_ids), cur.ne)
-            inp = _op("get_rows", (inp, self.out_ids), inp.ne)
+        if il == s.n_layer - 1 and s.output and not s.h_all:  # only the output rows go on (worst case: all)
+            cur = _op("get_rows", (cur, self.out_ids), (cur.ne[0], self.n_out))
+            inp = _op("get_rows", (inp, self.out_ids), (inp.ne[0], self.n_out))
         ffn_inp = _op("add", (cur, inp), cur.ne)
         cur = self.norm(ffn_inp)
         if il < s.n_dense_lead:
@@ -205,7 +249,7 @@ class _Builder:
 
     def moe(self, x: Tensor) -> Tensor:
         s, g = self.s, self.g
-        t, u, e = s.n_tokens, s.n_expert_used, s.n_embd
+        t, u, e = x.ne[1], s.n_expert_used, s.n_embd  # rows: the last layer may have picked the output rows
         probs = _op("unary", (self.mm(x, s.n_expert),), (s.n_expert, t))  # sigmoid gating
         biased = _op("add", (probs, _w(self.dev)), probs.ne)
         argsort = _op("argsort", (biased,), biased.ne)
