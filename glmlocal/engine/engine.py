@@ -45,6 +45,7 @@ from glmlocal.engine.params import (
 )
 from glmlocal.engine.sampler import SamplerChain, validate_grammar
 from glmlocal.engine.slots import CacheConfig, KvStore, SeqState, SlotTable
+from glmlocal.engine.spec import SpecSetup, Speculator, start_speculation
 from glmlocal.errors import ContextOverflowError, EngineError, InputError
 from glmlocal.llama import log as llama_log
 from glmlocal.plan.hardware import Hardware
@@ -74,8 +75,10 @@ class Engine:
     `close()` or `with`."""
 
     def __init__(self, path: Path, model: C.llama_model_p, ctx: C.llama_context_p, placement: Placement,
-                 report: LoadReport, keep: list[object], cache: CacheConfig, parallel: int = 1):
+                 report: LoadReport, keep: list[object], cache: CacheConfig, parallel: int = 1,
+                 speculator: Speculator | None = None):
         self.path, self.placement, self.report, self.parallel = path, placement, report, parallel
+        self.speculator = speculator  # drafts for every request that names no `spec` (engine/spec.py)
         self._model, self._ctx, self._keep = model, ctx, keep
         self._vocab = C.llama_model_get_vocab(model)
         self.n_ctx = C.llama_n_ctx(ctx)
@@ -85,6 +88,9 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._slots = SlotTable(KvStore(ctx), parallel, cache)
         self._loop = BatchLoop(ctx, self._slots, n_batch=self.n_batch, n_ctx=self.n_ctx, eog_ids=self.eog_ids)
+        if speculator is not None and speculator.mtp is not None:  # before any request: both start empty
+            self._loop.observers.append(speculator.mtp)
+            self._slots.kv.mirrors.append(speculator.mtp)
         self._keys = itertools.count(1)
         self._tls = threading.local()
         self._close_lock = threading.Lock()
@@ -93,12 +99,13 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, placement: Placement | None = None, *, n_ctx: int | None = None,
              progress: Callable[[float], None] | None = None, cache: CacheConfig = CacheConfig(),
-             hardware: Hardware | None = None, parallel: int = 1) -> Engine:
+             hardware: Hardware | None = None, parallel: int = 1, spec: SpecSetup | None = None) -> Engine:
         """Load a GGUF with a Placement (when None, planned for `hardware`, default: this machine, probed).
 
         Raises PlanError before loading when the plan does not fit, InputError for a missing or non-GGUF
         file, EngineError when llama.cpp refuses the file or the settings. progress(fraction) is called
-        while tensors load. `parallel` sequences run at once, in one KV pool of n_ctx tokens.
+        while tensors load. `parallel` sequences run at once, in one KV pool of n_ctx tokens. `spec`
+        (engine/spec.py `decide`) turns on speculative decoding: MTP loads the NextN block and a second context.
         """
         if not 1 <= parallel <= MAX_PARALLEL:
             raise InputError(f"parallel must be between 1 and {MAX_PARALLEL}, got {parallel}")
@@ -115,6 +122,7 @@ class Engine:
         keep: list[object] = []
         devices = device_names(placement)
         mp = _model_params(placement, keep, progress, devices)
+        mp.load_mtp = bool(spec is not None and spec.mtp)
         cp = context_params(placement, want_ctx, parallel)
         t0 = time.perf_counter()
         with _LOAD_LOCK, llama_log.router().capture() as lines:
@@ -126,10 +134,16 @@ class Engine:
             if not ctx:
                 C.llama_model_free(model)
                 raise EngineError(f"llama.cpp could not create a context for {path}: {_last_error(lines)}")
+            try:
+                speculator = start_speculation(spec, model, ctx, context_params(placement, want_ctx, parallel))
+            except BaseException:
+                C.llama_free(ctx)
+                C.llama_model_free(model)
+                raise
         report = LoadReport(log=list(lines), buffers=llama_log.parse_buffers(lines),
                             overridden=llama_log.parse_overrides(lines), load_s=time.perf_counter() - t0,
                             devices=devices)
-        return cls(path, model, ctx, placement, report, keep, cache, parallel)
+        return cls(path, model, ctx, placement, report, keep, cache, parallel, speculator)
 
     def close(self) -> None:
         """Stop the decode thread (whatever still runs ends with EngineError), free the context and the model.
@@ -137,6 +151,8 @@ class Engine:
         with self._close_lock:
             if self._ctx:
                 self._loop.stop()
+                if self.speculator is not None and self.speculator.mtp is not None:
+                    self.speculator.mtp.close()
                 C.llama_free(self._ctx)
                 C.llama_model_free(self._model)
                 self._ctx = self._model = None
@@ -214,7 +230,7 @@ class Engine:
         others run. Close or exhaust the iterator to end the sequence (its slot is free at the next step).
         max_tokens None fills the context. The last TokenOut has finish_reason and stats. `think` enforces a
         thinking budget (engine/budget.py); each TokenOut says whether its token counted as thinking. `spec`
-        drafts tokens to verify in the same batch (engine/hooks.py)."""
+        drafts tokens to verify in the same batch (engine/hooks.py); None: the engine's speculator's, if any."""
         prompt = [int(t) for t in prompt_tokens]
         if not prompt:
             raise InputError("empty prompt")
@@ -234,6 +250,8 @@ class Engine:
                 raise InputError(f"{what}token id {bad[0]} outside the vocabulary of {self.n_vocab}")
         validate_grammar(self._vocab, self.n_vocab, sampling, grammar)
         limit = room if max_tokens is None else max_tokens
+        if spec is None and self.speculator is not None:
+            spec = self.speculator.speculation()
         return self._stream(Request(prompt, sampling, grammar, limit, cancel, want_logits, think, spec))
 
     @property

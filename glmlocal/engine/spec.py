@@ -1,0 +1,264 @@
+"""Speculative decoding policy: which drafts a sequence proposes each step, and when drafting is not worth it.
+
+Sources: `ngram` (engine/ngram.py: continue a match found earlier in the prompt or the output), `mtp` (GLM's
+NextN layer, engine/mtp.py), `mtp+ngram` (a long n-gram match first, MTP otherwise), `auto` (both where they
+exist, measured), `off`. The decode loop (engine/batch.py) verifies drafts in the shared batch with each
+sequence's own sampler chain and rolls the rest back, so what is emitted never depends on the drafts: greedy
+output is plain decoding's, and at temperature > 0 every token is a sample of the target's distribution given
+the accepted prefix (llama.cpp's common_sampler_sample_and_accept_n). Drafts only change the speed.
+
+`auto` measures instead of assuming. Each way of stepping (no draft; n-gram drafts capped at 4 / 16 / ...; MTP
+with k = 1..n drafts) is an arm whose tokens per second are measured on real steps: the wall time from one
+drafting decision to the next, the tokens that step emitted. The best arm is used when it beats plain steps by
+a margin; every arm is probed a few times at first and again when its measurements are old, so a machine where
+verifying k tokens costs about k single steps (a MoE on a CPU) ends up not drafting, and a GPU where it costs
+about one step ends up drafting. The measurements are engine-wide: every request benefits from what earlier ones
+learned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp.llama_cpp as C
+
+from glmlocal.engine.hooks import DraftSeq, Speculation
+from glmlocal.engine.mtp import MtpContext
+from glmlocal.engine.ngram import NgramConfig, NgramIndex
+from glmlocal.errors import InputError
+
+MODES = ("auto", "mtp", "ngram", "mtp+ngram", "off")
+MTP_DRAFT = 3  # MTP drafts per step when neither --draft nor the plan says (llama.cpp's --spec-draft-n-max)
+NGRAM_DRAFT = 16  # n-gram drafts per step by default (a copied span is usually right for a while)
+LONG_MATCH = 6  # mtp+ngram: an n-gram match this long is trusted over MTP
+NGRAM_CAPS = (4, 16, 64)  # auto: the n-gram draft lengths it measures separately
+
+Arm = tuple[str, int]  # (source, draft cap): ("off", 0), ("ngram", 16), ("mtp", 2)
+OFF: Arm = ("off", 0)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """What the user asked for: `--spec MODE` and `--draft N` (None: per source default)."""
+
+    mode: str = "auto"
+    n_draft: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"unknown --spec {self.mode!r}", hint=f"use one of {', '.join(MODES)}")
+        if self.n_draft is not None and (isinstance(self.n_draft, bool) or self.n_draft < 1):
+            raise InputError(f"--draft must be at least 1, got {self.n_draft}", hint="or --spec off for no drafts")
+
+    @property
+    def plan_mtp(self) -> bool | None:
+        """PlanOptions.mtp: whether the planner must (True), may (None) or must not (False) load the NextN block."""
+        return {"auto": None, "mtp": True, "mtp+ngram": True}.get(self.mode, False)
+
+
+@dataclass(frozen=True)
+class SpecSetup:
+    """What runs, and why (the load panel and the server's start line print `describe()`)."""
+
+    mode: str
+    ngram: bool
+    mtp: bool
+    adaptive: bool
+    n_mtp: int
+    n_ngram: int
+    why: str = ""
+
+    @property
+    def on(self) -> bool:
+        return self.ngram or self.mtp
+
+    def describe(self) -> str:
+        if not self.on:
+            return f"off{f' ({self.why})' if self.why else ''}"
+        parts = ([f"MTP up to {self.n_mtp}"] if self.mtp else []) + ([f"n-gram up to {self.n_ngram}"] if self.ngram else [])
+        text = f"{self.mode}: " + " + ".join(parts) + " drafts per step"
+        if self.adaptive:
+            text += ", measured: drafts only while they pay"
+        return text + (f"; {self.why}" if self.why else "")
+
+
+def decide(config: SpecConfig, *, has_nextn: bool, planned_mtp: bool, planned_draft: int = 0) -> SpecSetup:
+    """What to run for `config` on a GGUF with/without a NextN layer and a plan that did/did not load it.
+    Raises InputError for MTP asked of a GGUF without NextN, or of a plan with no room for it."""
+    mode, n = config.mode, config.n_draft
+    n_mtp, n_ngram = n or planned_draft or MTP_DRAFT, n or NGRAM_DRAFT
+    if mode == "off":
+        return SpecSetup(mode, False, False, False, 0, 0, "--spec off")
+    wants_mtp = mode in ("mtp", "mtp+ngram")
+    if wants_mtp and not has_nextn:
+        raise InputError(f"--spec {mode}: this GGUF has no NextN (MTP) layer (converted with --no-mtp, or a "
+                         "published quant without it)", hint="use --spec ngram")
+    if wants_mtp and not planned_mtp:
+        raise InputError(f"--spec {mode}: the plan has no room for the NextN (MTP) layer",
+                         hint="use --spec ngram, or a smaller --ctx")
+    if mode == "ngram":
+        return SpecSetup(mode, True, False, False, 0, n_ngram)
+    if mode != "auto":
+        return SpecSetup(mode, mode == "mtp+ngram", True, False, n_mtp, n_ngram if mode == "mtp+ngram" else 0)
+    why = "" if planned_mtp else ("no NextN layer in this GGUF" if not has_nextn
+                                  else "MTP left out by the plan (no room, or it would not pay here)")
+    return SpecSetup(mode, True, planned_mtp, True, n_mtp if planned_mtp else 0, n_ngram, why)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+@dataclass
+class _Samples:
+    dt: deque[float]
+    n: deque[int]
+    last: int = 0  # the step of the latest sample
+
+
+@dataclass
+class CostModel:
+    """Tokens per second of each arm, from the latest `window` steps it ran; pure (times are given)."""
+
+    window: int = 16
+    min_samples: int = 3
+    reprobe: int = 256  # steps after which an arm's samples are forgotten (and it is probed again)
+    margin: float = 0.05  # an arm must beat plain steps by this fraction
+    step: int = 0
+    _arms: dict[Arm, _Samples] = field(default_factory=dict)
+
+    def observe(self, arm: Arm, dt: float, n: int) -> None:
+        s = self._arms.get(arm)
+        if s is None:
+            s = self._arms[arm] = _Samples(deque(maxlen=self.window), deque(maxlen=self.window))
+        s.dt.append(max(dt, 1e-9))
+        s.n.append(n)
+        s.last = self.step
+
+    def rate(self, arm: Arm) -> float | None:
+        """Tokens per second (None: fewer than min_samples steps measured)."""
+        s = self._arms.get(arm)
+        if s is None or len(s.dt) < self.min_samples:
+            return None
+        return sum(s.n) / sum(s.dt)
+
+    def choose(self, options: Sequence[Arm]) -> Arm:
+        """The arm for this step among `options` (OFF is always possible): one still to measure, else the
+        fastest when it beats OFF by the margin, else OFF."""
+        self.step += 1
+        for arm, s in list(self._arms.items()):
+            if self.step - s.last > self.reprobe:
+                del self._arms[arm]
+        if not options:
+            return OFF
+        for arm in (OFF, *options):
+            if self.rate(arm) is None:
+                return arm
+        best = max(options, key=lambda a: self.rate(a) or 0.0)
+        return best if (self.rate(best) or 0.0) > (self.rate(OFF) or 0.0) * (1 + self.margin) else OFF
+
+    def pays(self, source: str) -> bool:
+        """Whether drafts from `source` are in use or still to be measured."""
+        arms = [a for a in self._arms if a[0] == source]
+        if not arms or any(self.rate(a) is None for a in arms):
+            return True
+        off = self.rate(OFF)
+        return off is None or max(self.rate(a) or 0.0 for a in arms) > off * (1 + self.margin)
+
+    def table(self) -> dict[str, float]:
+        """Measured tokens/s per arm ("ngram<=16": ...), for /stats and the bench."""
+        return {("off" if a == OFF else f"{a[0]}<={a[1]}"): round(r, 1)
+                for a in sorted(self._arms) if (r := self.rate(a)) is not None}
+
+
+# --------------------------------------------------------------------------------------------- drafting
+@dataclass
+class SourceStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+class Speculator:
+    """Speculative decoding for one engine: builds each request's Speculation, keeps the measurements."""
+
+    def __init__(self, setup: SpecSetup, mtp: MtpContext | None, ngram: NgramConfig = NgramConfig(),
+                 model: CostModel | None = None):
+        if setup.mtp and mtp is None:
+            raise ValueError("an MTP setup needs an MtpContext")
+        self.setup, self.mtp, self.ngram = setup, mtp if setup.mtp else None, ngram
+        self.model = model or CostModel()
+        self.stats: dict[str, SourceStats] = {"mtp": SourceStats(), "ngram": SourceStats()}
+
+    def speculation(self) -> Speculation | None:
+        """A new request's Speculation (None when speculation is off)."""
+        if not self.setup.on:
+            return None
+        return Speculation(_Drafter(self), max(self.setup.n_mtp, self.setup.n_ngram))
+
+    def propose(self, seq: DraftSeq, n_max: int, index: NgramIndex | None) -> tuple[Arm, list[int]]:
+        """This step's arm and drafts for seq (at most n_max)."""
+        found = index.find(seq.history, min(n_max, self.setup.n_ngram)) if index is not None else None
+        k_mtp = min(n_max, self.setup.n_mtp) if self.mtp is not None else 0
+        if not self.setup.adaptive:
+            if found and (not k_mtp or found.match >= LONG_MATCH):
+                return ("ngram", len(found.tokens)), found.tokens
+            return self._mtp(seq, k_mtp) if k_mtp else (OFF, [])
+        options: list[Arm] = []
+        if found:
+            caps = [c for c in NGRAM_CAPS if c <= self.setup.n_ngram] or [self.setup.n_ngram]
+            options += [("ngram", c) for c in caps if c < len(found.tokens)]
+            options.append(("ngram", next((c for c in caps if c >= len(found.tokens)), caps[-1])))
+        options += [("mtp", k) for k in range(1, k_mtp + 1)]
+        arm = self.model.choose(options)
+        if self.mtp is not None:
+            self.mtp.keep_up = self.model.pays("mtp")
+        if arm[0] == "ngram" and found:
+            return arm, found.tokens[:arm[1]]
+        if arm[0] == "mtp":
+            return self._mtp(seq, arm[1])
+        return OFF, []
+
+    def _mtp(self, seq: DraftSeq, k: int) -> tuple[Arm, list[int]]:
+        drafts = self.mtp.draft(seq.seq_id, seq.history[-1], seq.n_past, k) if self.mtp is not None else []
+        return (("mtp", k), drafts) if drafts else (OFF, [])
+
+    def record(self, source: str, n_drafted: int, n_accepted: int) -> None:
+        st = self.stats[source]
+        st.steps, st.drafted, st.accepted = st.steps + 1, st.drafted + n_drafted, st.accepted + n_accepted
+
+
+class _Drafter:
+    """One request's drafter (engine/hooks.py Drafter): its n-gram index over prompt + output, and the timing
+    of its steps for the cost model."""
+
+    def __init__(self, spec: Speculator):
+        self._spec = spec
+        self._index = NgramIndex(spec.ngram) if spec.setup.ngram else None
+        self._arm: Arm | None = None
+        self._t, self._n = 0.0, 0
+
+    def draft(self, seq: DraftSeq, n_max: int) -> list[int]:
+        now = time.perf_counter()
+        if self._arm is not None:  # the previous decision's step ends here: its time and tokens
+            self._spec.model.observe(self._arm, now - self._t, len(seq.history) - self._n)
+        self._t, self._n = now, len(seq.history)
+        self._arm, drafts = self._spec.propose(seq, n_max, self._index)
+        return drafts
+
+    def on_accept(self, seq: DraftSeq, tokens: Sequence[int], n_drafted: int, n_accepted: int) -> None:
+        if self._arm is not None and self._arm != OFF:
+            self._spec.record(self._arm[0], n_drafted, n_accepted)
+
+    def reset(self, seq: DraftSeq) -> None:
+        self._arm = None
+
+
+def start_speculation(setup: SpecSetup | None, model: C.llama_model_p, ctx: C.llama_context_p,
+                      params: C.llama_context_params) -> Speculator | None:
+    """An engine's Speculator for `setup` (None when off): with MTP, the MTP context for `ctx` (built from the
+    main context's `params`; the model must have been loaded with load_mtp)."""
+    if setup is None or not setup.on:
+        return None
+    mtp = MtpContext.open(model, ctx, params, loaded_mtp=True) if setup.mtp else None
+    return Speculator(setup, mtp)

@@ -1,0 +1,129 @@
+"""The pure parts of speculative decoding: n-gram lookup (engine/ngram.py), the measured cost model and the
+mode decisions (engine/spec.py), with tables; no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from glmlocal.engine.ngram import NgramConfig, NgramIndex
+from glmlocal.engine.spec import OFF, CostModel, SpecConfig, decide
+from glmlocal.errors import InputError
+
+
+# --------------------------------------------------------------------------------------------- n-gram
+@pytest.mark.parametrize("history,n_max,want,match", [
+    # the last 3 tokens (1 2 3) occurred before: copy what followed
+    ([1, 2, 3, 4, 5, 9, 1, 2, 3], 4, [4, 5, 9, 1], 3),
+    # two occurrences: the one whose match reaches further back wins (0 1 2 3, not 7 1 2 3)
+    ([0, 1, 2, 3, 8, 7, 1, 2, 3, 6, 0, 1, 2, 3], 2, [8, 7], 4),
+    # equally long matches: the most recent wins
+    ([1, 2, 3, 8, 5, 1, 2, 3, 6, 5, 1, 2, 3], 1, [6], 4),
+    # fewer than key_min tokens in common: nothing
+    ([1, 2, 3, 4, 9, 2, 3], 3, None, 0),
+    # a continuation may run into the current suffix (a loop)
+    ([5, 6, 7, 5, 6, 7], 5, [5, 6, 7], 3),
+    ([1, 2, 3], 3, None, 0),
+])
+def test_ngram_copies_what_followed_the_best_earlier_match(history, n_max, want, match):
+    found = NgramIndex().find(history, n_max)
+    assert (found.tokens if found else None) == want
+    assert (found.match if found else 0) == match
+
+
+def test_ngram_index_grows_with_the_history_and_bounds_its_work():
+    h = [5, 1, 2, 9, 3, 1, 2, 8, 4, 1, 2, 7, 5, 1, 2]
+    idx = NgramIndex(NgramConfig(key_min=2, key_max=4))
+    assert idx.find(h[:6], 3) is None and idx.find(h[:7], 3).tokens == [9, 3, 1]
+    # (1 2) occurred three times; the first one's match is longest (5 1 2)
+    assert idx.find(h, 2).tokens == [9, 3]
+    # looking at the two most recent occurrences only: equally long matches, the most recent wins
+    assert NgramIndex(NgramConfig(key_min=2, key_max=4, candidates=2)).find(h, 2).tokens == [7, 5]
+    with pytest.raises(ValueError):
+        NgramConfig(key_min=5, key_max=4)
+
+
+def test_ngram_long_histories_are_indexed_once():
+    h = list(range(5000)) * 2
+    idx = NgramIndex()
+    assert idx.find(h[:5003], 4).tokens == [3, 4, 5, 6]
+    assert idx.find(h, 4).tokens == [0, 1, 2, 3]  # ...4997 4998 4999 | 0 1 2 3 after the first 4999
+
+
+# --------------------------------------------------------------------------------------------- cost model
+def feed(model: CostModel, arm, dt: float, n: int, times: int = 1) -> None:
+    for _ in range(times):
+        model.observe(arm, dt, n)
+
+
+def test_cost_model_probes_every_arm_then_keeps_the_fastest():
+    m = CostModel(min_samples=2)
+    mtp1, mtp2 = ("mtp", 1), ("mtp", 2)
+    seen = []
+    for _ in range(6):  # unmeasured arms first, OFF before the others
+        arm = m.choose([mtp1, mtp2])
+        seen.append(arm)
+        feed(m, arm, {OFF: 1.0, mtp1: 1.2, mtp2: 1.4}[arm], {OFF: 1, mtp1: 2, mtp2: 2}[arm])
+    assert seen == [OFF, OFF, mtp1, mtp1, mtp2, mtp2]
+    assert m.choose([mtp1, mtp2]) == mtp1  # 1.67 tok/s against 1.0 and 1.43
+    assert m.pays("mtp") and m.table() == {"off": 1.0, "mtp<=1": 1.7, "mtp<=2": 1.4}
+
+
+def test_cost_model_backs_off_when_drafts_cost_more_than_they_save():
+    # a CPU where verifying 1 + k tokens costs about k + 1 steps: drafting never pays
+    m = CostModel(min_samples=2, margin=0.05)
+    for arm in (OFF, ("ngram", 16)):
+        feed(m, arm, 1.0 if arm == OFF else 8.0, 1 if arm == OFF else 6, times=2)
+    assert m.choose([("ngram", 16)]) == OFF and not m.pays("ngram")
+    # within the margin is not enough either
+    m2 = CostModel(min_samples=1, margin=0.05)
+    feed(m2, OFF, 1.0, 1)
+    feed(m2, ("mtp", 1), 1.0, 1.03)
+    assert m2.choose([("mtp", 1)]) == OFF
+
+
+def test_cost_model_forgets_old_measurements_and_probes_again():
+    m = CostModel(min_samples=1, reprobe=10)
+    feed(m, OFF, 1.0, 1)
+    feed(m, ("mtp", 1), 4.0, 2)
+    assert m.choose([("mtp", 1)]) == OFF
+    for _ in range(10):
+        feed(m, OFF, 1.0, 1)
+        m.choose([])
+    assert m.choose([("mtp", 1)]) == ("mtp", 1)  # its only sample is 11 steps old: measured again
+    assert m.choose([]) == OFF
+
+
+# --------------------------------------------------------------------------------------------- modes
+def test_modes_decide_what_runs_and_say_why():
+    auto = decide(SpecConfig(), has_nextn=True, planned_mtp=True, planned_draft=2)
+    assert (auto.mtp, auto.ngram, auto.adaptive, auto.n_mtp, auto.n_ngram) == (True, True, True, 2, 16)
+    assert auto.describe().startswith("auto: MTP up to 2 + n-gram up to 16 drafts per step, measured")
+    no_nextn = decide(SpecConfig("auto"), has_nextn=False, planned_mtp=False)
+    assert not no_nextn.mtp and no_nextn.ngram and "no NextN layer" in no_nextn.describe()
+    unplanned = decide(SpecConfig("auto", 5), has_nextn=True, planned_mtp=False)
+    assert not unplanned.mtp and unplanned.n_ngram == 5 and "left out by the plan" in unplanned.describe()
+    both = decide(SpecConfig("mtp+ngram", 4), has_nextn=True, planned_mtp=True)
+    assert (both.mtp, both.ngram, both.adaptive, both.n_mtp) == (True, True, False, 4)
+    off = decide(SpecConfig("off"), has_nextn=True, planned_mtp=True)
+    assert not off.on and off.describe() == "off (--spec off)"
+    assert [SpecConfig(m).plan_mtp for m in ("auto", "mtp", "mtp+ngram", "ngram", "off")] == \
+        [None, True, True, False, False]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "fast"}, "unknown --spec 'fast'"),
+    ({"n_draft": 0}, "--draft must be at least 1, got 0"),
+    ({"n_draft": -3}, "--draft must be at least 1, got -3"),
+])
+def test_bad_options_are_input_errors(kwargs, message):
+    with pytest.raises(InputError, match=message.replace("'", ".")):
+        SpecConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["mtp", "mtp+ngram"])
+def test_mtp_without_a_nextn_layer_names_the_ngram_mode(mode):
+    with pytest.raises(InputError) as err:
+        decide(SpecConfig(mode), has_nextn=False, planned_mtp=False)
+    assert "no NextN (MTP) layer" in err.value.one_line() and "--spec ngram" in err.value.one_line()
+    with pytest.raises(InputError, match="no room"):
+        decide(SpecConfig(mode), has_nextn=True, planned_mtp=False)
