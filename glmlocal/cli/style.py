@@ -32,13 +32,15 @@ class Argument(TyperArgument):
 
 
 class Option(TyperOption):
-    """--ctx CTX, not --ctx <int>; a flag shows no value at all."""
+    """--ctx CTX, not --ctx <int> (a path: PATH); a flag shows no value at all."""
 
     def display_type_rich(self, ctx: Any) -> str | None:
         if self.metavar is not None:
             return self.metavar or None
         if self.is_flag or self.count:
             return None
+        if self.type_descriptor.is_path:
+            return "PATH"
         return (self.name or "").upper()
 
 
