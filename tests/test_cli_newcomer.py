@@ -167,7 +167,7 @@ def test_plan_on_a_machine_too_small_for_any_model_says_so(home):
     lines = out.stderr.splitlines()
     assert lines[0].startswith("error: the planned machine cannot run GLM-4.5-Air: its smallest quant known here, "
                                "q4_k_m (67.8 GiB file), needs 68.7 GiB of RAM + VRAM with 4096 tokens of context; "
-                               "the planned machine has 24.0 GiB"), lines[0]
+                               "the planned machine has 24.0 GiB available"), lines[0]
     expected = _expected_lines()
     assert [ln.strip() for ln in lines[2:2 + len(expected)]] == expected and len(expected) == 4
     assert expected[0].startswith("GLM-4.5-Air q4_k_m: 67.8 GiB file, needs 68.7 GiB of RAM + VRAM; runs on "

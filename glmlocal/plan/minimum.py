@@ -159,7 +159,7 @@ class MachineTooSmall(PlanError):
         super().__init__(
             f"{hw.label} cannot run {m.display}: its smallest quant known here, {m.quant} ({_gib(m.file_bytes)} "
             f"file), needs {_gib(m.need_bytes)} of RAM + VRAM with {m.ctx} tokens of context; {hw.label} has "
-            f"{_gib(self.usable)}",
+            f"{_gib(self.usable)} available",
             hint=(f"the smallest machine profile that runs it: {smallest.name}, {_gib(smallest.memory)}; "
                   if smallest else "") + f"`glmlocal plan {m.name} --machines` compares them")
 
