@@ -21,6 +21,7 @@ from glmlocal.plan.hardware import DEFAULT_CPU_BW, GIB, Hardware
 from glmlocal.plan.machines import Machine, machines
 from glmlocal.plan.planner import MIN_CTX, plan
 from glmlocal.plan.survey import best_fit
+from glmlocal.plan.view import gib
 from quantize.ggml import BLOCK_SIZES, GGMLType
 
 STEP = GIB // 10  # the need is searched to 0.1 GiB
@@ -157,15 +158,11 @@ class MachineTooSmall(PlanError):
         m = minimum
         smallest = next(iter(m.profiles), None)
         super().__init__(
-            f"{hw.label} cannot run {m.display}: its smallest quant known here, {m.quant} ({_gib(m.file_bytes)} "
-            f"file), needs {_gib(m.need_bytes)} of RAM + VRAM with {m.ctx} tokens of context; {hw.label} has "
-            f"{_gib(self.usable)} available",
-            hint=(f"the smallest machine profile that runs it: {smallest.name}, {_gib(smallest.memory)}; "
+            f"{hw.label} cannot run {m.display}: its smallest quant known here, {m.quant} ({gib(m.file_bytes)} "
+            f"file), needs {gib(m.need_bytes)} of RAM + VRAM with {m.ctx} tokens of context; {hw.label} has "
+            f"{gib(self.usable)} available",
+            hint=(f"the smallest machine profile that runs it: {smallest.name}, {gib(smallest.memory)}; "
                   if smallest else "") + f"`glmlocal plan {m.name} --machines` compares them")
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 def too_small(spec: ModelSpec, hw: Hardware) -> MachineTooSmall | None:
