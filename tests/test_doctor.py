@@ -21,7 +21,7 @@ from glmlocal.doctor.build import (
     unsupported_features,
 )
 from glmlocal.doctor.checks import ChildResult, backend_check, smoke_check
-from glmlocal.plan.hardware import GPU
+from glmlocal.plan.hardware import GPU, probe_gpus
 from tests.recorded import block_after, recorded
 
 
@@ -250,3 +250,21 @@ def test_ram_is_judged_with_vram():
     assert doctor.ram_check(24 * gib, 20 * gib).status == "warn"
     assert doctor.ram_check(64 * gib, 60 * gib, vram=24 * gib).status == "ok"
     assert doctor.ram_check(128 * gib, 100 * gib).status == "ok"
+
+
+def test_gpus_come_from_llama_cpps_device_list_read_in_the_child():
+    """The doctor's GPU check lists what llama.cpp will offload to (its device registry, as the child read it),
+    not only what NVML sees: a Metal or Vulkan GPU counts too, and a unified one says it shares RAM."""
+    gib = 1 << 30
+    devices = [{"name": "CPU", "description": "cpu", "type": "CPU", "free_bytes": 60 * gib, "total_bytes": 64 * gib,
+                "buffer_type": "CPU", "backend": "CPU"},
+               {"name": "Vulkan0", "description": "AMD Radeon RX 7900 XTX (RADV NAVI31)", "type": "GPU",
+                "free_bytes": 22 * gib, "total_bytes": 24 * gib, "buffer_type": "Vulkan0", "backend": "Vulkan"}]
+    info = ChildResult({"backends": ["Vulkan", "CPU"], "system_info": "", "devices": devices}, 0, None, False, "")
+    gpus, notes = doctor._gpus(info, 64 * gib)
+    assert [g.device_name for g in gpus] == ["Vulkan0"] and gpus[0].bandwidth == 960e9  # RX 7900 XTX
+    c = doctor.gpu_check(gpus, notes)
+    assert c.status == "ok" and c.detail.startswith("Vulkan0 AMD Radeon RX 7900 XTX (RADV NAVI31): 22.0 of 24.0 GiB free")
+    assert backend_check(info, gpus, choose_build(machine(tools=("glslc",)))).status == "ok"
+    failed, _ = doctor._gpus(ChildResult(None, 1, None, False, "boom"), 64 * gib)  # the child failed: NVML's list
+    assert [g.name for g in failed] == [g.name for g in probe_gpus()[0]]
