@@ -49,7 +49,7 @@ def _ngl_only(fp, plan) -> int:
 
 def placements(path: Path, ctx: int, hw, margin: int) -> dict:
     fp = planner.footprint_from_gguf(path)
-    plan = planner.plan(fp, hw, ctx=ctx, margin=margin)
+    plan = planner.plan(fp, hw, ctx=ctx, margin=margin, mtp=False)  # the trunk's placement against naive ones
     # the naive ones carry no prediction, only the planned GPUs (so the engine hands llama.cpp the same devices)
     gpus = [planner.DevicePlan(d.name, 0, 0, 0, 0) for d in plan.devices if d.name != "CPU"]
     return {

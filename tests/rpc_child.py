@@ -31,14 +31,14 @@ def _plan(req: dict, names: list[str]):
 
         sizes = ",".join(f"{m}MiB" for m in req["gpu_mib"])
         machine = probe(PlanOptions(rpc=tuple(req["endpoints"]), gpu_mem=sizes, ram="16GiB", threads=2, cpu_bw=20))
-        return plan(footprint_from_gguf(req["gguf"]), machine, ctx=req["ctx"], margin=0)
+        return plan(footprint_from_gguf(req["gguf"]), machine, ctx=req["ctx"], margin=0, mtp=False)
 
     names = [""] * len(names) if req.get("generic_names") else names  # as a `--gpu-mem` plan: CUDA0, CUDA1
     gpus = tuple(GPU(i, f"RPC server {i}", int(m * MIB), int(m * MIB), 50e9, device=name, op_offload=False)
                  for i, (m, name) in enumerate(zip(req["gpu_mib"], names)))
     machine = Hardware(gpus, 16 * GIB, 16 * GIB, 2, 20e9)
     p = plan(footprint_from_gguf(req["gguf"]), machine, ctx=req["ctx"], n_ubatch=req.get("n_ubatch", 512),
-             margin=0, op_offload=req.get("op_offload", True))
+             margin=0, op_offload=req.get("op_offload", True), mtp=False)  # the trunk's placement; MTP: elsewhere
     p = replace(p, use_mmap=req.get("use_mmap", False), n_threads=1)
     if req.get("capacity_mib"):  # the same plan, on a machine whose first GPU has less free memory
         small = replace(p.devices[0], capacity=int(req["capacity_mib"] * MIB))

@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
 KV_AIR = 188_416  # f16 K+V bytes per token, 46 layers x 2 x 8 heads x 128 x 2 bytes
 KV_46 = 376_832  # GLM-4.6: 92 layers
+# The trunk alone, one sequence, llama.cpp's default ubatch: the arithmetic below (and the measurements it is
+# compared with, plain decoding at -ub 512) predates MTP and the ubatch choice (tests/test_planner_mtp.py).
+TRUNK = {"mtp": False, "n_ubatch": 512, "n_seq": 1}
 
 
 def fp(model: str, quant: str = "q4_k_m"):
@@ -63,7 +66,7 @@ def test_m4_max_128_holds_air_q4_k_m_entirely_on_the_gpu():
     -> 546e9 x 0.75 / 8,965,298,688 = 45.7 tokens/s (the CPU reads nothing per token)."""
     f, hw = fp("glm-4.5-air"), on("m4-max-128")
     assert f.weights_bytes == 70_438_853_120 and f.token_embd == 349_175_808 and f.expert_bytes == 66_022_539_264
-    p = plan(f, hw)
+    p = plan(f, hw, **TRUNK)
     gpu, cpu = p.devices
     assert gpu.name == "MTL0" and p.n_ctx == 65536 and p.n_gpu_layers == 48 and p.tensor_overrides == []
     assert gpu.weights == 70_089_677_312 and gpu.kv == KV_AIR * 65536 == 12_348_030_976
@@ -84,7 +87,7 @@ def test_weights_count_once_in_the_pool():
     12,348,030,976 + compute 411,056,128) + CPU 676,937,728 = 126.4e9 <= 121.69 GiB - 2 GiB = 128.5e9."""
     f, hw = fp("glm-4.5-air", "q8_0"), on("dgx-spark")
     assert f.weights_bytes == 113_602_894_336 and 2 * f.weights_bytes > hw.unified.pool
-    p = plan(f, hw)
+    p = plan(f, hw, **TRUNK)
     gpu, cpu = p.devices
     assert gpu.name == "CUDA0" and p.n_ctx == 65536 and cpu.layers == () and cpu.expert_layers == ()
     assert gpu.total == 125_702_427_136 and cpu.total == 676_937_728
@@ -103,13 +106,13 @@ def test_raising_the_metal_limit_is_offered_with_the_command():
     GLM-4.6 q4_k_m all on the GPU needs weights 212,726,947,456 - 436,469,760 (embeddings) + KV 376,832 x
     65,536 (24,696,061,952) + compute + 1 GiB margin = 222.1 GiB -> 223 GiB = 228352 MiB (31 GiB more)."""
     f, hw = fp("glm-4.6"), on("m3-ultra-256")
-    p = plan(f, hw)
+    p = plan(f, hw, **TRUNK)
     assert p.devices[-1].expert_layers  # at 192 GiB some experts run on the CPU (from the same RAM)
     note = next(n for n in p.notes if n.startswith("raising"))
     assert note == ("raising the GPU limit by 31.0 GiB to 223 GiB puts the whole model on the GPU: "
                     "sudo sysctl iogpu.wired_limit_mb=228352 (until reboot)")
     assert unified_raise(f, hw) == 223 * GIB
-    raised = plan(f, with_gpu_limit(hw, 223 * GIB))
+    raised = plan(f, with_gpu_limit(hw, 223 * GIB), **TRUNK)
     gpu, cpu = raised.devices
     need = f.weights_bytes - f.token_embd + KV_46 * 65536 + gpu.compute + GIB
     assert need / GIB == pytest.approx(222.10, abs=0.01) and gpu.total + GIB == need
@@ -122,7 +125,7 @@ def test_raising_the_gtt_on_strix_halo():
     15 GiB more; within 124 GiB (kyuz0's ttm.pages_limit=32505856). At 64 GiB 12 MoE layers' experts stay on
     the CPU (about 16.4e9 B, read at the assumed 128 GB/s)."""
     f, hw = fp("glm-4.5-air"), on("strix-halo-128")
-    p = plan(f, hw)
+    p = plan(f, hw, **TRUNK)
     gpu, cpu = p.devices
     assert gpu.name == "Vulkan0" and gpu.total <= 63 * GIB and len(cpu.expert_layers) == 12
     assert gpu.total + cpu.total <= 126 * GIB
@@ -131,14 +134,14 @@ def test_raising_the_gtt_on_strix_halo():
     assert note.endswith("ttm.pages_limit=20709376 ttm.page_pool_size=20709376 (then reboot)")
     assert 79 * GIB // 4096 == 20_709_376
     # Raised as the measured machines were (124 GiB): all on the GPU, 256e9 x 0.75 / 8,965,298,688 = 21.4 t/s.
-    raised = plan(f, with_gpu_limit(hw, 124 * GIB))
+    raised = plan(f, with_gpu_limit(hw, 124 * GIB), **TRUNK)
     assert raised.devices[1].expert_layers == () and raised.est_tokens_per_s == pytest.approx(21.42, abs=0.01)
 
 
 def test_a_limit_that_cannot_be_raised_far_enough_is_said():
     """m4-max-128 with Air q8_0: all on the GPU would need 118.1 GiB; macOS keeps 16 GiB, so 112 GiB is the
     most (ds4#893 set 114688 MiB). The plan runs 6 MoE layers' experts (and part of one) on the CPU instead."""
-    p = plan(fp("glm-4.5-air", "q8_0"), on("m4-max-128"))
+    p = plan(fp("glm-4.5-air", "q8_0"), on("m4-max-128"), **TRUNK)
     assert ("the whole model on the GPU needs a 118.1 GiB GPU limit; the most the planned machine (m4-max-128) "
             "allows is 112 GiB") in p.notes
     assert p.devices[-1].expert_layers and unified_raise(fp("glm-4.5-air", "q8_0"), on("m4-max-128")) is None
@@ -276,7 +279,7 @@ def test_machines_table_for_air():
     for name in ("rtx4090-128gb", "2x3090-128gb", "rtx5090-256gb"):
         assert best[name] == ("q8_0", True, 65536)
     # Each row is the plan `--machine NAME --quant Q` makes.
-    same = plan(fp("glm-4.5-air", "q6_k"), on("m4-max-128"))
+    same = plan(fp("glm-4.5-air", "q6_k"), on("m4-max-128"), mtp=False)  # the table compares models, not MTP
     assert rows["m4-max-128"]["est_tokens_per_s"] == pytest.approx(same.est_tokens_per_s)
     assert rows["m4-max-128"]["llama_cpp_flags"] == same.llama_cpp_flags()
     table = CliRunner().invoke(app, ["plan", "glm-4.5-air", "--machines"], env={"COLUMNS": "240"})
@@ -336,10 +339,10 @@ def test_estimates_next_to_published_measurements():
                 "rocm-6.4.4": tg128("llama-bench-hip-strix-halo-glm45air.txt")}
     assert measured == {"vulkan-radv": 24.64, "vulkan-amdvlk": 24.21, "rocm-6.4.4": 20.93}
     strix = with_gpu_limit(on("strix-halo-128"), 124 * GIB)
-    q4 = plan(fp("glm-4.5-air"), strix).est_tokens_per_s
+    q4 = plan(fp("glm-4.5-air"), strix, **TRUNK).est_tokens_per_s
     assert q4 == pytest.approx(21.42, abs=0.01)  # 256e9 x 0.75 / 8,965,298,688
     assert all(0.85 < q4 / m < 1.15 for m in measured.values())
-    q6 = plan(fp("glm-4.5-air", "q6_k"), strix).est_tokens_per_s
+    q6 = plan(fp("glm-4.5-air", "q6_k"), strix, **TRUNK).est_tokens_per_s
     assert q6 == pytest.approx(16.09, abs=0.01) and tg128("llama-bench-vulkan-radv-strix-halo-glm45air-q6.txt") == 17.71
 
 
@@ -353,11 +356,11 @@ def test_estimates_for_the_other_published_rows():
       the planner, free to put some experts on the cards (360 GB/s each), estimates 11.2 for q4_k_m.
     - Strix Halo with the 96 GB GPU setting (Minisforum MS-S1 MAX, Windows, Vulkan): 22.79; at 96 GiB Air
       q4_k_m (77.2 GiB) is all on the GPU: 21.4, as with 124 GiB."""
-    m3u = plan(fp("glm-4.6", "q8_0"), on("m3-ultra-512"))
+    m3u = plan(fp("glm-4.6", "q8_0"), on("m3-ultra-512"), **TRUNK)
     assert m3u.devices[-1].expert_layers == () and m3u.est_tokens_per_s == pytest.approx(16.75, abs=0.01)
-    five = plan(fp("glm-4.7"), on("rtx5090-256gb"))
+    five = plan(fp("glm-4.7"), on("rtx5090-256gb"), **TRUNK)
     assert five.n_ctx == 58624 and five.est_tokens_per_s == pytest.approx(5.43, abs=0.01)
     two3060 = probe(PlanOptions(gpu_mem="12GiB,12GiB", ram="96GiB", gpu_bw=360, cpu_bw=89.6, threads=12))
-    assert plan(fp("glm-4.5-air"), two3060).est_tokens_per_s == pytest.approx(11.16, abs=0.01)
-    ms1 = plan(fp("glm-4.5-air"), with_gpu_limit(on("strix-halo-128"), 96 * GIB))
+    assert plan(fp("glm-4.5-air"), two3060, **TRUNK).est_tokens_per_s == pytest.approx(11.16, abs=0.01)
+    ms1 = plan(fp("glm-4.5-air"), with_gpu_limit(on("strix-halo-128"), 96 * GIB), **TRUNK)
     assert ms1.devices[-1].expert_layers == () and ms1.est_tokens_per_s == pytest.approx(21.42, abs=0.01)

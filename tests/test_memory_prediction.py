@@ -160,7 +160,7 @@ def test_llama_cpp_applies_the_planned_expert_overrides(ggufs):
     for free in range(1 * 2**20, 64 * 2**20, 16 * 1024):
         machine = Hardware(gpus=(GPU(0, "hypothetical", free, free, 100e9),), ram_total=16 * GIB,
                            ram_available=16 * GIB, cores=2, cpu_bandwidth=20e9)
-        p = plan(fp, machine, ctx=512, margin=0, n_ubatch=512)
+        p = plan(fp, machine, ctx=512, margin=0, n_ubatch=512, mtp=False)  # trunk experts only
         if len(p.tensor_overrides) == 2:  # one whole-layer pattern plus one partial-layer pattern
             chosen = p
             break

@@ -84,9 +84,14 @@ def check_invariants(p: Placement, f, machine):
     # bytes the plan puts in RAM, and never touch a tensor that is not a routed expert.
     if p.n_gpu_layers:
         hits = {n for n in f.tensor_types if any(re.search(pat, n) for pat, _ in p.tensor_overrides)}
-        assert all("_exps" in n for n in hits)
+        assert all("_exps" in n or n.endswith(".nextn.embed_tokens.weight") for n in hits)
+        assert p.mtp or not any(n.startswith(f"blk.{f.n_layer}.") for n in hits)
         on_cpu = sum(nb for layer in f.trunk for n, nb in layer.expert_tensors if n in hits or layer.index in host.layers)
         assert on_cpu == host.weights - f.token_embd - sum(f.layers[i].non_expert for i in host.layers)
+    # MTP's bytes come on top of the trunk's: its whole NextN block and one layer of KV at least.
+    kv_layer = f.kv_bytes_per_token_layer(p.type_k, p.type_v) * p.n_ctx
+    assert sum(d.mtp for d in p.devices) >= f.mtp_weights_bytes + kv_layer if p.mtp else all(
+        d.mtp == 0 for d in p.devices)
     # The estimate is the stated formula over the devices.
     seconds = sum(d.bytes_per_token / (d.bandwidth * (0.6 if d.name == "CPU" else 0.75)) for d in p.devices)
     assert p.est_tokens_per_s == pytest.approx(1 / seconds)
@@ -223,7 +228,7 @@ def test_op_offload_weight_copy_is_reserved_on_the_first_gpu():
     largest = max(nb for layer in f.trunk for _, nb in layer.expert_tensors)
     p = plan(f, hw("24GiB", "64GiB"))
     assert p.devices[0].compute == compute_buffer_bytes(f, p.n_ctx, p.n_ubatch) + largest
-    p = plan(f, hw("96GiB", "64GiB"))
+    p = plan(f, hw("96GiB", "64GiB"), mtp=False)  # MTP keeps its own token embedding in RAM: test_mtp_*
     gpu, cpu = p.devices
     assert p.tensor_overrides == [] and cpu.expert_layers == () and cpu.weights == f.token_embd
     assert gpu.compute == compute_buffer_bytes(f, p.n_ctx, p.n_ubatch)

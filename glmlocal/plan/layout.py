@@ -8,7 +8,7 @@ and of its scheduler when big-batch ops follow their weights: RPC devices, --no-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from glmlocal.plan.footprint import (
     Footprint,
@@ -17,6 +17,7 @@ from glmlocal.plan.footprint import (
     kv_row_bytes,
 )
 from glmlocal.plan.hardware import Hardware
+from glmlocal.plan.mtp import MtpCost, mtp_cost
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Budget:
     margin: int
     host_reserve: int
     op_offload: bool = True
+    mtp: bool = False  # load the NextN block and budget an MTP context (glmlocal.plan.mtp)
+    n_seq: int = 1  # sequences the contexts are sized for (n_seq_max; one shared KV pool)
+    n_batch: int = 0  # the main context's n_batch (0: n_ubatch)
 
     @property
     def offload_gpu(self) -> int | None:
@@ -56,6 +60,10 @@ class Layout:
     host_need: int
     host_kv: int
     host_compute: int
+    gpu_mtp: list[int] = field(default_factory=list)  # per GPU: MTP's weights, KV and compute there
+    host_mtp: int = 0  # MTP's bytes in RAM
+    mtp: MtpCost | None = None  # set when the layout carries MTP
+    mtp_experts_gpu: bool = False  # the NextN block's routed experts on the last GPU (else in RAM)
 
 
 def kv_layer_bytes(b: Budget, ctx: int) -> int:
@@ -65,8 +73,19 @@ def kv_layer_bytes(b: Budget, ctx: int) -> int:
 
 
 def _compute(b: Budget, ctx: int, *, output: bool = True) -> int:
-    """llama.cpp's compute buffer for this budget (flash attention on, as every Placement has it)."""
-    return compute_buffer_bytes(b.fp, ctx, b.n_ubatch, output=output, type_k=b.type_k, type_v=b.type_v)
+    """llama.cpp's compute buffer for this budget (flash attention on, as every Placement has it); with MTP the
+    main context also runs with the NextN hidden rows of every token (embeddings_nextn, unmasked)."""
+    return compute_buffer_bytes(b.fp, ctx, b.n_ubatch, output=output, type_k=b.type_k, type_v=b.type_v,
+                                n_seq=b.n_seq, h_all=b.mtp)
+
+
+def _mtp(b: Budget, ctx: int, gpus: tuple) -> MtpCost | None:
+    """MTP's costs when this budget carries it: on GPUs that run big-batch ops themselves, or CPU only (with
+    RPC / --no-op-offload the MTP context's buffers are not predicted, so MTP is not planned there)."""
+    if not b.mtp or (gpus and b.offload_gpu is None):
+        return None
+    return mtp_cost(b.fp, ctx, n_ubatch=b.n_ubatch, n_batch=b.n_batch or b.n_ubatch, n_seq=b.n_seq,
+                    type_k=b.type_k, type_v=b.type_v)
 
 
 def _split_layers(layers: list[int], weights: list[float]) -> list[list[int]]:
@@ -142,7 +161,7 @@ def _with_compute(b: Budget, lay: Layout, comps: tuple[int, ...]) -> Layout:
     """`lay` with the given per-GPU compute buffers and host compute (+ the one-row output buffer)."""
     gpu_compute = list(comps[:-1])
     need = [n - c + nc for n, c, nc in zip(lay.gpu_need, lay.gpu_compute, gpu_compute)]
-    host_compute = comps[-1] + b.fp.n_vocab * 4
+    host_compute = comps[-1] + b.fp.n_vocab * 4 * b.n_seq
     return replace(lay, gpu_compute=gpu_compute, gpu_need=need, host_compute=host_compute,
                    host_need=lay.host_need - lay.host_compute + host_compute)
 
@@ -157,16 +176,26 @@ def _layout_with_copy(b: Budget, ctx: int, n_cpu_layers: int, copy: int,
     runs = _split_layers(on_gpu, capacities) if gpus else []
     kv_layer = kv_layer_bytes(b, ctx)
     compute = _compute(b, ctx, output=False)
-    fixed, kv, comp, experts, need = [], [], [], [], []
-    for d, run in enumerate(runs):  # the output layer (and the unloaded NextN slot) go to the last GPU
+    mtp = _mtp(b, ctx, gpus)
+    slot = mtp.largest_expert if mtp and min(b.n_ubatch, ctx) >= OP_OFFLOAD_MIN_BATCH else 0
+    fixed, kv, comp, experts, need, beside = [], [], [], [], [], []
+    mtp_gpu = False
+    for d, run in enumerate(runs):  # the output layer (and the NextN slot) go to the last GPU
         last = d == len(runs) - 1
         c = compute + (_compute(b, ctx) - compute if last else 0) + (copy if d == b.offload_gpu else 0)
         c = comps[d] if comps else c
         f = sum(fp.layers[i].non_expert for i in run) + (fp.output if last else 0)
         k = kv_layer * len(run)
-        chosen = _fill_experts(fp, run, capacities[d] - f - k - c)
-        fixed.append(f), kv.append(k), comp.append(c), experts.append(chosen)
-        need.append(f + k + c + bytes_of(fp, chosen))
+        m = (mtp.beside_last_layer if mtp and last else 0) + (slot if d == b.offload_gpu else 0)
+        room = capacities[d] - f - k - c - m
+        chosen = _fill_experts(fp, run, room)
+        if mtp and last and mtp.experts <= room - bytes_of(fp, chosen) + (slot if d == b.offload_gpu else 0):
+            mtp_gpu = True  # the NextN experts fit after the trunk's: no copy slot for them
+        fixed.append(f), kv.append(k), comp.append(c), experts.append(chosen), beside.append(m)
+    if mtp_gpu:
+        beside = [m - (slot if d == b.offload_gpu else 0) for d, m in enumerate(beside)]
+        beside[-1] += mtp.experts
+    need = [f + k + c + m + bytes_of(fp, e) for f, k, c, m, e in zip(fixed, kv, comp, beside, experts)]
     host_kv = kv_layer * (len(trunk) - len(on_gpu))
     gpu_expert_bytes = sum(bytes_of(fp, chosen) for chosen in experts)
     host_weights = fp.token_embd + fp.expert_bytes - gpu_expert_bytes + sum(
@@ -175,19 +204,24 @@ def _layout_with_copy(b: Budget, ctx: int, n_cpu_layers: int, copy: int,
         host_weights += fp.output
     # With GPUs, big-batch ops on RAM weights run on the GPU (op_offload), so the host compute buffer
     # keeps the token embeddings, plus the attention (mask, activations) of layers whose KV is in RAM;
-    # the output buffer holds one row of logits.
+    # the output buffer holds one row of logits per sequence.
     if not gpus:
         host_compute = _compute(b, ctx)
     else:
         host_compute = 2 * fp.n_embd * 4 * min(b.n_ubatch, ctx)
         if len(on_gpu) < len(trunk):
             host_compute += _compute(b, ctx, output=False)
-    host_compute += fp.n_vocab * 4
+    host_compute += fp.n_vocab * 4 * b.n_seq
     if comps:
-        host_compute = comps[-1] + fp.n_vocab * 4
+        host_compute = comps[-1] + fp.n_vocab * 4 * b.n_seq
+    host_mtp = 0
+    if mtp:
+        host_mtp = mtp.host + (mtp.embd + (0 if mtp_gpu else mtp.experts) if gpus else
+                               mtp.weights + mtp.embd + mtp.experts + mtp.kv + mtp.compute)
     ngl = (len(on_gpu) + fp.n_nextn + 1) if on_gpu else 0
     return Layout(ctx, ngl, runs, experts, need, fixed, kv, comp,
-                   host_weights + host_kv + host_compute, host_kv, host_compute)
+                  host_weights + host_kv + host_compute + host_mtp, host_kv, host_compute,
+                  beside, host_mtp, mtp, mtp_gpu)
 
 
 def _fill_experts(fp: Footprint, run: list[int], room: int) -> dict[int, tuple[str, ...]]:
@@ -224,7 +258,8 @@ def bytes_of(fp: Footprint, chosen: dict[int, tuple[str, ...]]) -> int:
 def fits_gpu(b: Budget, lay: Layout) -> bool:
     """Whether every GPU holds its trunk layers, KV and compute buffer (experts are fitted to what is left)."""
     caps = [max(g.free - b.margin, 0) for g in b.hw.gpus][: len(lay.gpu_fixed)]
-    return all(f + k + c <= cap for f, k, c, cap in zip(lay.gpu_fixed, lay.gpu_kv, lay.gpu_compute, caps))
+    return all(f + k + c + m <= cap for f, k, c, m, cap in
+               zip(lay.gpu_fixed, lay.gpu_kv, lay.gpu_compute, lay.gpu_mtp, caps))
 
 
 def fits_host(b: Budget, lay: Layout) -> bool:

@@ -12,7 +12,10 @@ class PlanOptions:
     gpu_mem "24GiB,24GiB" and ram "128GiB" plan for those sizes instead of this machine's; bandwidths are GB/s;
     rpc lists llama.cpp RPC servers (HOST:PORT) to register and use as GPUs (process-global: every later load
     in this process offloads to them); machine names a profile in machines.toml to plan for instead of this
-    machine (`glmlocal plan MODEL --machine NAME`).
+    machine (`glmlocal plan MODEL --machine NAME`). ubatch fixes llama.cpp's n_ubatch (and n_batch) instead of
+    the planner's choice; mtp None plans MTP when it fits and pays, True whenever it fits (--spec mtp), False
+    never (--spec off / ngram: the NextN block is not loaded and its VRAM goes to experts);
+    parallel sizes the contexts for that many sequences sharing the KV pool (None: the planner's default).
     """
 
     ctx: int | None = None
@@ -25,3 +28,6 @@ class PlanOptions:
     cpu_bw: float | None = None
     rpc: tuple[str, ...] = ()
     machine: str | None = None
+    ubatch: int | None = None
+    mtp: bool | None = None
+    parallel: int | None = None

@@ -27,14 +27,27 @@ class DevicePlan:
     # Without mmap that is where those bytes live; with mmap it is an anonymous copy on top of the mapped
     # file, whose pages for those tensors are read once at load and then left to the page cache.
     repack: int = 0
+    mtp: int = 0  # MTP's bytes here (NextN weights, its KV, the MTP context's buffers), on top of the others
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute
+        return self.weights + self.kv + self.compute + self.mtp
 
     @property
     def headroom(self) -> int:
         return self.capacity - self.total
+
+
+@dataclass(frozen=True)
+class SpecEstimate:
+    """Expected MTP speculative decoding with n_draft drafted tokens per step (glmlocal.plan.estimate)."""
+
+    n_draft: int
+    acceptance: float  # fraction of drafted tokens accepted (published, GLM-4.5-Air)
+    tokens_per_step: float  # 1 + n_draft x acceptance
+    step_cost: float  # a step's time in plain decode steps: verify 1 + n_draft tokens + n_draft MTP steps
+    speedup: float  # tokens_per_step / step_cost
+    tokens_per_s: float
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,15 @@ class Placement:
     notes: list[str] = field(default_factory=list)
     model: str = ""
     op_offload: bool = True  # llama.cpp's op_offload (--no-op-offload turns it off)
+    # MTP: load the NextN block (llama_model_params.load_mtp) so an MTP context can draft; its cost is in
+    # devices[].mtp; mtp_draft is the draft count with the best expected speedup (mtp_estimates, one per count).
+    mtp: bool = False
+    mtp_draft: int = 0
+    mtp_estimates: tuple[SpecEstimate, ...] = ()
+    est_prompt_tokens_per_s: float = 0.0  # over a prompt_ref-token prompt, at n_ubatch
+    est_ttft_s: float = 0.0  # seconds to process that prompt: the time to first token
+    prompt_ref: int = 0
+    parallel: int = 1  # serve's default --parallel: sequences sharing the n_ctx KV pool (planner.default_parallel)
 
     @classmethod
     def cpu_only(cls, ctx: int, threads: int, *, type_k: str = "f16", type_v: str = "f16",
@@ -80,6 +102,8 @@ class Placement:
             flags.append("--no-mmap")
         if not self.op_offload:
             flags.append("--no-op-offload")
+        if self.mtp and self.mtp_draft:
+            flags.append(f"--spec-type draft-mtp --spec-draft-n-max {self.mtp_draft}")
         return " ".join(flags)
 
     def to_dict(self) -> dict:

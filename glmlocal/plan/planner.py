@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from glmlocal.errors import InputError, PlanError
+from glmlocal.plan.estimate import PROMPT_REF
 from glmlocal.plan.footprint import (  # re-exported: planner is the public entry point
     Footprint,
     LayerFootprint,
@@ -47,12 +48,15 @@ from glmlocal.plan.layout import (
     layout,
     shared_need,
 )
+from glmlocal.plan.mtp import mtp_overrides
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.placement import (  # re-exported: they used to live here
     DevicePlan,
     Placement,
 )
 from glmlocal.plan.pool import pool_notes, raise_target
+from glmlocal.plan.speed import CPU_EFFICIENCY, GPU_EFFICIENCY, SPEED_CTX
+from glmlocal.plan.tune import Choice, mtp_note, prompt_note, tune
 
 __all__ = [
     "DevicePlan",
@@ -61,6 +65,7 @@ __all__ = [
     "Placement",
     "compute_buffer_bytes",
     "compute_buffers_split",
+    "default_parallel",
     "footprint_from_gguf",
     "footprint_from_spec",
     "plan",
@@ -71,9 +76,9 @@ HOST_RESERVE = 2 * GIB  # RAM left for the OS, the Python process and page cache
 DEFAULT_CTX = 65536  # agents (Claude Code) want >= 64K; clipped to the model's trained context
 MIN_CTX = 4096  # as llama.cpp's --fit (-fitc 4096)
 CTX_STEP = 256  # llama.cpp pads n_ctx to a multiple of 256
-SPEED_CTX = 4096  # tokens/s is estimated with this many tokens already in the KV cache
-GPU_EFFICIENCY = 0.75  # fraction of peak memory bandwidth decode reaches (weights stream once/token)
-CPU_EFFICIENCY = 0.60
+BASE_UBATCH = 512  # llama.cpp's default n_ubatch: the context search uses it, tune.py may raise it
+CONVERSATION = 8192  # tokens of one conversation when counting how many share the KV pool
+MAX_PARALLEL = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,19 +122,25 @@ def _largest_ctx(b: Budget, lo: int, hi: int, ok) -> int | None:
 # Public entry point
 # --------------------------------------------------------------------------------------------
 def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_type: str = "f16", *,
-         kv_type_v: str | None = None, n_batch: int | None = None, n_ubatch: int = 512,
+         kv_type_v: str | None = None, n_batch: int | None = None, n_ubatch: int | None = None,
          margin: int = GPU_MARGIN, host_reserve: int = HOST_RESERVE, min_ctx: int = MIN_CTX,
-         alternatives: Mapping[str, Footprint] | None = None, op_offload: bool = True) -> Placement:
+         alternatives: Mapping[str, Footprint] | None = None, op_offload: bool = True, mtp: bool | None = None,
+         n_seq: int | None = None) -> Placement:
     """Place `footprint` on `hardware` with `ctx` tokens of context (None: the largest that fits,
     at most 64K). An explicit ctx is never shrunk: if it does not fit, PlanError names the largest
     one that does. `alternatives` (quant -> Footprint) lets the error name a smaller quant that fits.
     `op_offload=False` plans for llama.cpp's --no-op-offload (big-batch ops on RAM weights stay on the CPU).
+    `n_ubatch` fixes the ubatch (None: the one with the fastest predicted prompt, glmlocal.plan.tune);
+    `mtp`: None plans MTP when it fits and pays, True when it fits, False never (glmlocal.plan.tune); `n_seq` sizes the contexts for
+    that many parallel sequences sharing the KV pool (None: default_parallel's count for the context found).
     """
     type_v = kv_type_v or kv_type
     kv_row_bytes(kv_type, 256), kv_row_bytes(type_v, 256)  # validates the names
     if ctx is not None and ctx < 1:
         raise InputError(f"context must be positive, got {ctx}")
-    b = Budget(footprint, hardware, kv_type, type_v, n_ubatch, margin, host_reserve, op_offload)
+    if n_ubatch is not None and n_ubatch < 1:
+        raise InputError(f"ubatch must be positive, got {n_ubatch}")
+    b = Budget(footprint, hardware, kv_type, type_v, n_ubatch or BASE_UBATCH, margin, host_reserve, op_offload)
     notes: list[str] = []
     if ctx is None:
         want = min(footprint.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
@@ -141,7 +152,44 @@ def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_ty
             notes.append(f"context {ctx} exceeds the trained context {footprint.n_ctx_train}")
     if lay is None:
         raise _no_fit_error(b, want, min_ctx, alternatives)
-    return _placement(b, lay, n_batch, notes + pool_notes(b, lay, want))
+    b = replace(b, n_seq=n_seq or parallel_for_context(lay.ctx))
+    choice = tune(b, lay, want_mtp=mtp, ubatch=n_ubatch, relayout=_relayout(lay, min_ctx),
+                  speed=lambda bb, ll: _tokens_per_s(_device_plans(bb, ll)))
+    return _placement(choice, n_batch, notes + pool_notes(b, lay, want))  # the trunk alone, as unified_raise
+
+
+def _relayout(base: Layout, min_ctx: int):
+    """tune's Relayout: the base layout's GPU layers at its context, or (`shrink`) at the largest context, down
+    to min_ctx, that keeps them."""
+
+    def at(b: Budget, shrink: bool) -> Layout | None:
+        n_cpu = b.fp.n_layer - sum(len(r) for r in base.gpu_layers)
+        if shrink:
+            ctx = _largest_ctx(b, min(min_ctx, base.ctx), base.ctx, lambda c: _fits(b, layout(b, c, n_cpu)))
+            return layout(b, ctx, n_cpu) if ctx is not None else None
+        new = layout(b, base.ctx, n_cpu)
+        return new if _fits(b, new) else None
+
+    return at
+
+
+def _fits(b: Budget, lay: Layout) -> bool:
+    return fits_gpu(b, lay) and fits_host(b, lay)
+
+
+def parallel_for_context(n_ctx: int) -> int:
+    """default_parallel's rule for an n_ctx-token KV pool."""
+    return max(1, min(MAX_PARALLEL, n_ctx // CONVERSATION))
+
+
+def default_parallel(placement: Placement) -> int:
+    """serve's default --parallel for a placement: how many CONVERSATION-token (8K) conversations its KV pool
+    holds, clamped to 1..MAX_PARALLEL. The engine keeps ONE pool of n_ctx tokens for every sequence (kv_unified),
+    so this is a count of comfortable conversations, not a split: one conversation alone may use all n_ctx
+    (Claude Code's 64K), and the sequences of a busy server share the pool (8K each is an agent's side request or
+    a sub-agent's first turns). The plan's buffers are sized for this many (Placement.parallel); more sequences
+    add a row of logits each (n_vocab floats) to the output buffers, which the 1 GiB margin absorbs."""
+    return parallel_for_context(placement.n_ctx)
 
 
 def unified_raise(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_type: str = "f16") -> int | None:
@@ -157,7 +205,8 @@ def plan_gguf(path: str | Path, options: PlanOptions | None = None, hw: Hardware
     """The placement of the GGUF at `path` on `hw` (None: this machine, probed with the user's options)."""
     options = options or PlanOptions()
     hw = hw or probe(options)
-    return plan(footprint_from_gguf(path), hw, ctx=options.ctx, kv_type=options.kv_type or "f16")
+    return plan(footprint_from_gguf(path), hw, ctx=options.ctx, kv_type=options.kv_type or "f16",
+                n_ubatch=options.ubatch, mtp=options.mtp, n_seq=options.parallel)
 
 
 def _auto_ctx_layout(b: Budget, want: int, min_ctx: int, notes: list[str]) -> Layout | None:
@@ -228,45 +277,61 @@ def _expert_overrides(fp: Footprint, on_gpu: dict[int, set[str]]) -> list[tuple[
     return out
 
 
-def _placement(b: Budget, lay: Layout, n_batch: int | None, notes: list[str]) -> Placement:
+def _placement(c: Choice, n_batch: int | None, notes: list[str]) -> Placement:
+    b, lay = c.b, c.lay
     fp, hw = b.fp, b.hw
     on_gpu_experts = gpu_tensors(lay)
-    devices = _device_plans(b, lay, on_gpu_experts)
+    devices = _device_plans(b, lay)
     n_gpus_used = sum(1 for run in lay.gpu_layers if run)
     split = None
     if n_gpus_used > 1:  # tensor_split in layer slots; the NextN slot and output go to the last GPU
         split = [float(len(run)) for run in lay.gpu_layers]
         split[-1] += fp.n_nextn + 1
     est = _tokens_per_s(devices)
-    notes = notes + _explain(b, lay, devices, est)
+    overrides = _expert_overrides(fp, on_gpu_experts) if lay.ngl else []
+    if lay.mtp is not None and lay.ngl:
+        overrides += mtp_overrides(fp, experts_in_ram=not lay.mtp_experts_gpu)
+    top = max(c.estimates, key=lambda e: e.speedup, default=None)
+    notes = notes + _explain(b, lay, devices, est) + c.notes + mtp_note(c) + [prompt_note(c), _pool_note(b, lay)]
     return Placement(
-        n_gpu_layers=lay.ngl, tensor_overrides=_expert_overrides(fp, on_gpu_experts) if lay.ngl else [],
-        tensor_split=split, main_gpu=0, n_ctx=lay.ctx, type_k=b.type_k, type_v=b.type_v, flash_attn=True,
-        n_batch=n_batch or (2048 if lay.ngl else 512), n_ubatch=b.n_ubatch, n_threads=hw.cores,
-        use_mmap=True, devices=devices, est_tokens_per_s=est, notes=notes, model=f"{fp.label} {fp.quant}",
-        op_offload=b.op_offload,
+        n_gpu_layers=lay.ngl, tensor_overrides=overrides, tensor_split=split, main_gpu=0, n_ctx=lay.ctx,
+        type_k=b.type_k, type_v=b.type_v, flash_attn=True, n_batch=n_batch or b.n_ubatch, n_ubatch=b.n_ubatch,
+        n_threads=hw.cores, use_mmap=True, devices=devices, est_tokens_per_s=est, notes=notes,
+        model=f"{fp.label} {fp.quant}", op_offload=b.op_offload, mtp=lay.mtp is not None,
+        mtp_draft=top.n_draft if top else 0, mtp_estimates=c.estimates,
+        est_prompt_tokens_per_s=round(PROMPT_REF / c.prompt_s, 1) if c.prompt_s else 0.0,
+        est_ttft_s=round(c.prompt_s, 1), prompt_ref=PROMPT_REF, parallel=b.n_seq,
     )
 
 
-def _device_plans(b: Budget, lay: Layout, on_gpu_experts: dict[int, set[str]]) -> list[DevicePlan]:
+def _pool_note(b: Budget, lay: Layout) -> str:
+    n = parallel_for_context(lay.ctx)
+    return (f"KV pool of {lay.ctx} tokens shared by all sequences (kv_unified): one conversation may use all of "
+            f"it; serve --parallel defaults to {n} (= {lay.ctx} // {CONVERSATION}, clamped to 1..{MAX_PARALLEL}: "
+            f"{n} conversations of {lay.ctx // n} tokens each fit)")
+
+
+def _device_plans(b: Budget, lay: Layout) -> list[DevicePlan]:
     fp, out = b.fp, []
+    on_gpu_experts = gpu_tensors(lay)
     kv_tok_layer = kv_layer_bytes(b, 1)
     for d, gpu in enumerate(b.hw.gpus[: len(lay.gpu_layers)]):
         run, exps = lay.gpu_layers[d], lay.gpu_experts[d]
         expert_bytes = bytes_of(fp, exps)
         read = lay.gpu_fixed[d] + _active(fp, expert_bytes) + kv_tok_layer * SPEED_CTX * len(run)
         out.append(DevicePlan(gpu.device_name, lay.gpu_fixed[d] + expert_bytes, lay.gpu_kv[d],
-                              lay.gpu_compute[d], gpu.free, tuple(run), tuple(exps), gpu.bandwidth, read))
+                              lay.gpu_compute[d], gpu.free, tuple(run), tuple(exps), gpu.bandwidth, read,
+                              mtp=lay.gpu_mtp[d]))
     cpu_layers = [layer.index for layer in fp.trunk][: fp.n_layer - sum(len(r) for r in lay.gpu_layers)]
     cpu_exps = _cpu_expert_tensors(fp, on_gpu_experts)
-    weights = lay.host_need - lay.host_kv - lay.host_compute
+    weights = lay.host_need - lay.host_kv - lay.host_compute - lay.host_mtp
     cpu_expert_bytes = fp.expert_bytes - sum(bytes_of(fp, exps) for exps in lay.gpu_experts)
     read = sum(fp.layers[i].non_expert for i in cpu_layers) + _active(fp, cpu_expert_bytes)
     read += kv_tok_layer * SPEED_CTX * len(cpu_layers) + (fp.output if not lay.ngl else 0)
     ram = b.hw.ram_available - shared_need(b, lay)  # unified memory: what the GPU takes is not the CPU's
     out.append(DevicePlan("CPU", weights, lay.host_kv, lay.host_compute, ram,
                           tuple(cpu_layers), tuple(cpu_exps), b.hw.cpu_bandwidth, read,
-                          _repack_on_cpu(fp, set(cpu_layers), cpu_exps, output=not lay.ngl)))
+                          _repack_on_cpu(fp, set(cpu_layers), cpu_exps, output=not lay.ngl), mtp=lay.host_mtp))
     return out
 
 

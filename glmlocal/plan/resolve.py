@@ -98,7 +98,8 @@ def plan_model(model: str, quant: str | None, options: PlanOptions) -> ModelPlan
     if smaller is not None:  # published quants larger than RAM + VRAM are not worth sizing
         smaller.limit_bytes = sum(g.total for g in hw.gpus) + hw.ram_total
     try:
-        placement = plan(fp, hw, ctx=options.ctx, kv_type=options.kv_type or "f16", alternatives=smaller or {})
+        placement = plan(fp, hw, ctx=options.ctx, kv_type=options.kv_type or "f16", alternatives=smaller or {},
+                         n_ubatch=options.ubatch, mtp=options.mtp, n_seq=options.parallel)
     except PlanError as e:
         if smaller is None:
             raise

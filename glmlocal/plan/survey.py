@@ -77,7 +77,7 @@ def best_fit(m: Machine, cands: list[tuple[str, Footprint, bool]], ctx: int | No
     for q, fp, published in cands:
         want = -(-ctx // CTX_STEP) * CTX_STEP if ctx else min(fp.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
         try:
-            p = plan(fp, hw, ctx=ctx, kv_type=kv_type)
+            p = plan(fp, hw, ctx=ctx, kv_type=kv_type, mtp=False)  # machines compare the model; MTP is an extra
         except PlanError as e:  # candidates go largest first: the last message is the smallest quant's
             why = e.message.replace(f"{fp.label} ", "", 1)
             continue
@@ -103,7 +103,7 @@ def _raised(fit: Fit, fp: Footprint, ctx: int | None, kv_type: str, want: int) -
     target = unified_raise(fp, hw, ctx, kv_type)
     if target is None:
         return fit
-    p = plan(fp, with_gpu_limit(hw, target), ctx=ctx, kv_type=kv_type)
+    p = plan(fp, with_gpu_limit(hw, target), ctx=ctx, kv_type=kv_type, mtp=False)
     return Fit(fit.machine, fit.quant, fit.file_bytes, fit.published, p, _clean(p, fit.machine, want), target,
                fit.placement.est_tokens_per_s)
 
