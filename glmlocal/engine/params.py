@@ -11,11 +11,11 @@ import llama_cpp.llama_cpp as C
 
 from glmlocal.errors import EngineError, InputError, PlanError
 from glmlocal.llama import ggml
+from glmlocal.plan.mtp import MAX_DRAFT, mtp_batch
 from glmlocal.plan.placement import Placement
+from glmlocal.plan.planner import parallel_for_context
 
 MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; past this a batch is mostly bookkeeping)
-PARALLEL_SHARE = 8192  # tokens of the shared KV pool a sequence should be able to count on when all run
-DEFAULT_PARALLEL = 4
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
@@ -71,6 +71,7 @@ def model_params(placement: Placement, keep: list[object], progress: Callable[[f
     mp.main_gpu = int(placement.main_gpu)
     mp.split_mode = 1  # LLAMA_SPLIT_MODE_LAYER
     mp.load_mode = 1 if placement.use_mmap else 0  # MMAP / NONE
+    mp.load_mtp = bool(placement.mtp)  # the NextN block (skipped otherwise) for an MTP context to draft with
     if placement.tensor_overrides:
         arr = ggml.OverrideArray([(str(p), str(b)) for p, b in placement.tensor_overrides])
         keep.append(arr)
@@ -109,13 +110,9 @@ def _kv_type(name: str) -> int:
 
 
 def default_parallel(n_ctx: int) -> int:
-    """How many requests `serve` runs at once when not told: 4 when the KV pool holds 4 x 8K tokens, else as
-    many 8K shares as it holds (at least 1).
-
-    TODO(planner, #14): the planner will choose this from the memory left for KV (and size the pool for it);
-    this is the one place to replace with its answer.
-    """
-    return max(1, min(DEFAULT_PARALLEL, n_ctx // PARALLEL_SHARE))
+    """How many requests `serve` runs at once when not told: the planner's rule (glmlocal.plan.planner
+    .default_parallel: the 8K-token conversations the n_ctx KV pool holds, 1..8), which also sized the plan."""
+    return parallel_for_context(n_ctx)
 
 
 def context_params(placement: Placement, n_ctx: int, n_seq: int = 1) -> C.llama_context_params:
@@ -137,4 +134,26 @@ def context_params(placement: Placement, n_ctx: int, n_seq: int = 1) -> C.llama_
     cp.type_v = _kv_type(placement.type_v)
     cp.no_perf = False
     cp.op_offload = bool(placement.op_offload)
+    return cp
+
+
+def mtp_context_params(placement: Placement, n_ctx: int, n_seq: int = 1,
+                       n_draft: int = MAX_DRAFT) -> C.llama_context_params:
+    """llama_context_params of the MTP context (llama.cpp's graph_mtp over the NextN block, its own KV of that one
+    layer) next to a main context made with context_params(placement, n_ctx, n_seq): same context, sequences, KV
+    pool, types and ubatch (the planner counted its compute buffer at that ubatch). The model must have been
+    loaded with placement.mtp (load_mtp): without the NextN block llama.cpp aborts building this context.
+
+    n_batch: a prompt chunk's (token, hidden row) pairs plus, per sequence, up to n_draft accepted drafts and the
+    draft root (the batch API refuses more entries than n_batch). n_outputs_max = n_seq: every MTP decode may ask
+    logits for at most one entry per sequence (the root or a draft step); llama.cpp aborts on more, and the
+    planner's compute buffer counts that many rows of logits, not one per token."""
+    if not placement.mtp:
+        raise EngineError("the placement does not load the NextN block (mtp off): no MTP context",
+                          hint="plan with MTP (PlanOptions.mtp) and load with that placement")
+    cp = context_params(placement, n_ctx, n_seq)
+    cp.ctx_type = C.LLAMA_CONTEXT_TYPE_MTP
+    cp.n_batch = mtp_batch(int(placement.n_batch), n_seq, n_draft)
+    cp.n_ubatch = min(int(placement.n_ubatch), cp.n_batch)
+    cp.n_outputs_max = int(n_seq)
     return cp
