@@ -27,6 +27,7 @@ from glmlocal.chat.turn import (
 )
 from glmlocal.chat.view import (
     TurnView,
+    drafts_text,
     help_table,
     stats_table,
     status_line,
@@ -66,7 +67,8 @@ class ChatREPL:
         self.last_reasoning = ""
         self.last_usage: TurnResult | None = None
         self.pending: str | None = None  # a message that did not fit, kept for /retry
-        self.totals = {"turns": 0, "prompt": 0, "cached": 0, "completion": 0, "seconds": 0.0}
+        self.totals = {"turns": 0, "prompt": 0, "cached": 0, "completion": 0, "seconds": 0.0, "drafted": 0,
+                       "accepted": 0}
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "help": self.cmd_help, "?": self.cmd_help, "think": self.cmd_think,
             "show-thinking": self.cmd_show_thinking, "system": self.cmd_system, "clear": self.cmd_clear,
@@ -213,6 +215,8 @@ class ChatREPL:
         t["cached"] += usage.cached_tokens
         t["completion"] += usage.completion_tokens
         t["seconds"] += usage.completion_tokens / usage.tokens_per_s if usage.tokens_per_s else 0.0
+        t["drafted"] += usage.draft_n
+        t["accepted"] += usage.draft_n_accepted
 
     def take_back_user_message(self) -> None:
         """An unanswered user message leaves the history (so it stays valid) and waits for /retry."""
@@ -347,6 +351,8 @@ class ChatREPL:
         ]
         if t["seconds"]:
             rows.append(("average speed", f"{t['completion'] / t['seconds']:.1f} tok/s"))
+        if t["drafted"]:
+            rows.append(("speculative", f"{drafts_text(t['accepted'], t['drafted'])} accepted this run"))
         if self.last_usage is not None:
             rows.append(("last turn", status_line(self.last_usage, self.n_ctx).plain))
         self.console.print(stats_table(rows))

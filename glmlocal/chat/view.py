@@ -90,7 +90,8 @@ def tool_call_panel(name: str, arguments: Mapping[str, object], call_id: str = "
 
 
 def status_line(usage: TurnResult, n_ctx: int | None) -> Text:
-    """`12.3 tok/s · first token 0.41 s · context 812 / 4096 · cached 640 · 57 tokens`."""
+    """`12.3 tok/s · first token 0.41 s · context 812 / 4096 · cached 640 · 57 tokens · drafts 30/41 (73%)`: the last
+    part with speculative decoding, drafted tokens the model accepted / drafted."""
     used = usage.prompt_tokens + usage.completion_tokens
     limit = f" / {n_ctx}" if n_ctx else ""
     parts = [
@@ -100,8 +101,14 @@ def status_line(usage: TurnResult, n_ctx: int | None) -> Text:
         f"cached {usage.cached_tokens}",
         f"{usage.completion_tokens} tokens",
     ]
+    if usage.draft_n:
+        parts.append(drafts_text(usage.draft_n_accepted, usage.draft_n))
     style = "yellow" if n_ctx and used > 0.9 * n_ctx else "dim"
     return Text(" · ".join(parts), style=style)
+
+
+def drafts_text(accepted: int, drafted: int) -> str:
+    return f"drafts {accepted}/{drafted} ({100 * accepted / drafted:.0f}%)" if drafted else "drafts 0"
 
 
 class _LiveBody:

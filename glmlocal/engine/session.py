@@ -81,6 +81,9 @@ class TurnResult:
     raw_text: str = ""  # what the model wrote, markup included
     reasoning_tokens: int = 0  # generated tokens inside thinking blocks (the tags opening/closing them included)
     stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason is then "stop")
+    decode_s: float = 0.0  # from the first generated token to the last
+    draft_n: int = 0  # speculative tokens drafted and verified (engine/spec.py)
+    draft_n_accepted: int = 0  # of which the model agreed with
 
     def message(self) -> dict[str, object]:
         """The assistant message in OpenAI chat format, ready to append to the history."""
@@ -385,4 +388,5 @@ class _Aggregate:
             completion_tokens=st.completion_tokens, ttft_s=st.ttft_s, tokens_per_s=st.tokens_per_s,
             prompt_s=st.prompt_s, reasoning="".join(self.reasoning), content="".join(self.content),
             tool_calls=self.calls, raw_text="".join(self.raw), reasoning_tokens=reasoning_tokens,
-            stop_sequence=stop_sequence)
+            stop_sequence=stop_sequence, decode_s=st.decode_s, draft_n=st.draft_n,
+            draft_n_accepted=st.draft_n_accepted)

@@ -60,7 +60,9 @@ class SessionBackend:
             for item in stream:
                 if isinstance(item, TurnResult):
                     yield Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens,
-                                stop_sequence=item.stop_sequence, reasoning_tokens=item.reasoning_tokens)
+                                stop_sequence=item.stop_sequence, reasoning_tokens=item.reasoning_tokens,
+                                prompt_s=item.prompt_s, decode_s=item.decode_s, draft_n=item.draft_n,
+                                draft_n_accepted=item.draft_n_accepted)
                     return
                 yield item
         finally:
@@ -77,7 +79,8 @@ class SessionBackend:
                 if out.finish_reason is not None:
                     st = out.stats
                     yield Finish(out.finish_reason)
-                    yield Usage(st.prompt_tokens, st.completion_tokens, st.cached_tokens)
+                    yield Usage(st.prompt_tokens, st.completion_tokens, st.cached_tokens, prompt_s=st.prompt_s,
+                                decode_s=st.decode_s, draft_n=st.draft_n, draft_n_accepted=st.draft_n_accepted)
                     return
         finally:
             stream.close()

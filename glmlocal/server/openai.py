@@ -281,6 +281,19 @@ def usage_json(u: Usage) -> dict:
     }
 
 
+def timings_json(u: Usage) -> dict:
+    """llama-server's `timings` object: prompt tokens evaluated (cache_n reused), generated tokens, their times,
+    and the speculative drafts (draft_n verified, draft_n_accepted agreed)."""
+    prompt_n, prompt_ms, predicted_ms = u.prompt_tokens - u.cached_tokens, u.prompt_s * 1e3, u.decode_s * 1e3
+    return {
+        "cache_n": u.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
+        "prompt_per_second": round(prompt_n / u.prompt_s, 3) if u.prompt_s > 0 else 0.0,
+        "predicted_n": u.completion_tokens, "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_second": round(u.completion_tokens / u.decode_s, 3) if u.decode_s > 0 else 0.0,
+        "draft_n": u.draft_n, "draft_n_accepted": u.draft_n_accepted,
+    }
+
+
 def _finish_reason(reason: str | None) -> str:
     return {"length": "length", "tool_calls": "tool_calls"}.get(reason or "stop", "stop")
 
@@ -319,10 +332,11 @@ class ChatStream:
         if isinstance(item, Finish):
             self._reason = item.reason
         if isinstance(item, Usage):
-            out = [self._chunk({}, _finish_reason(self._reason))]
+            out = [{**self._chunk({}, _finish_reason(self._reason)), "timings": timings_json(item)}]
             if self.include_usage:
                 out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "choices": [], "usage": usage_json(item)})
+                            "model": self.model, "choices": [], "usage": usage_json(item),
+                            "timings": timings_json(item)})
             return out
         return []
 
@@ -370,6 +384,7 @@ class ChatAggregate:
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": _finish_reason(self.reason)}],
             "usage": usage_json(self.usage),
+            "timings": timings_json(self.usage),
         }
 
 

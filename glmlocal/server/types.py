@@ -56,6 +56,10 @@ class Usage:
     cached_tokens: int = 0
     stop_sequence: str | None = None  # which stop string ended the turn, if any
     reasoning_tokens: int = 0  # completion tokens spent inside thinking blocks
+    prompt_s: float = 0.0  # prompt processing (to the first token)
+    decode_s: float = 0.0  # first token to last
+    draft_n: int = 0  # speculative tokens drafted and verified
+    draft_n_accepted: int = 0  # of which the model agreed with
 
     @property
     def total_tokens(self) -> int:
