@@ -181,3 +181,26 @@ def test_options_reach_the_plan(gguf_factory):
     assert not plan_gguf(path, PlanOptions(ctx=4096, mtp=False), machine).mtp
     with pytest.raises(InputError, match="ubatch must be positive"):
         plan_gguf(path, PlanOptions(ctx=4096, ubatch=0), machine)
+
+
+def test_plan_shows_mtp_prompt_speed_and_takes_ubatch(tmp_path, monkeypatch):
+    """`glmlocal plan` prints MTP's row and expected gain and the prompt estimate next to the decode one; --json
+    carries them; --ubatch fixes the ubatch (and n_batch)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from glmlocal.cli.app import app
+
+    monkeypatch.setenv("GLMLOCAL_HOME", str(tmp_path / "store"))
+    base = ["plan", "glm-4.5-air", "--gpu-mem", "96GiB", "--ram", "64GiB", "--gpu-bw", "936", "--cpu-bw", "89.6",
+            "--threads", "16"]
+    text = CliRunner().invoke(app, base, catch_exceptions=False).stdout
+    assert "estimated decode speed 78.3 tokens/s; MTP on: 2 drafts per step, ~101.8 tok/s expected (1.30x)" in text
+    assert "prompt ~389 tok/s at ubatch 512, a 20K-token prompt in ~51 s" in text
+    assert "MTP (NextN, its KV, buffers) GiB" in text and "--spec-type draft-mtp --spec-draft-n-max 2" in text
+    doc = json.loads(CliRunner().invoke(app, [*base, "--ubatch", "1024", "--json"], catch_exceptions=False).stdout)
+    p = doc["placement"]
+    assert (p["n_ubatch"], p["n_batch"], p["mtp"], p["parallel"]) == (1024, 1024, True, 8)
+    assert [e["n_draft"] for e in p["mtp_estimates"]] == [1, 2, 3] and p["prompt_ref"] == 20000
+    assert p["est_ttft_s"] > 0 and [d["mtp"] > 0 for d in p["devices"]] == [True, True]

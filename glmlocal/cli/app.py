@@ -68,6 +68,7 @@ KvTypeOpt = Annotated[Optional[str], typer.Option("--kv-type", help="KV cache ty
 GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", metavar="SIZES", help="Plan for these GPUs instead of the probed ones, e.g. 24GiB,24GiB")]
 RamOpt = Annotated[Optional[str], typer.Option("--ram", metavar="SIZE", help="Plan for this much RAM instead of the probed amount, e.g. 128GiB")]
 CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs")]
+UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", metavar="N", min=1, help="llama.cpp's n_ubatch (and n_batch) instead of the planner's choice (default: the fastest predicted prompt that costs no context and under 3% of decode speed)")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N", help="CPU threads (default: physical cores)")]
 TemplateOpt = Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")]
 RpcOpt = Annotated[Optional[list[str]], typer.Option("--rpc", metavar="HOST:PORT", help="A llama.cpp RPC server (HOST:PORT) to use as a GPU, e.g. on a second machine (repeatable or comma-separated; see `glmlocal rpc-server`)")]
@@ -168,6 +169,7 @@ def plan(
     gpu_mem: GpuMemOpt = None,
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
+    ubatch: UbatchOpt = None,
     threads: ThreadsOpt = None,
     gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", metavar="GB/S", help="GPU memory bandwidth in GB/s (speed estimate)")] = None,
     cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", metavar="GB/S", help="RAM bandwidth in GB/s (speed estimate)")] = None,
@@ -190,7 +192,7 @@ def plan(
     from glmlocal.cli.plan import run_plan
 
     options = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
-                          gpu_bw=gpu_bw, cpu_bw=cpu_bw, rpc=_endpoints(rpc), machine=machine)
+                          gpu_bw=gpu_bw, cpu_bw=cpu_bw, rpc=_endpoints(rpc), machine=machine, ubatch=ubatch)
     run_plan(model, quant, options, as_json=as_json)
 
 
@@ -210,6 +212,7 @@ def chat(
     gpu_mem: GpuMemOpt = None,
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
+    ubatch: UbatchOpt = None,
     threads: ThreadsOpt = None,
     rpc: RpcOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Limit per reply (default: the rest of the context)")] = None,
@@ -224,7 +227,7 @@ def chat(
     from glmlocal.plan.options import PlanOptions
 
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
-                       rpc=_endpoints(rpc))
+                       rpc=_endpoints(rpc), ubatch=ubatch)
     args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
                     each_line=each_line, resume=resume)
@@ -252,6 +255,7 @@ def serve(
     gpu_mem: GpuMemOpt = None,
     ram: RamOpt = None,
     cpu_only: CpuOnlyOpt = False,
+    ubatch: UbatchOpt = None,
     threads: ThreadsOpt = None,
     rpc: RpcOpt = None,
     template: TemplateOpt = None,
@@ -262,7 +266,7 @@ def serve(
     from glmlocal.server.run import ServeArgs, run_serve
 
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
-                       rpc=_endpoints(rpc))
+                       rpc=_endpoints(rpc), ubatch=ubatch)
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
                      cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
                      no_think=no_think, log_level=log_level, plan=plan)

@@ -20,6 +20,8 @@ from glmlocal.plan.view import (
     device_table,
     gib,
     minimum_lines,
+    mtp_text,
+    prompt_text,
     unsized_line,
     works_here,
 )
@@ -57,7 +59,9 @@ def _header(p: Placement, fp: Footprint, origin: str) -> Text:
     return Text.assemble((f"{fp.label} {fp.quant}", "bold"), f": {gib(fp.weights_bytes)} of weights "
                          f"(file {gib(fp.file_bytes)}; from {origin})\ncontext ", (str(p.n_ctx), "bold"),
                          f" tokens, KV {p.type_k}/{p.type_v} = {gib(kv)}; estimated decode speed ",
-                         (f"{p.est_tokens_per_s:.1f} tokens/s", "bold"))
+                         (f"{p.est_tokens_per_s:.1f} tokens/s", "bold"),
+                         *([f"; MTP {mtp_text(p)}"] if p.mtp else []),
+                         *([f"\nprompt {prompt_text(p)}"] if p.est_ttft_s else []))
 
 
 
