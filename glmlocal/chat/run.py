@@ -20,6 +20,7 @@ from glmlocal.chat.transcript import (
     new_chat_path,
 )
 from glmlocal.engine.generation import Sampling
+from glmlocal.engine.spec import SpecConfig
 from glmlocal.errors import InputError
 from glmlocal.launch import LoadedModel, open_model
 from glmlocal.models.store import home, resolve_model
@@ -44,6 +45,7 @@ class ChatArgs:
     family: str | None = None
     each_line: bool = False
     resume: bool = False
+    spec: SpecConfig | None = None  # --spec / --draft (None: no speculative decoding)
 
 
 def turn_options(args: ChatArgs) -> dict[str, object]:
@@ -90,7 +92,7 @@ def run_chat(args: ChatArgs, stdin: TextIO | None = None, stdout: TextIO | None 
     # Piped: the plan and load progress go to stderr, and only when a person is watching it.
     console = Console(stderr=True, quiet=not sys.stderr.isatty()) if piped else Console(file=stdout)
     model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
-                            family=args.family)  # fmt: skip
+                            family=args.family, speculation=args.spec)  # fmt: skip
     conv.model = model.name
     try:
         if piped:

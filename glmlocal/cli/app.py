@@ -71,6 +71,8 @@ CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Plan without GPUs"
 UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", metavar="N", min=1, help="llama.cpp's n_ubatch (and n_batch) instead of the planner's choice (default: the fastest predicted prompt that costs no context and under 3% of decode speed)")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N", help="CPU threads (default: physical cores)")]
 TemplateOpt = Annotated[Optional[Path], typer.Option("--template", help="Chat template file to use instead of the model's")]
+SpecOpt = Annotated[str, typer.Option("--spec", metavar="MODE", help="Speculative decoding: auto (MTP when the GGUF has a NextN layer and the plan has room, n-gram drafts always; measured, drafts only while they pay), mtp, ngram, mtp+ngram or off")]
+DraftOpt = Annotated[Optional[int], typer.Option("--draft", metavar="N", min=1, help="Most tokens drafted per step (default: MTP 3 or the plan's choice, n-gram 16)")]
 RpcOpt = Annotated[Optional[list[str]], typer.Option("--rpc", metavar="HOST:PORT", help="A llama.cpp RPC server (HOST:PORT) to use as a GPU, e.g. on a second machine (repeatable or comma-separated; see `glmlocal rpc-server`)")]
 
 
@@ -221,16 +223,19 @@ def chat(
     template: TemplateOpt = None,
     each_line: Annotated[bool, typer.Option("--each-line", help="Piped: each stdin line is a turn (default: all of stdin is one prompt)")] = False,
     resume: Annotated[bool, typer.Option("--resume", "-r", help="Continue the last chat (chats autosave to $GLMLOCAL_HOME/chats)")] = False,
+    spec: SpecOpt = "auto",
+    draft: DraftOpt = None,
 ) -> None:
     """Chat in the terminal (streamed Markdown, thinking, tool calls, speed). Piped stdin: plain-text answers."""
     from glmlocal.chat.run import ChatArgs, run_chat
+    from glmlocal.engine.spec import SpecConfig
     from glmlocal.plan.options import PlanOptions
 
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
                        rpc=_endpoints(rpc), ubatch=ubatch)
     args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
-                    each_line=each_line, resume=resume)
+                    each_line=each_line, resume=resume, spec=SpecConfig(spec, draft))
     code = run_chat(args)
     raise typer.Exit(code)
 
@@ -260,8 +265,11 @@ def serve(
     rpc: RpcOpt = None,
     template: TemplateOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info shows each request)")] = "warning",
+    spec: SpecOpt = "auto",
+    draft: DraftOpt = None,
 ) -> None:
     """Serve the model to IDE agents: OpenAI /v1/chat/completions and /v1/responses, Anthropic /v1/messages, on one port."""
+    from glmlocal.engine.spec import SpecConfig
     from glmlocal.plan.options import PlanOptions
     from glmlocal.server.run import ServeArgs, run_serve
 
@@ -269,7 +277,7 @@ def serve(
                        rpc=_endpoints(rpc), ubatch=ubatch)
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
                      cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
-                     no_think=no_think, log_level=log_level, plan=plan)
+                     no_think=no_think, log_level=log_level, plan=plan, spec=SpecConfig(spec, draft))
     code = run_serve(args)
     raise typer.Exit(code)
 

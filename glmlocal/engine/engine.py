@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import llama_cpp.llama_cpp as C
@@ -39,6 +39,7 @@ from glmlocal.engine.params import (
     check_fits,
     context_params,
     device_names,
+    mtp_context_params,
 )
 from glmlocal.engine.params import (
     model_params as _model_params,  # Engine.load looks it up here: tests/rpc_child.py patches engine._model_params
@@ -118,11 +119,11 @@ class Engine:
         if placement is None:
             placement = plan_gguf(path, PlanOptions(ctx=n_ctx), hardware)
         check_fits(placement)
+        placement = replace(placement, mtp=bool(spec is not None and spec.mtp))  # the NextN block: only to draft
         want_ctx = int(n_ctx or placement.n_ctx or 4096)
         keep: list[object] = []
         devices = device_names(placement)
         mp = _model_params(placement, keep, progress, devices)
-        mp.load_mtp = bool(spec is not None and spec.mtp)
         cp = context_params(placement, want_ctx, parallel)
         t0 = time.perf_counter()
         with _LOAD_LOCK, llama_log.router().capture() as lines:
@@ -135,7 +136,8 @@ class Engine:
                 C.llama_model_free(model)
                 raise EngineError(f"llama.cpp could not create a context for {path}: {_last_error(lines)}")
             try:
-                speculator = start_speculation(spec, model, ctx, context_params(placement, want_ctx, parallel))
+                mtp_cp = mtp_context_params(placement, want_ctx, parallel, spec.n_mtp) if placement.mtp else None
+                speculator = start_speculation(spec, model, ctx, mtp_cp)
             except BaseException:
                 C.llama_free(ctx)
                 C.llama_model_free(model)

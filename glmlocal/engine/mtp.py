@@ -128,13 +128,12 @@ class MtpContext:
     @classmethod
     def open(cls, model: C.llama_model_p, main: C.llama_context_p, params: C.llama_context_params,
              *, loaded_mtp: bool) -> MtpContext:
-        """Create the MTP context for `main` (params: the main context's, any ctx_type). The model must have
+        """Create the MTP context for `main` (params: engine/params.py mtp_context_params). The model must have
         been loaded with load_mtp: llama.cpp aborts the process otherwise, so this refuses first."""
         if not has_nextn(model):
             raise EngineError("this GGUF has no NextN (MTP) layer", hint="use --spec ngram")
-        if not loaded_mtp:
-            raise EngineError("the model was loaded without its NextN (MTP) layer (load_mtp)")
-        params.ctx_type = C.LLAMA_CONTEXT_TYPE_MTP
+        if not loaded_mtp or params.ctx_type != C.LLAMA_CONTEXT_TYPE_MTP:
+            raise EngineError("the MTP context needs a model loaded with its NextN layer and MTP context params")
         ctx = C.llama_init_from_model(model, params)
         if not ctx:
             raise EngineError("llama.cpp could not create the MTP context")

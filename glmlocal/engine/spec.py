@@ -255,10 +255,12 @@ class _Drafter:
 
 
 def start_speculation(setup: SpecSetup | None, model: C.llama_model_p, ctx: C.llama_context_p,
-                      params: C.llama_context_params) -> Speculator | None:
-    """An engine's Speculator for `setup` (None when off): with MTP, the MTP context for `ctx` (built from the
-    main context's `params`; the model must have been loaded with load_mtp)."""
+                      mtp_params: C.llama_context_params | None) -> Speculator | None:
+    """An engine's Speculator for `setup` (None when off): with MTP, the MTP context beside `ctx` made from
+    `mtp_params` (engine/params.py mtp_context_params; the model must have been loaded with load_mtp)."""
     if setup is None or not setup.on:
         return None
-    mtp = MtpContext.open(model, ctx, params, loaded_mtp=True) if setup.mtp else None
+    if setup.mtp and mtp_params is None:
+        raise ValueError("MTP drafting needs the MTP context's parameters")
+    mtp = MtpContext.open(model, ctx, mtp_params, loaded_mtp=True) if setup.mtp else None
     return Speculator(setup, mtp)

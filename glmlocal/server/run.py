@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from glmlocal.engine.spec import SpecConfig
 from glmlocal.errors import InputError
 from glmlocal.launch import LoadedModel, open_model
 from glmlocal.plan.options import PlanOptions
@@ -39,6 +40,7 @@ class ServeArgs:
     no_think: bool = False
     log_level: str = "warning"
     plan: PlanOptions = field(default_factory=PlanOptions)
+    spec: SpecConfig | None = None  # --spec / --draft (None: no speculative decoding)
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -85,13 +87,15 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     """Load the model and serve it until SIGINT/SIGTERM. Returns the exit code."""
     import uvicorn
     from rich.console import Console
+    from rich.markup import escape
 
     err = err or sys.stderr
     api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)
     sock = open_socket(args.host, args.port)
     console = Console(file=err)
-    model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template)
+    model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
+                       speculation=args.spec)
     try:
         config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
                               max_queue=args.max_queue, cors_origins=tuple(args.cors),
@@ -101,6 +105,8 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
         port = sock.getsockname()[1]
         url = url_of(args.host, port)
         console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
+        if model.speculation is not None:
+            console.print(f"  drafts:    {escape(model.speculation.describe())}")
         console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
         # Keep idle connections longer than clients pool them (httpx 5 s, undici 4 s): with uvicorn's 5 s
         # default, a request sent as the server closes the socket fails (encode/httpx#2487).
