@@ -12,8 +12,9 @@
    experts) and the same context: like MTP, the ubatch only spends VRAM that would hold routed experts. When a
    bigger ubatch would need less context (a GPU full of attention and KV), a note says what --ubatch N at the
    largest context that fits would give, if that prompt is at least HINT_GAIN times faster.
-   On a CPU the prompt is compute-bound whatever the ubatch, so the smallest wins the tie; with experts in RAM
-   and a GPU, each ubatch uploads the used experts over PCIe, so bigger ubatches amortise that upload.
+   On a CPU the prompt is compute-bound whatever the ubatch (its weights' bytes per token fall as 1/T and are
+   below the compute time from 512 on), so a CPU-only plan keeps 512 without searching; with experts in RAM and
+   a GPU, each ubatch uploads the used experts over PCIe, so bigger ubatches amortise that upload.
 n_batch = n_ubatch: llama.cpp gains nothing from more (its ubatches run one after the other), and the engine's
 batch loop spends at most n_batch tokens of prompt per step, so running streams wait at most one ubatch.
 """
@@ -84,7 +85,7 @@ def tune(b: Budget, lay: Layout, *, want_mtp: bool | None, ubatch: int | None, s
         chosen, notes = _mtp_choice(b, lay, off, on, asked=want_mtp is True)
     elif b.fp.n_nextn and b.fp.mtp_layer is None:
         notes.append("MTP off: this GGUF has no NextN block (converted with --no-mtp, or trunk-only)")
-    if ubatch is None:
+    if ubatch is None and lay.ngl:  # without GPUs the prompt is compute-bound at any ubatch: 512 stays
         chosen = _ubatch_choice(b, relayout, chosen, speed)
         notes += _ubatch_hint(b, relayout, chosen, speed)
     return replace(chosen, notes=notes)
