@@ -11,6 +11,10 @@ Priorities (the ones users and llama.cpp's `--fit` converged on):
 5. Unified memory (Apple Silicon, DGX Spark, AMD APUs; Hardware.unified): the GPU's bytes come out of the same
    RAM, so they are counted there once; its share is the OS limit, and glmlocal.plan.pool says when raising
    that limit would put the whole model on the GPU.
+6. Once the context and the GPU layers are fixed (with llama.cpp's default ubatch, 512), glmlocal.plan.tune
+   decides MTP (the NextN block and an MTP context beside the last layer, when it fits and pays) and the ubatch
+   (the fastest predicted prompt): both only take VRAM that would hold routed experts, never context.
+   The contexts are sized for default_parallel's sequences, which share one KV pool of n_ctx tokens.
 
 GPUs are whatever llama.cpp offloads to (hardware.GPU: CUDA0, RPC0, ...), named as llama.cpp names
 them. How the compute buffers split between a GPU and the CPU depends on the backend: CUDA runs
