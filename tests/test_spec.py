@@ -302,3 +302,35 @@ def test_stop_strings_logit_bias_and_cancel_with_drafts(f32, plain):
         assert rest[-1].finish_reason == "cancelled" and len(seen) == 5
         again = list(eng.generate(p, no_eog(eng), max_tokens=10))  # the slot is still usable
         assert tokens(again) == tokens(plain.generate(p, no_eog(plain), max_tokens=10))
+
+
+# --------------------------------------------------------------------------------------------- sampling, auto
+def test_sampling_draws_the_same_random_numbers_with_and_without_drafts(f32, plain):
+    # Verification samples the target at each drafted position in order and stops at the first disagreement, so
+    # every emitted token takes one draw from the sequence's seeded RNG, as in plain decoding: on F32 (same
+    # logits whatever the batch shape) a seed gives the same tokens with drafts or without.
+    with spec_engine(f32, "mtp+ngram", 4) as eng:
+        p = prompts(eng, 1, seed=9)[0]
+        for seed in range(6):
+            s = Sampling(temperature=0.8, top_k=40, seed=seed)
+            plain.reset()
+            want = tokens(plain.generate(p, no_eog(plain, s), max_tokens=30))
+            outs = list(eng.generate(p, no_eog(eng, s), max_tokens=30))
+            assert tokens(outs) == want and outs[-1].stats.draft_n > 0
+
+
+def test_auto_stops_drafting_what_does_not_pay(gguf_factory):
+    # Random weights: MTP drafts are never right, so an MTP step (draft + a wider verification) emits one token
+    # for the price of more than one plain step. auto measures that and stops asking MTP after its probes.
+    path = gguf_factory("tiny45", "q4_k_m")
+    setup = decide(SpecConfig("auto", 3), has_nextn=True, planned_mtp=True)
+    with Engine.load(path, placement(), spec=setup) as eng:
+        for p in prompts(eng, 2, seed=10):
+            outs = list(eng.generate(p, no_eog(eng), max_tokens=150))
+            assert len(tokens(outs)) == 150
+        sp = eng.speculator
+        assert not sp.model.pays("mtp") and not sp.mtp.keep_up
+        # 1 draft measured a few times (and once more after `reprobe` steps); 2 and 3 never: 1 was far too slow
+        assert sp.stats["mtp"].steps <= sp.model.min_samples + 1, sp.model.table()
+        assert set(sp.model.table()) >= {"off", "mtp<=1"} and "mtp<=2" not in sp.model.table()
+        assert sp.model.rate(("off", 0)) is not None

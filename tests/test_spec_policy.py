@@ -127,3 +127,23 @@ def test_mtp_without_a_nextn_layer_names_the_ngram_mode(mode):
     assert "no NextN (MTP) layer" in err.value.one_line() and "--spec ngram" in err.value.one_line()
     with pytest.raises(InputError, match="no room"):
         decide(SpecConfig(mode), has_nextn=True, planned_mtp=False)
+
+
+def test_cost_model_tries_larger_drafts_only_after_smaller_ones_come_close():
+    m = CostModel(min_samples=1, gate=0.8)
+    feed(m, OFF, 1.0, 1)
+    feed(m, ("mtp", 1), 1.0, 0.5)  # half as fast as plain steps: 2 and 3 drafts are not worth a try
+    assert m.choose([("mtp", 1), ("mtp", 2), ("mtp", 3)]) == OFF
+    feed(m, ("ngram", 4), 1.0, 0.9)  # close: the next cap is measured
+    assert m.choose([("ngram", 4), ("ngram", 16)]) == ("ngram", 16)
+
+
+def test_cost_model_waits_longer_each_time_an_arm_still_loses():
+    m = CostModel(min_samples=1, reprobe=4)
+    probes = []
+    for step in range(200):
+        arm = m.choose([("mtp", 1)])
+        probes += [step] if arm == ("mtp", 1) else []
+        feed(m, arm, 1.0, 1 if arm == OFF else 0.3)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:5] == [5, 9, 17, 33, 65]  # 4, 8, 16, 32, 64 steps without a sample, then one probe step

@@ -114,16 +114,24 @@ class _Samples:
     dt: deque[float]
     n: deque[int]
     last: int = 0  # the step of the latest sample
+    misses: int = 0  # re-measurements in a row after which it still did not pay (each doubles the wait)
+    again: bool = False  # being re-measured
 
 
 @dataclass
 class CostModel:
-    """Tokens per second of each arm, from the latest `window` steps it ran; pure (times are given)."""
+    """Tokens per second of each arm, from the latest `window` steps it ran; pure (times are given).
+
+    An arm is measured `min_samples` times before it is judged, the larger draft caps of a source only once the
+    next smaller one came within `gate` of plain steps (a source that loses at 1 draft is not tried at 3), and
+    measured again (one step) after `reprobe` steps without a sample, a wait that doubles each time it still
+    loses: probing costs a few slow steps early and almost nothing later."""
 
     window: int = 16
     min_samples: int = 3
-    reprobe: int = 256  # steps after which an arm's samples are forgotten (and it is probed again)
+    reprobe: int = 256
     margin: float = 0.05  # an arm must beat plain steps by this fraction
+    gate: float = 0.8
     step: int = 0
     _arms: dict[Arm, _Samples] = field(default_factory=dict)
 
@@ -143,19 +151,41 @@ class CostModel:
         return sum(s.n) / sum(s.dt)
 
     def choose(self, options: Sequence[Arm]) -> Arm:
-        """The arm for this step among `options` (OFF is always possible): one still to measure, else the
+        """The arm for this step among `options` (OFF is always possible): one due for a measurement, else the
         fastest when it beats OFF by the margin, else OFF."""
         self.step += 1
-        for arm, s in list(self._arms.items()):
-            if self.step - s.last > self.reprobe:
-                del self._arms[arm]
         if not options:
             return OFF
         for arm in (OFF, *options):
-            if self.rate(arm) is None:
+            if self._open(arm) and self._due(arm):
                 return arm
         best = max(options, key=lambda a: self.rate(a) or 0.0)
-        return best if (self.rate(best) or 0.0) > (self.rate(OFF) or 0.0) * (1 + self.margin) else OFF
+        pick = best if (self.rate(best) or 0.0) > (self.rate(OFF) or 0.0) * (1 + self.margin) else OFF
+        for arm in options:
+            s = self._arms[arm] if arm in self._arms else None
+            if s is not None and s.again:  # a re-measurement just completed
+                s.again, s.misses = False, 0 if arm == pick else s.misses + 1
+        return pick
+
+    def _due(self, arm: Arm) -> bool:
+        s = self._arms.get(arm)
+        if s is None or len(s.dt) < self.min_samples:
+            return True
+        if self.step - s.last <= self.reprobe << min(s.misses, 4):
+            return False
+        while len(s.dt) >= self.min_samples:  # keep all but one: the next step's sample completes it
+            s.dt.popleft(), s.n.popleft()
+        s.again = True
+        return True
+
+    def _open(self, arm: Arm) -> bool:
+        """Whether arm may be measured: OFF and a source's smallest cap always, a larger cap when the next
+        smaller cap measured came within `gate` of OFF."""
+        smaller = [a for a in self._arms if a[0] == arm[0] and a[1] < arm[1]]
+        if arm == OFF or not smaller:
+            return True
+        below, off = self.rate(max(smaller)), self.rate(OFF)
+        return below is not None and off is not None and below >= self.gate * off
 
     def pays(self, source: str) -> bool:
         """Whether drafts from `source` are in use or still to be measured."""
