@@ -142,8 +142,9 @@ def mtp_note(c: Choice) -> list[str]:
     top = best(c.estimates)
     return [f"MTP on: NextN block {m.weights / GIB:.2f} GiB + KV {m.kv / GIB:.2f} GiB + compute "
             f"{m.compute / GIB:.2f} GiB on {where} beside the last layer, {experts}",
-            f"MTP expected speedup (published GLM-4.5-Air acceptance; verify 1+k tokens + k draft steps vs one "
-            f"decode step): {gains}; best {top.n_draft} draft(s): ~{top.tokens_per_s:.1f} tok/s"]
+            f"MTP expected speedup = (1 + k a_k) t(1) / (t(1+k) + k t_draft), a_k GLM-4.5-Air's published acceptance "
+            f"({'/'.join(f'{e.acceptance:g}' for e in c.estimates)}), t() a step's bytes and FLOPs per device: "
+            f"{gains}; best {top.n_draft} draft(s): ~{top.tokens_per_s:.1f} tok/s"]
 
 
 def prompt_note(c: Choice) -> str:
