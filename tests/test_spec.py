@@ -28,6 +28,7 @@ from glmlocal.engine.budget import ThinkBudget
 from glmlocal.engine.engine import CacheConfig, Engine
 from glmlocal.engine.generation import Sampling
 from glmlocal.engine.spec import SpecConfig, decide
+from glmlocal.errors import EngineError
 from glmlocal.plan.planner import Placement
 
 GREEDY = Sampling(temperature=0)
@@ -184,19 +185,29 @@ def test_greedy_speculation_equals_plain_decoding_on_f32(f32, plain, ref, mode):
             assert accepted > 0 and eng.speculator.stats["ngram"].accepted > 0
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny45"])
 @pytest.mark.parametrize("quant,noise", [("bf16", 0.05), ("q4_k_m", 0.3)])
-def test_bf16_and_q4_speculation_differs_from_plain_only_at_near_ties(gguf_factory, quant, noise):
-    path = gguf_factory("tiny45", quant)
-    with Engine.load(path, placement()) as plain, spec_engine(path, "mtp+ngram", 4) as eng:
-        for p in prompts(eng, 2, seed=2):
-            want = list(plain.generate(p, no_eog(plain), max_tokens=40, want_logits=True))
-            got = tokens(eng.generate(p, no_eog(eng), max_tokens=40))
-            w = tokens(want)
-            bad = next((i for i, (a, b) in enumerate(zip(got, w)) if a != b), None)
-            if bad is not None:  # a flip must be a near-tie in plain decoding's own logits
-                row = want[bad].logits
-                assert row[w[bad]] - row[got[bad]] < noise, f"diverged at {bad} by more than batch noise"
-            assert len(got) == 40
+def test_bf16_and_q4_speculation_differs_from_plain_only_at_near_ties(gguf_factory, preset, quant, noise):
+    path = gguf_factory(preset, quant)
+    with Engine.load(path, placement()) as plain:
+        ps = prompts(plain, 2, seed=2)
+        want = [list(plain.generate(p, no_eog(plain), max_tokens=40, want_logits=True)) for p in ps]
+        for mode in ("mtp", "ngram", "mtp+ngram"):
+            with spec_engine(path, mode, 4) as eng:
+                for p, w in zip(ps, want):
+                    got = tokens(eng.generate(p, no_eog(eng), max_tokens=40))
+                    bad = next((i for i, (a, b) in enumerate(zip(got, tokens(w))) if a != b), None)
+                    if bad is not None:  # a flip must be a near-tie in plain decoding's own logits
+                        row = w[bad].logits
+                        assert row[w[bad].token] - row[got[bad]] < noise, f"{mode}: diverged at {bad} beyond noise"
+                    assert len(got) == 40
+
+
+def test_mtp_needs_a_nextn_layer_in_the_gguf(gguf_factory):
+    setup = decide(SpecConfig("mtp"), has_nextn=True, planned_mtp=True)
+    with pytest.raises(EngineError, match="no NextN .MTP. layer") as err:
+        Engine.load(gguf_factory("tiny45", "q4_k_m", mtp=False), placement(), spec=setup)
+    assert err.value.hint == "use --spec ngram"
 
 
 # --------------------------------------------------------------------------------------------- continuity
