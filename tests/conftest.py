@@ -11,9 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ---- checkpoint fixtures (owner: fixtures) ---------------------------------------------------------
 import pytest
 
-from tests.cache import cached_dir
+from tests.cache import REPO, cached_dir
 
-CKPT_SOURCES = ["tests/fixtures/*.py", "glmlocal/templates/*.jinja"]
+# Every fixture module but trained.py (its own key below): editing the trained fixture rebuilds nothing else.
+CKPT_SOURCES = [str(p.relative_to(REPO)) for p in sorted((REPO / "tests/fixtures").glob("*.py"))
+                if p.name != "trained.py"] + ["glmlocal/templates/*.jinja"]
 
 
 def _fresh(build):
@@ -134,3 +136,51 @@ def f32_gguf_factory():
     """Callable (preset, family="glm45") -> Path of a cached F32 GGUF."""
     return build_cached_f32_gguf
 # ---- end F32 fixtures --------------------------------------------------------------------------------
+
+
+# ---- trained fixtures (owner: spec) ------------------------------------------------------------------
+TRAINED_SOURCES = ["tests/fixtures/trained.py", "tests/fixtures/checkpoint.py", "tests/fixtures/tokenizer.py",
+                   "glmlocal/templates/*.jinja"]
+
+
+def build_cached_trained_checkpoint(layout: str = "tiny45"):
+    """Path of the trained tiny checkpoint (tests/fixtures/trained.py: a trunk that learnt a few standard-library
+    modules and a NextN head trained for t+2; 4-7 CPU minutes on first use). Keyed by its sources and by the
+    digest of the standard-library text it learns, which changes with the Python version."""
+    from tests.fixtures.trained import build_trained_checkpoint, corpus_digest
+
+    return cached_dir(f"ckpt-trained-{layout}-{corpus_digest()}", TRAINED_SOURCES,
+                      lambda d: build_trained_checkpoint(d, layout))
+
+
+def build_cached_trained_gguf(layout: str = "tiny45", quant: str = "bf16"):
+    """Path of the trained checkpoint converted by quantize.convert (NextN kept); quant "f32" is an F32 copy of
+    the BF16 GGUF (llama_model_quantize), whose CPU rows do not depend on the batch shape."""
+    from quantize.convert import convert
+    from tests.fixtures.checkpoint import repo_name
+
+    src = build_cached_trained_checkpoint(layout)
+    if quant == "f32":
+        bf16 = build_cached_trained_gguf(layout, "bf16")
+        return cached_dir(f"gguf-trained-{layout}-f32", TRAINED_SOURCES + ["quantize/*.py"],
+                          lambda d: _f32_copy(bf16, d / "model.gguf")) / "model.gguf"
+    d = cached_dir(f"gguf-trained-{layout}-{quant}", TRAINED_SOURCES + ["quantize/*.py"],
+                   lambda d: convert(src, d / "model.gguf", quant=quant, mtp=True,
+                                     source_name=repo_name(layout, None, "glm45")))
+    return d / "model.gguf"
+
+
+def _f32_copy(src, dst) -> None:
+    import llama_cpp.llama_cpp as C
+
+    qp = C.llama_model_quantize_default_params()
+    qp.ftype, qp.nthread = 0, 2  # LLAMA_FTYPE_ALL_F32
+    if C.llama_model_quantize(str(src).encode(), str(dst).encode(), qp) != 0:
+        raise RuntimeError(f"llama_model_quantize to F32 failed for {src}")
+
+
+@pytest.fixture(scope="session")
+def trained_factory():
+    """Callable (layout="tiny45", quant="bf16") -> Path of a cached trained GGUF ("f32" for an F32 copy)."""
+    return build_cached_trained_gguf
+# ---- end trained fixtures ----------------------------------------------------------------------------

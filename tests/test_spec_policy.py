@@ -147,3 +147,20 @@ def test_cost_model_waits_longer_each_time_an_arm_still_loses():
         feed(m, arm, 1.0, 1 if arm == OFF else 0.3)
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps[:5] == [5, 9, 17, 33, 65]  # 4, 8, 16, 32, 64 steps without a sample, then one probe step
+
+
+def test_cost_model_shrugs_off_slow_steps_and_remeasures_plain_steps():
+    m = CostModel(min_samples=3, reprobe_off=8)
+    arms = []
+    for step in range(60):
+        arm = m.choose([("mtp", 1)])
+        arms.append(arm)
+        # plain steps take 1 ms, MTP steps 2 ms for 1.5 tokens; the first two plain steps hit a burst of load
+        dt = {OFF: 0.02 if step in (1, 2) else 0.001, ("mtp", 1): 0.002}[arm]
+        feed(m, arm, dt, 1 if arm == OFF else 1.5)
+    assert arms[:3] == [OFF] * 3 and ("mtp", 1) in arms[3:6]  # fooled at first (plain looked 20x slower)...
+    assert arms[-20:] == [OFF] * 20  # ...until plain steps were measured afresh
+    one = CostModel(min_samples=3)
+    for dt in (0.001, 0.05, 0.001):  # one slow step in three moves the median, not the estimate
+        feed(one, OFF, dt, 1)
+    assert one.rate(OFF) == pytest.approx(1000)

@@ -15,7 +15,9 @@ own KV cache for that one layer. common/speculative.cpp (draft-mtp) drives it; t
   the main decode of x_p will confirm, so a verification only has to add the accepted drafts' pairs.
 - Lazily: the pairs of a main decode wait in `pending` until the next draft (they ride in its first MTP decode,
   with the root), or until n_batch/2 of them gathered (a long prompt); rejected drafts never reach the MTP KV.
-  When speculation is backed off (`keep_up` False) they are dropped past n_batch and the lane restarts cold.
+- Dormant: when speculation stops using MTP (`keep_up` False, engine/spec.py's measurements) the main context
+  stops handing rows over and this context forgets everything; when MTP is wanted again each sequence restarts
+  cold at its current position (its MTP KV then only covers what follows), so MTP costs nothing while unused.
 
 `MtpContext` is an engine/hooks.py DecodeObserver (it reads the main rows after every main decode) and KvMirror
 (every KV operation on the main context is repeated here: rollback, prefix truncation, seq_cp, clear, and the
@@ -120,7 +122,8 @@ class MtpContext:
         self._batch = _PairBatch(self.n_batch, self.n_embd)
         self._zero = np.zeros(self.n_embd, np.float32)
         self._lanes: dict[int, _Lane] = {}
-        self.keep_up = True  # speculation uses MTP: decode pending pairs as they gather (else drop them)
+        self._rows = np.zeros((C.llama_n_batch(main), self.n_embd), np.float32)  # the main rows of one decode
+        self._keep_up = True
         self.decodes = 0
         self.draft_s = 0.0
         self._root_idx = -1  # batch index of the last draft's root (root_logits)
@@ -142,6 +145,19 @@ class MtpContext:
         X.llama_set_embeddings_nextn(ctx, True, False)
         return cls(model, ctx, main)
 
+    @property
+    def keep_up(self) -> bool:
+        """Whether MTP is in use: the lanes follow the main context (False: dormant, see the module doc)."""
+        return self._keep_up
+
+    @keep_up.setter
+    def keep_up(self, on: bool) -> None:
+        if on != self._keep_up:
+            self._keep_up = on
+            X.llama_set_embeddings_nextn(self._main, on, False)
+            if not on:
+                self.clear()
+
     def close(self) -> None:
         if self._ctx:
             X.llama_set_embeddings_nextn(self._main, False, False)
@@ -151,11 +167,14 @@ class MtpContext:
     # ------------------------------------------------------------------ DecodeObserver
     def after_decode(self, ctx: C.llama_context_p, rows: Sequence[SeqRows]) -> None:
         """Stage each sequence's pairs from the main rows just computed (how many stay is known later)."""
+        if not self._keep_up:
+            return
         n_rows = max(r.first_row + len(r.tokens) for r in rows)
         ptr = X.llama_get_embeddings_nextn(ctx)
         if not ptr:
             raise EngineError("the main context gave no NextN rows (embeddings_nextn is off)")
-        hidden = np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_embd))
+        hidden = self._rows
+        ctypes.memmove(hidden.ctypes.data, ptr, n_rows * self.n_embd * 4)
         for r in rows:
             lane = self._lane(r.seq_id)
             self._resolve(lane, None)
@@ -164,6 +183,8 @@ class MtpContext:
                 first = 1
             elif r.pos0 != lane.next_pos:
                 self._realign(r.seq_id, lane, r.pos0)
+            if lane.h_last is None and r.pos0 > 0 and C.llama_memory_seq_pos_max(self._mem, r.seq_id) < 0:
+                first, lane.kv_end = 1, r.pos0 + 1  # a cold start: begin with the first pair whose row is known
             lane.root = None
             h_prev = lane.h_last if lane.h_last is not None else self._zero
             block = hidden[r.first_row:r.first_row + len(r.tokens)].copy()
@@ -174,6 +195,8 @@ class MtpContext:
 
     # ------------------------------------------------------------------ KvMirror
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
+        if not self._keep_up:
+            return
         lane = self._lane(seq_id)
         end = lane.staged.pos0 + len(lane.staged.tokens) if lane.staged else lane.next_pos
         if 0 <= p1 < end:
@@ -183,6 +206,8 @@ class MtpContext:
         self._cut(seq_id, lane, max(p0, 0))
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        if not self._keep_up:
+            return
         a = self._lane(src)
         self._resolve(a, None)
         self._flush([(src, a)])
@@ -200,7 +225,8 @@ class MtpContext:
         """This sequence's MTP state, its position and last main row, as one blob."""
         lane = self._lane(seq_id)
         self._resolve(lane, None)
-        self._flush([(seq_id, lane)])
+        if self._keep_up:
+            self._flush([(seq_id, lane)])
         if lane.root is not None:
             self._cut(seq_id, lane, lane.kv_end - 1)
         size = C.llama_state_seq_get_size(self._ctx, seq_id)
@@ -212,6 +238,8 @@ class MtpContext:
         return (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
 
     def restore(self, seq_id: int, blob: StateBlob) -> bool:
+        if not self._keep_up:
+            return True  # dormant: nothing to restore into, the lane starts cold when MTP is wanted again
         raw = bytes(blob)
         kv_end, has_row, n = (int(x) for x in np.frombuffer(raw[-8 * _FOOTER:], np.int64))
         row = np.frombuffer(raw[n:n + 4 * self.n_embd], np.float32).copy()
@@ -233,7 +261,7 @@ class MtpContext:
         self._resolve(lane, None)
         if lane.next_pos != pos:
             self._realign(seq_id, lane, pos)
-        if lane.h_last is None or n_max < 1:
+        if lane.h_last is None or n_max < 1 or not self._keep_up:
             return []
         b = self._batch
         self._flush([(seq_id, lane)], reserve=1)
@@ -317,13 +345,9 @@ class MtpContext:
         lane.toks.clear(), lane.hs.clear()
 
     def _bound(self, seq_id: int, lane: _Lane) -> None:
-        """Decode pending pairs once half a batch gathered; when MTP is not in use, drop them past a batch."""
-        if self.keep_up and len(lane.toks) >= self.n_batch // 2:
+        """Decode the pending pairs once half a batch gathered (a long prompt, or many steps without drafts)."""
+        if len(lane.toks) >= self.n_batch // 2:
             self._flush([(seq_id, lane)])
-        elif not self.keep_up and len(lane.toks) >= self.n_batch:
-            end, h = lane.next_pos, lane.h_last
-            self._reset(seq_id, lane)
-            lane.kv_end, lane.h_last = end, h
 
     def _flush(self, lanes: list[tuple[int, _Lane]], reserve: int = 0) -> None:
         """Decode the lanes' pending pairs (in batches of n_batch); leaves the batch empty, or holding the last

@@ -18,6 +18,7 @@ learned.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ MTP_DRAFT = 3  # MTP drafts per step when neither --draft nor the plan says (lla
 NGRAM_DRAFT = 16  # n-gram drafts per step by default (a copied span is usually right for a while)
 LONG_MATCH = 6  # mtp+ngram: an n-gram match this long is trusted over MTP
 NGRAM_CAPS = (4, 16, 64)  # auto: the n-gram draft lengths it measures separately
+MEMO = 16  # auto: steps a decision is reused while only plain steps were measured
 
 Arm = tuple[str, int]  # (source, draft cap): ("off", 0), ("ngram", 16), ("mtp", 2)
 OFF: Arm = ("off", 0)
@@ -111,11 +113,31 @@ def decide(config: SpecConfig, *, has_nextn: bool, planned_mtp: bool, planned_dr
 # --------------------------------------------------------------------------------------------- measuring
 @dataclass
 class _Samples:
-    dt: deque[float]
-    n: deque[int]
+    """The latest steps of one arm: seconds and tokens of each."""
+
+    dt: deque[float] = field(default_factory=deque)
+    n: deque[float] = field(default_factory=deque)
     last: int = 0  # the step of the latest sample
     misses: int = 0  # re-measurements in a row after which it still did not pay (each doubles the wait)
     again: bool = False  # being re-measured
+    _rate: float | None = None
+
+    def add(self, dt: float, n: float, window: int) -> None:
+        self.dt.append(dt), self.n.append(n)
+        if len(self.dt) > window:
+            self.drop()
+        self._rate = None
+
+    def drop(self) -> None:
+        self.dt.popleft(), self.n.popleft()
+        self._rate = None
+
+    def rate(self) -> float:
+        """Mean tokens per step over the median step time: a step's yield is exact, its time is noisy (another
+        process on the same cores makes a few steps many times slower, never faster)."""
+        if self._rate is None:
+            self._rate = sum(self.n) / len(self.n) / statistics.median(self.dt)
+        return self._rate
 
 
 @dataclass
@@ -124,31 +146,39 @@ class CostModel:
 
     An arm is measured `min_samples` times before it is judged, the larger draft caps of a source only once the
     next smaller one came within `gate` of plain steps (a source that loses at 1 draft is not tried at 3), and
-    measured again (one step) after `reprobe` steps without a sample, a wait that doubles each time it still
-    loses: probing costs a few slow steps early and almost nothing later."""
+    measured afresh after `reprobe` steps without a sample (plain steps after `reprobe_off`, as every decision
+    leans on them), a wait that doubles, up to 16 times, each time it still loses: probing costs a few slow
+    steps early and almost nothing later."""
 
     window: int = 16
     min_samples: int = 3
     reprobe: int = 256
+    reprobe_off: int = 32
     margin: float = 0.05  # an arm must beat plain steps by this fraction
-    gate: float = 0.8
+    gate: float = 0.9
     step: int = 0
     _arms: dict[Arm, _Samples] = field(default_factory=dict)
+    # Decisions per set of options, kept while nothing but plain steps was measured (at most MEMO steps, and
+    # never past an arm's next measurement): a step must cost microseconds, not a walk over every arm.
+    _memo: dict[tuple[Arm, ...], Arm] = field(default_factory=dict)
+    _pays: dict[str, bool] = field(default_factory=dict)
+    _memo_until: int = 0
 
-    def observe(self, arm: Arm, dt: float, n: int) -> None:
+    def observe(self, arm: Arm, dt: float, n: float) -> None:
         s = self._arms.get(arm)
         if s is None:
-            s = self._arms[arm] = _Samples(deque(maxlen=self.window), deque(maxlen=self.window))
-        s.dt.append(max(dt, 1e-9))
-        s.n.append(n)
+            s = self._arms[arm] = _Samples()
+        s.add(max(dt, 1e-9), n, self.window)
         s.last = self.step
+        if arm != OFF:
+            self._memo_until = 0
 
     def rate(self, arm: Arm) -> float | None:
         """Tokens per second (None: fewer than min_samples steps measured)."""
         s = self._arms.get(arm)
         if s is None or len(s.dt) < self.min_samples:
             return None
-        return sum(s.n) / sum(s.dt)
+        return s.rate()
 
     def choose(self, options: Sequence[Arm]) -> Arm:
         """The arm for this step among `options` (OFF is always possible): one due for a measurement, else the
@@ -156,25 +186,38 @@ class CostModel:
         self.step += 1
         if not options:
             return OFF
+        key = tuple(options)
+        if self.step < self._memo_until and key in self._memo:
+            return self._memo[key]
         for arm in (OFF, *options):
             if self._open(arm) and self._due(arm):
+                self._memo_until = 0
                 return arm
         best = max(options, key=lambda a: self.rate(a) or 0.0)
         pick = best if (self.rate(best) or 0.0) > (self.rate(OFF) or 0.0) * (1 + self.margin) else OFF
-        for arm in options:
-            s = self._arms[arm] if arm in self._arms else None
+        for arm in (OFF, *options):
+            s = self._arms.get(arm)
             if s is not None and s.again:  # a re-measurement just completed
                 s.again, s.misses = False, 0 if arm == pick else s.misses + 1
+        if self.step >= self._memo_until:
+            self._memo.clear(), self._pays.clear()
+            due = [s.last + self._wait(a, s) + 1 for a, s in self._arms.items() if len(s.dt) >= self.min_samples]
+            self._memo_until = min([self.step + MEMO, *due])
+        self._memo[key] = pick
         return pick
+
+    def _wait(self, arm: Arm, s: _Samples) -> int:
+        """Steps without a sample after which arm is measured afresh."""
+        return (self.reprobe_off if arm == OFF else self.reprobe) << min(s.misses, 4)
 
     def _due(self, arm: Arm) -> bool:
         s = self._arms.get(arm)
         if s is None or len(s.dt) < self.min_samples:
             return True
-        if self.step - s.last <= self.reprobe << min(s.misses, 4):
+        if self.step - s.last <= self._wait(arm, s):
             return False
-        while len(s.dt) >= self.min_samples:  # keep all but one: the next step's sample completes it
-            s.dt.popleft(), s.n.popleft()
+        while s.dt:  # measured afresh: old samples may hold a burst of load that is long gone
+            s.drop()
         s.again = True
         return True
 
@@ -189,14 +232,17 @@ class CostModel:
 
     def pays(self, source: str) -> bool:
         """Whether drafts from `source` are in use or still to be measured."""
+        if self.step < self._memo_until and source in self._pays:
+            return self._pays[source]
         arms = [a for a in self._arms if a[0] == source]
-        if not arms or any(self.rate(a) is None for a in arms):
-            return True
         off = self.rate(OFF)
-        return off is None or max(self.rate(a) or 0.0 for a in arms) > off * (1 + self.margin)
+        yes = not arms or any(self.rate(a) is None for a in arms) or off is None or \
+            max(self.rate(a) or 0.0 for a in arms) > off * (1 + self.margin)
+        self._pays[source] = yes
+        return yes
 
     def table(self) -> dict[str, float]:
-        """Measured tokens/s per arm ("ngram<=16": ...), for /stats and the bench."""
+        """Measured tokens/s per arm ("ngram<=16": ..., "ngram-short<=4": n-gram drafts from short matches)."""
         return {("off" if a == OFF else f"{a[0]}<={a[1]}"): round(r, 1)
                 for a in sorted(self._arms) if (r := self.rate(a)) is not None}
 
@@ -219,6 +265,8 @@ class Speculator:
         self.setup, self.mtp, self.ngram = setup, mtp if setup.mtp else None, ngram
         self.model = model or CostModel()
         self.stats: dict[str, SourceStats] = {"mtp": SourceStats(), "ngram": SourceStats()}
+        self._caps = [c for c in NGRAM_CAPS if c <= setup.n_ngram] or [setup.n_ngram]
+        self._mtp_arms = [("mtp", k) for k in range(1, setup.n_mtp + 1)]
 
     def speculation(self) -> Speculation | None:
         """A new request's Speculation (None when speculation is off)."""
@@ -235,15 +283,15 @@ class Speculator:
                 return ("ngram", len(found.tokens)), found.tokens
             return self._mtp(seq, k_mtp) if k_mtp else (OFF, [])
         options: list[Arm] = []
-        if found:
-            caps = [c for c in NGRAM_CAPS if c <= self.setup.n_ngram] or [self.setup.n_ngram]
-            options += [("ngram", c) for c in caps if c < len(found.tokens)]
-            options.append(("ngram", next((c for c in caps if c >= len(found.tokens)), caps[-1])))
-        options += [("mtp", k) for k in range(1, k_mtp + 1)]
+        if found:  # long matches (copied code) and short ones (a phrase seen before) are measured apart
+            src, caps = "ngram" if found.match >= LONG_MATCH else "ngram-short", self._caps
+            options += [(src, c) for c in caps if c < len(found.tokens)]
+            options.append((src, next((c for c in caps if c >= len(found.tokens)), caps[-1])))
+        options += self._mtp_arms[:k_mtp]
         arm = self.model.choose(options)
         if self.mtp is not None:
             self.mtp.keep_up = self.model.pays("mtp")
-        if arm[0] == "ngram" and found:
+        if arm[0] != "mtp" and arm != OFF and found:
             return arm, found.tokens[:arm[1]]
         if arm[0] == "mtp":
             return self._mtp(seq, arm[1])
@@ -254,7 +302,7 @@ class Speculator:
         return (("mtp", k), drafts) if drafts else (OFF, [])
 
     def record(self, source: str, n_drafted: int, n_accepted: int) -> None:
-        st = self.stats[source]
+        st = self.stats["mtp" if source == "mtp" else "ngram"]
         st.steps, st.drafted, st.accepted = st.steps + 1, st.drafted + n_drafted, st.accepted + n_accepted
 
 
