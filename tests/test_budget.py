@@ -96,5 +96,12 @@ def test_tokens_that_would_split_a_character_are_banned_just_before_the_forced_c
     while st.forced() is None:
         seen.append((st.room(), st.banned()))
         st.push(A)
-    assert [r for r, b in seen if b] == list(range(UTF8_GUARD, 0, -1)) and all(b in ((), openers) for _, b in seen)
+    assert [r for r, b in seen if b != (OPEN,)] == list(range(UTF8_GUARD, 0, -1))
+    assert all(b in ((OPEN,), (OPEN, *openers)) for _, b in seen)
     assert st.room() == 0 and st.forced() == CLOSE
+
+
+def test_a_budgeted_block_does_not_nest():
+    st = ThinkState(ThinkBudget(OPEN, CLOSE, 10, starts_inside=True))
+    assert st.banned() == (OPEN,)
+    assert ThinkState(ThinkBudget(OPEN, CLOSE, None, starts_inside=True)).banned() == ()  # counting only

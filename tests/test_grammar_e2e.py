@@ -128,6 +128,8 @@ def test_think_blocks_end_only_at_the_closing_token(llm):
     assert llm.detokenize(pieces) == b"Plan.</think>" and not accepts(llm, g47, pieces + llm.tokenize(call.encode(), add_bos=False, special=True))
     assert not accepts(llm, g47, "Plan." + call)  # a call inside reasoning
     assert not accepts(llm, g47, "Plan.<tool_call>x</think>" + call)
+    for role in ("<|assistant|>", "<|user|>", "<|system|>"):  # the parser would end the turn there
+        assert not accepts(llm, g47, f"Plan.{role}more</think>" + call), role
     g45 = tool_call_grammar([LIGHTS], "glm45", "required", enable_thinking=True)
     call45 = ("<tool_call>lights\n<arg_key>on</arg_key>\n<arg_value>true</arg_value>\n<arg_key>room</arg_key>\n"
               "<arg_value>hall</arg_value>\n</tool_call>")
@@ -159,6 +161,7 @@ def test_grammar_accepts_valid_and_rejects_invalid_calls(llm):
                              "<arg_key>room</arg_key>\n<arg_value>attic</arg_value>\n</tool_call>")
     bad = {
         "string containing the closing tag": good.replace("a.py", "a</arg_value>"),
+        "string containing a role tag": good.replace("a.py", "a<|assistant|>.py"),
         "integer given as text": good.replace("420", "rw"),
         "missing required argument": "\n<tool_call>lights\n<arg_key>on</arg_key>\n<arg_value>true</arg_value>\n</tool_call>",
         "value outside the enum": "\n<tool_call>lights\n<arg_key>on</arg_key>\n<arg_value>true</arg_value>\n"

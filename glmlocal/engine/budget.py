@@ -81,14 +81,17 @@ class ThinkState:
         return None
 
     def banned(self) -> tuple[int, ...]:
-        """Tokens the next step must not sample: the opening tag once nothing is left to think with; just before
-        a forced close, tokens that would leave a character unfinished."""
-        if not self.inside and self.spec.budget is not None and self.spent >= self.spec.budget - 1:
-            return (self.spec.open_id,)
+        """Tokens the next step must not sample: the opening tag once nothing is left to think with, or inside a
+        block (blocks do not nest; a budgeted model that repeats `<think>` would think about nothing); just
+        before a forced close, tokens that would leave a character unfinished."""
+        if not self.inside:
+            spent = self.spec.budget is not None and self.spent >= self.spec.budget - 1
+            return (self.spec.open_id,) if spent else ()
+        if self.spec.budget is None:
+            return ()
         room = self.room()
-        if room is not None and 0 < room <= UTF8_GUARD:
-            return self.spec.char_openers
-        return ()
+        openers = self.spec.char_openers if room is not None and 0 < room <= UTF8_GUARD else ()
+        return (self.spec.open_id, *openers)
 
     def room(self) -> int | None:
         """Tokens that may still be generated before the block must be closed (None: no limit). Drafting never

@@ -181,14 +181,9 @@ class Session:
         self.engine, self.template, self.family = engine, template, family
         self.default_sampling = default_sampling or Sampling()
         self.think_budget = think_budget  # tokens a turn may think when the call names none (None: unbounded)
-        self._tags: tuple[int | None, int | None, int | None] | None = None
+        # `<think>`, `</think>`, `<tool_call>` as single tokens (None where the vocabulary lacks one)
+        self._tags = tuple(engine.token_id(t) for t in (THINK_OPEN, THINK_CLOSE, CALL_OPEN))
         self._openers: tuple[int, ...] | None = None  # engine/budget.py char_openers, computed on first use
-
-    def _tag_ids(self) -> tuple[int | None, int | None, int | None]:
-        """`<think>`, `</think>`, `<tool_call>` as single tokens (None where the vocabulary lacks one)."""
-        if self._tags is None:
-            self._tags = tuple(self.engine.token_id(t) for t in (THINK_OPEN, THINK_CLOSE, CALL_OPEN))
-        return self._tags
 
     def prepare(self, messages: Messages, tools: Tools | None = None, *, tool_choice: ToolChoice = "auto",
                 enable_thinking: bool = True, clear_thinking: bool | None = None,
@@ -209,7 +204,7 @@ class Session:
             grammar = json_schema_grammar(schema, family=self.family, enable_thinking=enable_thinking)
             room = forced_json_tokens(schema, self.family, enable_thinking=enable_thinking)
         no_calls = tool_choice == "none" and tools is not None
-        think_open, _, call_token = self._tag_ids()
+        think_open, _, call_token = self._tags
         banned = [call_token] if no_calls else []
         banned += [] if enable_thinking else [think_open]
         return PreparedTurn(prompt, self.engine.tokenize(prompt), grammar, None if no_calls else tools,
@@ -258,7 +253,7 @@ class Session:
         """What the engine enforces for this turn (None when the vocabulary lacks single-token think tags: then
         the parser counts). Raises as `think_limit` does."""
         budget = think_limit(prep, self.think_budget if requested is None else requested, max_tokens)
-        think_open, think_close, call = self._tag_ids()
+        think_open, think_close, call = self._tags
         if think_open is None or think_close is None:
             return None
         budget = budget if prep.thinking else None
