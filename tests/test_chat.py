@@ -116,11 +116,12 @@ class FakeSession:
         self.delay = delay
         self.max_messages = max_messages
 
-    def turn(self, messages, tools=None, *, enable_thinking=True, cancel=None, max_tokens=None):
-        return FakeStream(self._play(messages, tools, enable_thinking, cancel))
+    def turn(self, messages, tools=None, *, enable_thinking=True, cancel=None, max_tokens=None, think_budget=None):
+        return FakeStream(self._play(messages, tools, enable_thinking, cancel, think_budget))
 
-    def _play(self, messages, tools, enable_thinking, cancel):
-        self.calls.append({"messages": [dict(m) for m in messages], "tools": tools, "thinking": enable_thinking})
+    def _play(self, messages, tools, enable_thinking, cancel, think_budget=None):
+        self.calls.append({"messages": [dict(m) for m in messages], "tools": tools, "thinking": enable_thinking,
+                           "budget": think_budget})
         if self.max_messages is not None and len(messages) > self.max_messages:
             raise ContextOverflowError(len(messages) * 100, 64, self.max_messages * 100)
         n = 0
@@ -204,6 +205,30 @@ def test_thinking_off_reaches_the_session():
     session = FakeSession(answer("a"), answer("b"))
     drive(session, "/think off" + ENTER + "x" + ENTER + "/think on" + ENTER + "y" + ENTER + CTRL_D)
     assert [c["thinking"] for c in session.calls] == [False, True]
+
+
+def test_think_n_sets_a_budget_per_reply_and_bad_values_are_refused():
+    session = FakeSession(answer("a"), answer("b"), answer("c"))
+    keys = ("/think 64" + ENTER + "x" + ENTER + "/think -3" + ENTER + "/think lots" + ENTER + "/think 0" + ENTER
+            + "y" + ENTER + "/think on" + ENTER + "z" + ENTER + CTRL_D)
+    repl, term = drive(session, keys)
+    assert [(c["thinking"], c["budget"]) for c in session.calls] == [(True, 64), (True, 64), (True, None)]
+    assert term.text().count("usage: /think on|off|N") == 3
+    conv = Conversation(think_budget=16)
+    repl, term = drive(FakeSession(answer("a")), "x" + ENTER + CTRL_D, conv=conv)
+    assert repl.prompt_status().startswith("think on ≤16")
+
+
+def test_a_think_budget_survives_save_and_load(tmp_path):
+    conv = Conversation(messages=[{"role": "user", "content": "x"}], think_budget=256)
+    conv.save(tmp_path / "c.json")
+    body = json.loads((tmp_path / "c.json").read_text())
+    assert body["chat_template_kwargs"] == {"enable_thinking": True, "thinking_budget": 256}
+    assert Conversation.load(tmp_path / "c.json").think_budget == 256
+    for bad in (0, -1, 2.5, "64", True):
+        body["chat_template_kwargs"]["thinking_budget"] = bad
+        with pytest.raises(InputError, match="thinking_budget must be a whole number"):
+            Conversation.from_request(body)
 
 
 def test_stable_split_never_cuts_inside_a_code_fence():

@@ -57,10 +57,10 @@ def glm47(gguf_factory):
     model.close()
 
 
-def budgeted(model: LoadedModel, chars: int = 40) -> Session:
-    """A session whose grammar closes the think block after `chars`: a random model then really moves from
-    reasoning to an answer (response_format json_object) or to a tool call (tool_choice required)."""
-    return Session(model.engine, model.session.template, model.family, think_budget=chars)
+def budgeted(model: LoadedModel, tokens: int = 12) -> Session:
+    """A session whose thinking budget closes the think block after `tokens`: a random model then really moves
+    from reasoning to an answer (response_format json_object) or to a tool call (tool_choice required)."""
+    return Session(model.engine, model.session.template, model.family, think_budget=tokens)
 
 
 def words(text: str) -> list[str]:
@@ -98,7 +98,8 @@ def test_streamed_answer_and_status_line_match_the_engine(glm45):
 def test_thinking_collapses_when_the_real_answer_starts(glm45):
     model, _ = glm45
     session = budgeted(model)
-    kwargs = {**GREEDY, "response_format": {"type": "json_object"}}
+    opens = Sampling(temperature=0.0, seed=0, logit_bias={model.engine.token_id("<think>"): 30.0})
+    kwargs = {"sampling": opens, "response_format": {"type": "json_object"}}  # GLM-4.5 opens the block itself
     repl, term = drive(session, "Think, then answer" + ENTER + "/show-thinking" + ENTER + CTRL_D, n_ctx=model.n_ctx,
                        max_tokens=64, turn_kwargs=kwargs)  # fmt: skip
     msg = repl.conv.messages[1]
@@ -122,6 +123,18 @@ def test_glm47_thinking_is_summarised_even_if_it_never_ends(glm47):
     usage = repl.last_usage  # every generated token was thinking: the count is the whole reply
     assert usage.reasoning_tokens == usage.completion_tokens == 24
     assert "▸ Thought for 24 tokens" in term.text() and "stopped at the token limit" in term.text()
+
+
+def test_think_n_ends_the_thinking_of_a_model_that_never_stops_and_it_answers(glm47):
+    """The random GLM-4.7 fixture never closes `</think>` (the test above): `/think 64` makes the engine close
+    it after 64 tokens, and the rest of the reply is an answer."""
+    no_end = Sampling(seed=5, logit_bias={t: float("-inf") for t in glm47.engine.eog_ids})
+    repl, term = drive(glm47.session, "/think 64" + ENTER + "hi" + ENTER + CTRL_D, n_ctx=glm47.n_ctx,
+                       max_tokens=90, turn_kwargs={"sampling": no_end})  # fmt: skip
+    usage, msg = repl.last_usage, repl.conv.messages[1]
+    assert usage.reasoning_tokens == 64 and usage.completion_tokens == 90
+    assert msg.get("reasoning_content") and msg["content"]
+    assert "▸ Thought for 64 tokens" in term.text() and "think on ≤64" in repl.prompt_status()
 
 
 def test_ctrl_c_interrupts_a_real_generation_and_the_repl_continues(glm45):

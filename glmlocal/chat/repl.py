@@ -113,7 +113,8 @@ class ChatREPL:
             self.autosave = None
 
     def prompt_status(self) -> str:
-        think = "think on" if self.conv.enable_thinking else "think off"
+        budget = f" ≤{self.conv.think_budget}" if self.conv.think_budget else ""
+        think = f"think on{budget}" if self.conv.enable_thinking else "think off"
         if self.last_usage is None or not self.n_ctx:
             return think
         return f"{think} · ctx {self.context_used()}/{self.n_ctx}"
@@ -255,10 +256,14 @@ class ChatREPL:
         return False
 
     def cmd_think(self, arg: str) -> None:
+        """/think on (no budget), /think N (at most N tokens of thinking per reply), /think off."""
         if arg.lower() in ("on", "off"):
-            self.conv.enable_thinking = arg.lower() == "on"
+            self.conv.enable_thinking, self.conv.think_budget = arg.lower() == "on", None
+        elif arg.isdigit() and int(arg) > 0:
+            self.conv.enable_thinking, self.conv.think_budget = True, int(arg)
         elif arg:
-            self.console.print(Text("usage: /think on|off", style="yellow"))
+            self.console.print(Text("usage: /think on|off|N (N: most tokens to think per reply, at least 1)",
+                                    style="yellow"))
             return
         self.console.print(Text(f"thinking is {'on' if self.conv.enable_thinking else 'off'}", style="dim"))
 
@@ -325,7 +330,7 @@ class ChatREPL:
             self.console.print(Text(f"error: {e.one_line()}", style="red"))
             return
         self.conv.system, self.conv.messages = loaded.system, loaded.messages
-        self.conv.enable_thinking = loaded.enable_thinking
+        self.conv.enable_thinking, self.conv.think_budget = loaded.enable_thinking, loaded.think_budget
         self.conv.tools = loaded.tools or self.conv.tools
         self.last_usage, self.pending = None, None
         self.console.print(Text(f"loaded {len(loaded.messages)} messages ({loaded.n_turns} turns) from {arg}", "dim"))

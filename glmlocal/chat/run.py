@@ -36,6 +36,7 @@ class ChatArgs:
     quant: str | None = None
     system: str | None = None
     think: bool = True
+    think_budget: int | None = None  # --think-budget: most tokens a reply may think (/think N)
     show_thinking: bool = False
     tools: Path | None = None
     max_tokens: int | None = None
@@ -65,7 +66,8 @@ def chats_dir() -> Path:
 def start_conversation(args: ChatArgs, tools: list | None) -> tuple[Conversation, Path]:
     """A new conversation and its autosave file, or with --resume the latest saved one (flags still win)."""
     if not args.resume:
-        conv = Conversation(system=args.system, tools=tools, enable_thinking=args.think)
+        conv = Conversation(system=args.system, tools=tools, enable_thinking=args.think,
+                            think_budget=args.think_budget)
         return conv, new_chat_path(chats_dir())
     path = latest_chat(chats_dir())
     if path is None:
@@ -74,6 +76,7 @@ def start_conversation(args: ChatArgs, tools: list | None) -> tuple[Conversation
     conv.system = args.system if args.system is not None else conv.system
     conv.tools = tools or conv.tools
     conv.enable_thinking = conv.enable_thinking and args.think
+    conv.think_budget = args.think_budget if args.think_budget is not None else conv.think_budget
     return conv, path
 
 

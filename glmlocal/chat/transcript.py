@@ -1,6 +1,7 @@
 """The chat conversation as data: OpenAI-shaped messages, saved as a chat-completions request body.
 
-A saved transcript is `{"model", "messages", "tools"?, "chat_template_kwargs": {"enable_thinking"}}`, so the
+A saved transcript is `{"model", "messages", "tools"?, "chat_template_kwargs": {"enable_thinking",
+"thinking_budget"?}}`, so the
 same file can be sent to `glmlocal serve` (or any OpenAI-compatible server) unchanged, and `/load` accepts
 any such request body.
 """
@@ -43,6 +44,7 @@ class Conversation:
     messages: list[dict[str, object]] = field(default_factory=list)
     tools: list[dict[str, object]] | None = None
     enable_thinking: bool = True
+    think_budget: int | None = None  # most tokens a reply may think (None: no limit)
 
     def request_messages(self) -> list[dict[str, object]]:
         """The messages to render: the system prompt (if any) followed by the history."""
@@ -77,6 +79,8 @@ class Conversation:
         if self.tools:
             body["tools"] = self.tools
         body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
+        if self.think_budget is not None:  # the server's extension, so the file is a valid request for it too
+            body["chat_template_kwargs"]["thinking_budget"] = self.think_budget
         return body
 
     @classmethod
@@ -98,6 +102,7 @@ class Conversation:
             messages=messages,
             tools=tools or None,
             enable_thinking=bool(kwargs.get("enable_thinking", True)),
+            think_budget=_budget(kwargs.get("thinking_budget"), source),
         )
 
     def save(self, path: Path) -> None:
@@ -131,6 +136,15 @@ def _check_message(m: object, i: int, source: str) -> dict[str, object]:
     if calls is not None and not (isinstance(calls, list) and all(_is_call(c) for c in calls)):
         raise InputError(f"{source}: message {i} has malformed tool_calls")
     return msg
+
+
+def _budget(value: object, source: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{source}: chat_template_kwargs.thinking_budget must be a whole number of tokens, at "
+                         f"least 1; got {value!r}")
+    return value
 
 
 def _is_call(c: object) -> bool:

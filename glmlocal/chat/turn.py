@@ -42,7 +42,7 @@ class ChatSession(Protocol):
 
     def turn(self, messages: Sequence[Mapping[str, object]], tools: list[Mapping[str, object]] | None = None, *,
              enable_thinking: bool = True, cancel: threading.Event | None = None, max_tokens: int | None = None,
-             **options: object) -> TurnItems: ...
+             think_budget: int | None = None, **options: object) -> TurnItems: ...
 
 
 @contextmanager
@@ -138,7 +138,8 @@ class TurnRunner:
         conv = self.conversation
         # Session.turn yields glm events, then one TurnResult (the usage); see glmlocal/engine/session.py.
         self.stream = self.session.turn(conv.request_messages(), conv.tools, enable_thinking=conv.enable_thinking,
-                                        cancel=cancel, max_tokens=self.max_tokens, **self.turn_kwargs)
+                                        cancel=cancel, max_tokens=self.max_tokens, think_budget=conv.think_budget,
+                                        **self.turn_kwargs)
         return self.stream
 
     def run(self, cancel: threading.Event, on_event: Callable[[Event], None]) -> TurnRecord:

@@ -281,7 +281,7 @@ class TurnView:
 # -- other screens --------------------------------------------------------------------------------
 HELP = [
     ("/help", "this help"),
-    ("/think on|off", "turn thinking on or off for the next turns"),
+    ("/think on|off|N", "turn thinking on or off for the next turns; N: think at most N tokens per reply"),
     ("/show-thinking", "show the last turn's full thinking"),
     ("/system [TEXT]", "show or set the system prompt (\"/system -\" removes it)"),
     ("/clear", "forget the conversation (system prompt and tools stay)"),

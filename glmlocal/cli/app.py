@@ -206,6 +206,7 @@ def chat(
     model: Annotated[str, typer.Argument(help="Registry name (glm-4.6[:quant]), pulled model, or a .gguf path")],
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt")] = None,
     no_think: Annotated[bool, typer.Option("--no-think", help="Start with thinking off (/think on|off)")] = False,
+    think_budget: Annotated[Optional[int], typer.Option("--think-budget", metavar="N", min=1, help="Most tokens a reply may spend thinking (/think N)")] = None,
     show_thinking: Annotated[bool, typer.Option("--show-thinking", help="Keep thinking expanded (piped: print it in <think>...</think>)")] = False,
     tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of OpenAI-format tool definitions")] = None,
     quant: QuantOpt = None,
@@ -233,7 +234,8 @@ def chat(
 
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
                        rpc=_endpoints(rpc), ubatch=ubatch)
-    args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, show_thinking=show_thinking,
+    args = ChatArgs(model, plan, quant=quant, system=system, think=not no_think, think_budget=think_budget,
+                    show_thinking=show_thinking,
                     tools=tools, max_tokens=max_tokens, temperature=temperature, seed=seed, template=template,
                     each_line=each_line, resume=resume, spec=SpecConfig(spec, draft))
     code = run_chat(args)
