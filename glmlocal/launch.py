@@ -20,7 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from glmlocal.engine.engine import Engine
+from glmlocal.engine.engine import DEFAULT_CTX, Engine
+from glmlocal.engine.params import default_parallel
 from glmlocal.engine.session import Session
 from glmlocal.engine.spec import SpecConfig, SpecSetup, decide
 from glmlocal.glm.template import ChatTemplate, family_from_template
@@ -53,20 +54,22 @@ class LoadedModel:
         self.engine.close()
 
 
-def load_with_progress(path: Path, placement: Placement, console: Console,
-                       spec: SpecSetup | None = None) -> Engine:
+def load_with_progress(path: Path, placement: Placement, console: Console, spec: SpecSetup | None = None,
+                       parallel: int = 1) -> Engine:
     """Engine.load with a Rich progress bar fed by llama.cpp's load callback."""
     columns = (TextColumn("[bold]loading[/] {task.description}"), BarColumn(), TaskProgressColumn(),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(path.name, total=1.0)
-        return Engine.load(path, placement, progress=lambda f: bar.update(task, completed=f), spec=spec)
+        return Engine.load(path, placement, progress=lambda f: bar.update(task, completed=f), parallel=parallel,
+                           spec=spec)
 
 
 def open_model(spec: str, options: PlanOptions, console: Console, *, quant: str | None = None,
-               template: Path | None = None, family: str | None = None,
+               template: Path | None = None, family: str | None = None, parallel: int | None = 1,
                speculation: SpecConfig | None = None) -> LoadedModel:
-    """Resolve, plan, load and wrap MODEL in a Session; the console shows placement and progress. `speculation`
+    """Resolve, plan, load and wrap MODEL in a Session; the console shows placement and progress.
+    `parallel` sequences are decoded together (None: default_parallel for the planned context). `speculation`
     (--spec / --draft) is decided against the GGUF and the plan before loading (bad combinations raise here)."""
     resolved = resolve_model(spec, quant=quant)
     path = resolved.require_gguf()
@@ -80,7 +83,9 @@ def open_model(spec: str, options: PlanOptions, console: Console, *, quant: str 
         console.print(f"[dim]speculative[/]  {escape(setup.describe())}")
     if placement.devices:
         console.print(device_table(placement))
-    engine = load_with_progress(path, placement, console, setup)
+    if parallel is None:
+        parallel = default_parallel(placement.n_ctx or DEFAULT_CTX)
+    engine = load_with_progress(path, placement, console, setup, parallel)
     try:
         embedded = engine.metadata("tokenizer.chat_template")
         fam = family or resolved.family or family_from_template(embedded)

@@ -48,6 +48,9 @@ class FakeBackend:
     def count_text(self, text: str) -> int:
         return max(1, len(text) // 4)
 
+    def cached_prefix(self, prepared: PreparedTurn) -> int:
+        return len(prepared.tokens) // 2  # what a real engine would report before generating: here, half
+
     def _tool_events(self, turn: TurnRequest):
         choice = turn.tool_choice
         name = choice["function"]["name"] if isinstance(choice, dict) else turn.tools[0]["function"]["name"]

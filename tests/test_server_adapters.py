@@ -97,7 +97,7 @@ def test_openai_stream_chunks_reasoning_content_and_tool_call_deltas():
     chunks = [stream.start()] + [c for item in CALL_EVENTS for c in stream.feed(item)]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}
-    assert deltas[1] == {"reasoning_content": "hmm"} and deltas[2] == {"content": "Checking."}
+    assert deltas[1] == {"reasoning_content": "hmm", "reasoning": "hmm"} and deltas[2] == {"content": "Checking."}
     start = deltas[3]["tool_calls"][0]
     assert (start["id"], start["function"]["name"], start["function"]["arguments"]) == ("call_a", "weather", "")
     args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[4:6])
@@ -118,7 +118,7 @@ def test_openai_aggregate_keeps_only_finished_calls():
         agg.feed(item)
     resp = agg.response()
     msg = resp["choices"][0]["message"]
-    assert msg["content"] == "Checking." and msg["reasoning_content"] == "hmm"
+    assert msg["content"] == "Checking." and msg["reasoning_content"] == msg["reasoning"] == "hmm"
     assert [c["id"] for c in msg["tool_calls"]] == ["call_a"]
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert resp["choices"][0]["finish_reason"] == "length"
@@ -204,8 +204,10 @@ def test_anthropic_unknown_forced_tool_is_400():
 
 
 def test_anthropic_stream_event_sequence():
-    stream = an.MessageStream("glm", prompt_tokens=50)
+    stream = an.MessageStream("glm", prompt_tokens=50, cached_tokens=28)
     events = stream.start() + [e for item in CALL_EVENTS for e in stream.feed(item)]
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 22, "output_tokens": 0, "cache_read_input_tokens": 28,
+                                                "cache_creation_input_tokens": 0}  # known before generating
     names = [n for n, _ in events]
     assert names == ["message_start",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",

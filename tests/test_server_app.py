@@ -89,7 +89,7 @@ def test_openai_completions_endpoint(live):
 
 def test_anthropic_sdk_plain_streamed_and_count_tokens(live):
     client = an_client(live)
-    kwargs = dict(model="claude-opus-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+    kwargs = dict(model="claude-sonnet-4-6", max_tokens=2048, messages=[{"role": "user", "content": "hi"}],
                   system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
                   thinking={"type": "enabled", "budget_tokens": 1024}, metadata={"user_id": "x"})
     msg = client.messages.create(**kwargs)

@@ -154,7 +154,7 @@ def test_thinking_on_and_off(server47):
     assert not getattr(off.choices[0].message, "reasoning_content", None) and off.choices[0].message.content
     assert off.usage.completion_tokens_details.reasoning_tokens == 0
     amsg = an(server47, key=None).messages.create(model="model.gguf", max_tokens=20, messages=user("Think"),
-                                                  thinking={"type": "enabled", "budget_tokens": 1024})
+                                                  thinking={"type": "enabled", "budget_tokens": 12})
     assert amsg.content[0].type == "thinking" and amsg.content[0].signature
     amsg = an(server47, key=None).messages.create(model="model.gguf", max_tokens=20, messages=user("Think"),
                                                   thinking={"type": "disabled"})

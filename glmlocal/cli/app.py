@@ -255,7 +255,9 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running one; more get 429")] = 16,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,
-    no_think: Annotated[bool, typer.Option("--no-think", help="Thinking off unless a request turns it on")] = False,
+    thinking: Annotated[str, typer.Option("--thinking", metavar="MODE", help="request: as each request asks (Anthropic: only with `thinking`; OpenAI: on unless turned off); on or off: for every request")] = "request",
+    think_budget: Annotated[Optional[int], typer.Option("--think-budget", metavar="N", min=1, help="Most tokens a turn may think when its request names no budget")] = None,
+    no_think: Annotated[bool, typer.Option("--no-think", hidden=True, help="Same as --thinking off")] = False,
     quant: QuantOpt = None,
     ctx: CtxOpt = None,
     kv_type: KvTypeOpt = None,
@@ -279,7 +281,7 @@ def serve(
                        rpc=_endpoints(rpc), ubatch=ubatch)
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
                      cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
-                     no_think=no_think, log_level=log_level, plan=plan, spec=SpecConfig(spec, draft))
+                     thinking="off" if no_think else thinking, think_budget=think_budget, log_level=log_level, plan=plan, spec=SpecConfig(spec, draft))
     code = run_serve(args)
     raise typer.Exit(code)
 

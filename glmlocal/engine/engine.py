@@ -31,6 +31,7 @@ from glmlocal.engine.generation import (
     StopMatcher,
     TokenOut,
     Utf8Stream,
+    common_prefix,
 )
 from glmlocal.engine.hooks import DecodeObserver, KvMirror, Speculation, StateBlob  # noqa: F401 (StateBlob: re-export)
 from glmlocal.engine.params import (
@@ -330,6 +331,16 @@ class Engine:
     def state_cache(self) -> StateCache[SeqState]:
         """Conversations stashed in RAM (read-only from other threads: the decode thread changes it)."""
         return self._slots.stash
+
+    def cached_prefix(self, prompt_tokens: Sequence[int]) -> int:
+        """Prompt tokens a generation started now could take from the KV cache (a slot's, or the stash's), looked
+        up on the decode thread between two steps, running nothing: the server reports it before generating."""
+        prompt = [int(t) for t in prompt_tokens]
+
+        def longest() -> int:
+            held = max((common_prefix(s.tokens, prompt) for s in self._slots.slots), default=0)
+            return min(max(held, self._slots.stash.best(prompt)[1]), len(prompt) - 1)  # the last is re-evaluated
+        return int(self._loop.call(longest)) if prompt else 0
 
     @property
     def decode_steps(self) -> int:

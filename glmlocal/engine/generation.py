@@ -162,6 +162,8 @@ class TokenEngine(Protocol):
 
     def token_id(self, text: str) -> int | None: ...
 
+    def cached_prefix(self, prompt_tokens: Sequence[int]) -> int: ...
+
     def generate(self, prompt_tokens: Sequence[int], sampling: Sampling | None = None, *,
                  grammar: str | None = None, max_tokens: int | None = None,
                  cancel: threading.Event | None = None, think: ThinkBudget | None = None,

@@ -26,6 +26,7 @@ from glmlocal.glm.events import (
 from glmlocal.glm.tools import ToolChoice as TurnToolChoice
 from glmlocal.server.errors import APIError
 from glmlocal.server.openai import IMAGE_PLACEHOLDER
+from glmlocal.server.thinking import ThinkingPolicy, anthropic_thinking
 from glmlocal.server.types import ChatItem, TurnRequest, Usage
 
 # "x-anthropic-billing-header: cc_version=2.1.37.abc; cc_entrypoint=cli; cch=1a2b3;" - cch changes every request.
@@ -58,7 +59,7 @@ class ToolChoice(_Body):
 
 class ThinkingConfig(_Body):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: int | None = None  # checked in server/thinking.py (a whole number >= 1, < max_tokens)
 
 
 class CountTokensRequest(_Body):
@@ -194,8 +195,9 @@ def _tool_choice(choice: ToolChoice | None, tools: list[dict] | None) -> TurnToo
     return {"type": "function", "function": {"name": choice.name}}
 
 
-def to_turn(req: CountTokensRequest, *, default_thinking: bool = True) -> TurnRequest:
-    """Translate a Messages (or count_tokens) body into the neutral TurnRequest (raises APIError 400)."""
+def to_turn(req: CountTokensRequest, policy: ThinkingPolicy = ThinkingPolicy()) -> TurnRequest:
+    """Translate a Messages (or count_tokens) body into the neutral TurnRequest (raises APIError 400).
+    No `thinking` field means no thinking, as on Anthropic's API (server/thinking.py)."""
     messages = [m for m in [_system(req.system)] if m]
     for m in req.messages:
         if m.role == "system":
@@ -203,9 +205,11 @@ def to_turn(req: CountTokensRequest, *, default_thinking: bool = True) -> TurnRe
         else:
             messages.extend(_user(m.content) if m.role == "user" else [_assistant(m.content)])
     tools = _tools(req.tools)
-    enable = default_thinking if req.thinking is None else req.thinking.type != "disabled"
+    max_tokens = req.max_tokens if isinstance(req, MessagesRequest) else None
+    enable, budget = anthropic_thinking(policy, req.thinking.type if req.thinking else None,
+                                        req.thinking.budget_tokens if req.thinking else None, max_tokens)
     turn = TurnRequest(messages=messages, tools=tools, tool_choice=_tool_choice(req.tool_choice, tools),
-                       enable_thinking=enable,
+                       enable_thinking=enable, think_budget=budget,
                        parallel_tool_calls=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
     if isinstance(req, MessagesRequest):
         turn.max_tokens = req.max_tokens
@@ -235,11 +239,13 @@ def signature(thinking: str) -> str:
 
 
 class MessageStream:
-    """Turns the backend's items (events, then a final Usage) into Anthropic SSE events (name, data)."""
+    """Turns the backend's items (events, then a final Usage) into Anthropic SSE events (name, data).
+    message_start's usage splits the prompt into the tokens the KV cache already holds (as far as it is known
+    before generation: `cached_tokens`) and the rest; message_delta's usage is the turn's exact count."""
 
-    def __init__(self, model: str, prompt_tokens: int = 0):
+    def __init__(self, model: str, prompt_tokens: int = 0, cached_tokens: int = 0):
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
-        self.model, self.prompt_tokens = model, prompt_tokens
+        self.model, self.prompt_tokens, self.cached_tokens = model, prompt_tokens, cached_tokens
         self._index = -1
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._call_index: int | None = None
@@ -250,7 +256,7 @@ class MessageStream:
     def start(self) -> list[tuple[str, dict]]:
         message = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
                    "stop_reason": None, "stop_sequence": None,
-                   "usage": usage_json(Usage(prompt_tokens=self.prompt_tokens))}
+                   "usage": usage_json(Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens))}
         return [("message_start", {"type": "message_start", "message": message})]
 
     def _close(self) -> list[tuple[str, dict]]:

@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmlocal.engine.session import PreparedTurn
+from glmlocal.engine.session import PreparedTurn, ThinkRoomError, think_limit
 from glmlocal.errors import ContextOverflowError, GlmlocalError
 from glmlocal.server import anthropic as an
 from glmlocal.server import openai as oa
@@ -38,6 +38,7 @@ from glmlocal.server.security import (
     OriginGuard,
     is_anthropic_path,
 )
+from glmlocal.server.thinking import ThinkingPolicy
 from glmlocal.server.types import (
     ChatItem,
     CompletionItem,
@@ -57,6 +58,8 @@ class Backend(Protocol):
     def prepare(self, turn: TurnRequest) -> PreparedTurn: ...
 
     def count_text(self, text: str) -> int: ...
+
+    def cached_prefix(self, prepared: PreparedTurn) -> int: ...
 
     def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]: ...
 
@@ -81,7 +84,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     loopback_only: bool = False  # listening on loopback: refuse requests whose Host is not a loopback name
     bind_host: str = "127.0.0.1"
-    default_thinking: bool = True
+    thinking: ThinkingPolicy = field(default_factory=ThinkingPolicy)  # serve --thinking, --think-budget
     heartbeat_s: float = 10.0
     coalesce_s: float = 0.02  # gather tokens this long between stream writes (0 = write each token)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -168,11 +171,16 @@ def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
                            allow_headers=["*"], expose_headers=["Retry-After"])
 
 
-async def _preflight_chat(backend: Backend, turn: TurnRequest) -> PreparedTurn:
-    """Render and tokenize the prompt off the event loop (the turn reuses it); 400 before anything is queued
-    if it cannot fit. A max_tokens larger than the room left is clamped (agents ask for 32K by habit)."""
+async def _preflight_chat(backend: Backend, turn: TurnRequest, max_param: str = "max_tokens") -> PreparedTurn:
+    """Render and tokenize the prompt off the event loop (the turn reuses it); 400 before anything is queued if
+    it cannot fit or max_tokens (the API's `max_param`) cannot hold a forced call; too large a max_tokens is
+    clamped (agents ask for 32K by habit)."""
     prepared = await asyncio.to_thread(backend.prepare, turn)
     _fit(backend, len(prepared.tokens), turn)
+    try:
+        think_limit(prepared, turn.think_budget, turn.max_tokens or 0)
+    except ThinkRoomError as exc:
+        raise APIError(400, exc.one_line().replace("max_tokens", max_param, 1), param=max_param) from None
     return prepared
 
 
@@ -295,7 +303,7 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         """OpenAI Chat Completions, streamed (SSE) or not."""
         _check_model(config, body.model)
-        turn = oa.to_turn(body, default_thinking=config.default_thinking)
+        turn = oa.to_turn(body, config.thinking)
         prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
@@ -341,12 +349,13 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
     async def messages(body: an.MessagesRequest, request: Request):
         """Anthropic Messages, streamed (SSE) or not. Headers anthropic-version/-beta are accepted and ignored."""
         _check_model(config, body.model, anthropic=True)
-        turn = an.to_turn(body, default_thinking=config.default_thinking)
+        turn = an.to_turn(body, config.thinking)
         prepared = await _preflight_chat(backend, turn)
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
         if body.stream:
-            stream = an.MessageStream(config.model_id, len(prepared.tokens))
+            cached = await asyncio.to_thread(backend.cached_prefix, prepared)  # what message_start can know
+            stream = an.MessageStream(config.model_id, len(prepared.tokens), cached)
             return EventStream(_anthropic_events(ticket, run, stream, config), ticket)
         sink = an.MessageAggregate(config.model_id)
         await _collect(request, ticket, run, sink)
@@ -356,7 +365,7 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
     async def count_tokens(body: an.CountTokensRequest):
         """The prompt's token count as this model's template and tokenizer see it."""
         _check_model(config, body.model, anthropic=True)
-        turn = an.to_turn(body, default_thinking=config.default_thinking)
+        turn = an.to_turn(body, config.thinking)
         prepared = await asyncio.to_thread(backend.prepare, turn)
         return {"input_tokens": len(prepared.tokens)}
 
@@ -383,11 +392,11 @@ def _responses_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
     async def responses(body: rq.ResponsesRequest, request: Request):
         """OpenAI Responses API (Codex CLI's `wire_api = "responses"`), streamed (SSE) or not; stateless."""
         _check_model(config, body.model)
-        turn = rq.to_turn(body, default_thinking=config.default_thinking)
+        turn = rq.to_turn(body, config.thinking)
         if (ignored := tuple(rq.ignored_tools(body))) and ignored not in warned and len(warned) < 64:
             warned.add(ignored)
             log.warning("/v1/responses: ignoring non-function tools (hosted or custom): %s", ", ".join(ignored))
-        prepared = await _preflight_chat(backend, turn)
+        prepared = await _preflight_chat(backend, turn, "max_output_tokens")
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
         echo = rq.echo_of(body)

@@ -50,9 +50,14 @@ class SessionBackend:
     def count_text(self, text: str) -> int:
         return len(self.engine.tokenize(text))
 
+    def cached_prefix(self, prepared: PreparedTurn) -> int:
+        """Prompt tokens the KV cache holds for this turn now (the engine looks, runs nothing)."""
+        return self.engine.cached_prefix(prepared.tokens)
+
     def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]:
         stream = self.session.run(prepared, sampling=self._sampling(turn.sampling), max_tokens=turn.max_tokens,
-                                  cancel=cancel, stop=turn.stop, parallel_tool_calls=turn.parallel_tool_calls)
+                                  cancel=cancel, stop=turn.stop, parallel_tool_calls=turn.parallel_tool_calls,
+                                  think_budget=turn.think_budget)
         return self._drive(stream)
 
     def _drive(self, stream: TurnStream) -> Iterator[ChatItem]:

@@ -24,6 +24,7 @@ from glmlocal.glm.events import (
 from glmlocal.glm.template import content_text
 from glmlocal.glm.tools import ToolChoice
 from glmlocal.server.errors import APIError
+from glmlocal.server.thinking import Effort, ThinkingPolicy, openai_thinking
 from glmlocal.server.types import (
     ChatItem,
     CompletionItem,
@@ -120,7 +121,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, object] | None = None
     thinking: dict[str, object] | None = None  # z.ai style {"type": "enabled" | "disabled"}
-    reasoning_effort: str | None = None
+    reasoning_effort: Effort | None = None
 
 
 class CompletionBody(_Sampling):
@@ -206,17 +207,13 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def _thinking_flags(req: ChatCompletionRequest, default_thinking: bool) -> tuple[bool, bool | None]:
-    kwargs = req.chat_template_kwargs or {}
-    enable = default_thinking
-    if req.thinking and req.thinking.get("type") in ("enabled", "disabled"):
-        enable = req.thinking["type"] == "enabled"
-    if req.reasoning_effort is not None:
-        enable = req.reasoning_effort not in ("none", "minimal")
-    if "enable_thinking" in kwargs:
-        enable = bool(kwargs["enable_thinking"])
-    clear = kwargs.get("clear_thinking")
-    return enable, (None if clear is None else bool(clear))
+def _thinking(req: ChatCompletionRequest, policy: ThinkingPolicy) -> tuple[bool, int | None, bool | None]:
+    """(thinks, budget, clear_thinking): server/thinking.py."""
+    zai = req.thinking.get("type") if req.thinking else None
+    enable, budget = openai_thinking(policy, effort_value=req.reasoning_effort, kwargs=req.chat_template_kwargs,
+                                     enabled=zai == "enabled" if zai in ("enabled", "disabled") else None)
+    clear = (req.chat_template_kwargs or {}).get("clear_thinking")
+    return enable, budget, (None if clear is None else bool(clear))
 
 
 def _tool_choice(req: ChatCompletionRequest, tools: list[dict] | None) -> ToolChoice:
@@ -244,15 +241,16 @@ def _response_format(rf: ResponseFormat | None) -> dict | None:
     return {"type": "json_object"}
 
 
-def to_turn(req: ChatCompletionRequest, *, default_thinking: bool = True) -> TurnRequest:
+def to_turn(req: ChatCompletionRequest, policy: ThinkingPolicy = ThinkingPolicy()) -> TurnRequest:
     """Translate a Chat Completions body into the neutral TurnRequest (raises APIError 400)."""
     tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools or []]
-    enable, clear = _thinking_flags(req, default_thinking)
+    enable, budget, clear = _thinking(req, policy)
     return TurnRequest(
         messages=[_message(m) for m in req.messages],
         tools=tools or None,
         tool_choice=_tool_choice(req, tools),
         enable_thinking=enable,
+        think_budget=budget,
         clear_thinking=clear,
         response_format=_response_format(req.response_format),
         sampling=sampling_of(req),
@@ -317,8 +315,8 @@ class ChatStream:
     def feed(self, item: ChatItem) -> list[dict]:
         if isinstance(item, ContentDelta):
             return [self._chunk({"content": item.text})] if item.text else []
-        if isinstance(item, ReasoningDelta):
-            return [self._chunk({"reasoning_content": item.text})] if item.text else []
+        if isinstance(item, ReasoningDelta):  # both names: vLLM moved to `reasoning`, clients read either
+            return [self._chunk({"reasoning_content": item.text, "reasoning": item.text})] if item.text else []
         if isinstance(item, ToolCallStart):
             call = {"index": item.index, "id": item.id, "type": "function",
                     "function": {"name": item.name, "arguments": ""}}
@@ -373,7 +371,7 @@ class ChatAggregate:
     def response(self) -> dict:
         message: dict[str, object] = {"role": "assistant", "content": "".join(self.content) or None}
         if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
+            message["reasoning_content"] = message["reasoning"] = "".join(self.reasoning)
         if self.calls:
             message["tool_calls"] = self.calls
         elif message["content"] is None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from glmlocal.glm.tools import ToolChoice
 from glmlocal.server.errors import APIError
 from glmlocal.server.openai import arguments_dict, text_of
+from glmlocal.server.thinking import Effort, ThinkingPolicy, openai_thinking
 from glmlocal.server.types import TurnRequest
 
 ENCRYPTED_PREFIX = "glmlocal.v1:"
@@ -33,7 +34,7 @@ class _Body(BaseModel):
 
 
 class ReasoningConfig(_Body):
-    effort: str | None = None
+    effort: Effort | None = None
     summary: str | None = None
 
 
@@ -61,7 +62,8 @@ class ResponsesRequest(_Body):
     stream: bool | None = False
     previous_response_id: str | None = None
     include: list[str] | None = None
-    chat_template_kwargs: dict[str, object] | None = None  # as on the chat route: enable_thinking, clear_thinking
+    chat_template_kwargs: dict[str, object] | None = None  # as on the chat route: enable_thinking, thinking_budget,
+    # clear_thinking
 
 
 def _bad(message: str, param: str = "input") -> APIError:
@@ -254,29 +256,26 @@ def _response_format(text: TextConfig | None) -> dict | None:
     raise _bad(f"text.format type {kind!r} is not one of text, json_object, json_schema", "text.format")
 
 
-def _thinking(body: ResponsesRequest, default_thinking: bool) -> tuple[bool, bool | None]:
-    enable = default_thinking
-    if body.reasoning is not None and body.reasoning.effort is not None:
-        enable = body.reasoning.effort not in ("none", "minimal")
-    kwargs = body.chat_template_kwargs or {}
-    if "enable_thinking" in kwargs:
-        enable = bool(kwargs["enable_thinking"])
-    clear = kwargs.get("clear_thinking")
-    return enable, (None if clear is None else bool(clear))
+def _thinking(body: ResponsesRequest, policy: ThinkingPolicy) -> tuple[bool, int | None, bool | None]:
+    """(thinks, budget, clear_thinking): reasoning.effort and chat_template_kwargs (server/thinking.py)."""
+    enable, budget = openai_thinking(policy, effort_value=body.reasoning.effort if body.reasoning else None,
+                                     kwargs=body.chat_template_kwargs)
+    clear = (body.chat_template_kwargs or {}).get("clear_thinking")
+    return enable, budget, (None if clear is None else bool(clear))
 
 
-def to_turn(body: ResponsesRequest, *, default_thinking: bool = True) -> TurnRequest:
+def to_turn(body: ResponsesRequest, policy: ThinkingPolicy = ThinkingPolicy()) -> TurnRequest:
     """Translate a Responses body into the neutral TurnRequest (raises APIError 400)."""
     if body.previous_response_id:
         raise _bad(STATELESS.format(what="previous_response_id"), "previous_response_id")
     tools, _, _ = _function_tools(body.tools)
-    enable, clear = _thinking(body, default_thinking)
+    enable, budget, clear = _thinking(body, policy)
     sampling = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k") if getattr(body, k) is not None}
     if body.seed is not None:
         sampling["seed"] = body.seed & 0xFFFFFFFF
     return TurnRequest(messages=input_messages(body), tools=tools or None,
                        tool_choice=_tool_choice(body.tool_choice, tools), enable_thinking=enable,
-                       clear_thinking=clear, response_format=_response_format(body.text), sampling=sampling,
+                       think_budget=budget, clear_thinking=clear, response_format=_response_format(body.text), sampling=sampling,
                        max_tokens=body.max_output_tokens, parallel_tool_calls=body.parallel_tool_calls is not False)
 
 

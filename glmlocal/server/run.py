@@ -21,6 +21,7 @@ from glmlocal.plan.options import PlanOptions
 from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.backend import SessionBackend
 from glmlocal.server.security import check_bind, is_loopback
+from glmlocal.server.thinking import Mode, ThinkingPolicy
 
 
 @dataclass
@@ -37,7 +38,8 @@ class ServeArgs:
     aliases: tuple[str, ...] = ()
     quant: str | None = None
     template: Path | None = None
-    no_think: bool = False
+    thinking: Mode = "request"  # serve --thinking: each API's own semantics, or on / off for every request
+    think_budget: int | None = None  # serve --think-budget: a thinking turn's budget when its request names none
     log_level: str = "warning"
     plan: PlanOptions = field(default_factory=PlanOptions)
     spec: SpecConfig | None = None  # --spec / --draft (None: no speculative decoding)
@@ -83,6 +85,15 @@ def url_of(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
+def thinking_line(args: ServeArgs) -> str:
+    """What the start line says about thinking: who decides, and the default budget."""
+    budget = f"at most {args.think_budget} tokens unless a request says" if args.think_budget else "no budget"
+    if args.thinking == "request":
+        return f"as each request asks (Anthropic: only with `thinking`; OpenAI: on unless turned off); {budget}"
+    return f"{args.thinking} for every request (--thinking {args.thinking})" + (
+        f"; {budget}" if args.thinking == "on" else "")
+
+
 def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     """Load the model and serve it until SIGINT/SIGTERM. Returns the exit code."""
     import uvicorn
@@ -90,6 +101,7 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     from rich.markup import escape
 
     err = err or sys.stderr
+    policy = ThinkingPolicy(args.thinking, args.think_budget)  # a bad --thinking fails before the slow load
     api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)
     sock = open_socket(args.host, args.port)
@@ -100,7 +112,7 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
         config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
                               max_queue=args.max_queue, cors_origins=tuple(args.cors),
                               loopback_only=is_loopback(args.host) and not args.insecure, bind_host=args.host,
-                              default_thinking=not args.no_think)
+                              thinking=policy)
         app = create_app(SessionBackend(model.session), config)
         port = sock.getsockname()[1]
         url = url_of(args.host, port)
@@ -108,6 +120,7 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
         if model.speculation is not None:
             console.print(f"  drafts:    {escape(model.speculation.describe())}")
         console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
+        console.print(f"  thinking:  {thinking_line(args)}")
         # Keep idle connections longer than clients pool them (httpx 5 s, undici 4 s): with uvicorn's 5 s
         # default, a request sent as the server closes the socket fails (encode/httpx#2487).
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,

@@ -22,6 +22,7 @@ class TurnRequest:
     tools: list[dict] | None = None  # OpenAI function-tool dicts
     tool_choice: ToolChoice = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
     enable_thinking: bool = True
+    think_budget: int | None = None  # most tokens to think (None: unbounded); see server/thinking.py
     clear_thinking: bool | None = None
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, min_p, seed, penalties
