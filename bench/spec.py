@@ -8,7 +8,8 @@ modules, and a NextN head trained the way GLM's MTP is):
       model writes the block as it learnt it, so its output is the prompt's code with a small change at every
       use of that name, the way an agent re-emits a file it was given with an edit.
 Modes: off, ngram, mtp, mtp+ngram, auto, each an Engine of its own on the same GGUF, run interleaved (mode order
-rotated every round) so that other load on the machine hits all of them alike. Greedy; prompts evaluated cold
+rotated every round) so that other load on the machine hits all of them alike; "off-again" is a second plain
+engine, whose ratio to off shows how much of a difference is noise. Greedy; prompts evaluated cold
 (KV reset), decode speed = (generated tokens - 1) / time from the first to the last token. auto keeps its
 measurements across the run, as a server does. Reports tokens/s, the ratio to off, the acceptance rate and whether
 each mode's tokens equal off's.
@@ -27,6 +28,7 @@ import json
 import keyword
 import random
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from glmlocal.engine.generation import Sampling
 from glmlocal.engine.spec import SpecConfig, decide
 from glmlocal.plan.placement import Placement
 
-MODES = ("off", "ngram", "mtp", "mtp+ngram", "auto")
+MODES = ("off", "off-again", "ngram", "mtp", "mtp+ngram", "auto")  # off-again: a second plain engine (the noise)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Tally:
     same: int = 0
     runs: int = 0
     outputs: list[list[int]] = field(default_factory=list)
+    per_run: list[float] = field(default_factory=list)  # tokens/s of each (round, prompt), in order
 
     @property
     def tps(self) -> float:
@@ -80,7 +83,8 @@ def engines(path: Path, modes: list[str], threads: int, n_draft: int | None, ctx
     plan = Placement.cpu_only(ctx=ctx, threads=threads)
     out = {}
     for mode in modes:
-        setup = decide(SpecConfig(mode, n_draft), has_nextn=True, planned_mtp=True) if mode != "off" else None
+        plain = mode.startswith("off")
+        setup = None if plain else decide(SpecConfig(mode, n_draft), has_nextn=True, planned_mtp=True)
         out[mode] = Engine.load(path, plan, spec=setup)
     return out
 
@@ -106,6 +110,7 @@ def run(path: Path, args: argparse.Namespace) -> dict:
                         t.drafted += st.draft_n
                         t.accepted += st.draft_n_accepted
                         t.runs += 1
+                        t.per_run.append((len(toks) - 1) / st.decode_s if st.decode_s else 0.0)
                         if r == 0:
                             t.outputs.append(toks)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -120,17 +125,20 @@ def run(path: Path, args: argparse.Namespace) -> dict:
 
 
 def report(tallies: dict[tuple[str, str], Tally], modes: list[str], learnt: dict) -> dict:
+    """vs off: total tokens / total time against off's; paired: the median over runs of the ratio to off's run of
+    the same prompt in the same round (a burst of load from elsewhere spoils a few runs, not the median)."""
     rows = []
-    print(f"{'workload':8} {'mode':10} {'tok/s':>8} {'vs off':>7} {'accepted':>16} {'same as off':>12}")
+    print(f"{'workload':8} {'mode':10} {'tok/s':>8} {'vs off':>7} {'paired':>7} {'accepted':>16} {'same as off':>12}")
     for (w, m), t in tallies.items():
         off = tallies.get((w, "off"))
         ratio = t.tps / off.tps if off and off.tps else 0.0
+        paired = statistics.median(a / b for a, b in zip(t.per_run, off.per_run) if b) if off else 0.0
         rate = t.accepted / t.drafted if t.drafted else 0.0
-        print(f"{w:8} {m:10} {t.tps:8.1f} {ratio:6.2f}x {t.accepted:6d}/{t.drafted:<6d} {rate:4.0%} "
+        print(f"{w:8} {m:10} {t.tps:8.1f} {ratio:6.2f}x {paired:6.2f}x {t.accepted:6d}/{t.drafted:<6d} {rate:4.0%} "
               f"{t.same:5d}/{len(t.outputs)}")
         rows.append({"workload": w, "mode": m, "tokens_per_s": round(t.tps, 1), "vs_off": round(ratio, 3),
-                     "drafted": t.drafted, "accepted": t.accepted, "acceptance": round(rate, 3),
-                     "same_as_off": t.same, "prompts": len(t.outputs)})
+                     "paired_vs_off": round(paired, 3), "drafted": t.drafted, "accepted": t.accepted,
+                     "acceptance": round(rate, 3), "same_as_off": t.same, "prompts": len(t.outputs)})
     for m, table in learnt.items():
         print(f"{m} measured tok/s per arm: {table}")
     return {"rows": rows, "measured": learnt}

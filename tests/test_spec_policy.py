@@ -23,6 +23,9 @@ from glmlocal.errors import InputError
     # a continuation may run into the current suffix (a loop)
     ([5, 6, 7, 5, 6, 7], 5, [5, 6, 7], 3),
     ([1, 2, 3], 3, None, 0),
+    # a continuation is drafted about as far as the match reaches back (here 5 tokens), at least 4
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 9, 1, 2, 3, 4, 5], 16, [6, 7, 8, 9, 10], 5),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 9, 7, 2, 3, 4], 16, [5, 6, 7, 8], 3),
 ])
 def test_ngram_copies_what_followed_the_best_earlier_match(history, n_max, want, match):
     found = NgramIndex().find(history, n_max)
@@ -164,3 +167,24 @@ def test_cost_model_shrugs_off_slow_steps_and_remeasures_plain_steps():
     for dt in (0.001, 0.05, 0.001):  # one slow step in three moves the median, not the estimate
         feed(one, OFF, dt, 1)
     assert one.rate(OFF) == pytest.approx(1000)
+
+
+def test_auto_does_not_look_for_drafts_for_a_few_steps_after_finding_none():
+    from types import SimpleNamespace
+
+    from glmlocal.engine.spec import IDLE, Speculator
+
+    sp = Speculator(decide(SpecConfig("auto"), has_nextn=False, planned_mtp=False), None)
+    feed(sp.model, OFF, 1.0, 1, times=3)
+    feed(sp.model, ("ngram", 4), 1.0, 4, times=3)  # measured: n-gram drafts pay
+    looked = []
+    propose = sp.propose
+    sp.propose = lambda seq, n_max, index: looked.append(len(seq.history)) or propose(seq, n_max, index)
+    drafter = sp.speculation().drafter
+    seq = SimpleNamespace(history=[7, 8, 9, 1, 2], seq_id=0, n_past=4, key=1, n_prompt=5)
+    for t in [3, 4, 5, 6, 7, 8, 9, 1, 2, 3]:  # the history repeats itself from the second 7 on
+        drafter.draft(seq, 8)
+        seq.history.append(t)
+    # a step with nothing to draft, IDLE steps without a look, again, then drafts every step
+    assert looked == [5, 5 + IDLE + 1, 5 + 2 * (IDLE + 1), 14]
+    assert drafter.draft(seq, 8)[:4] == [4, 5, 6, 7]  # ... 7 8 9 1 2 3: what followed 7 8 9 1 2 3 before

@@ -4,7 +4,11 @@ the sequence's most recent tokens, in the prompt or in what was generated so far
 Pure Python over token ids, no model. This is llama.cpp's `ngram-simple` (common/speculative.cpp: key = the last
 tokens, most recent earlier occurrence, draft = what followed it) with an index instead of a backwards scan, and
 the longest match preferred: every occurrence of the last `key_min` tokens is a candidate, the one whose match
-extends furthest back (up to `key_max` tokens) wins, the most recent among equals. It pays where the output
+extends furthest back (up to `key_max` tokens) wins, the most recent among equals. A continuation is trusted
+about as far as its match reaches back (at least `min_draft` tokens): a 3-token match is a phrase seen before
+and soon goes its own way, a 16-token one is a copy in progress (llama.cpp's ngram-map-k shrinks a key's
+drafts to what was accepted last time; this is the stateless version, and on a CPU, where every drafted token
+costs compute, it halves the wasted verification on text that does not repeat). It pays where the output
 repeats the input: an agent re-emitting a file it was given with a small edit, quoting, code with repeated
 shapes.
 """
@@ -18,11 +22,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class NgramConfig:
     """key_min: tokens that must match before anything is drafted; key_max: how far back a match is measured;
-    candidates: most recent occurrences examined per draft (bounds the work on a very frequent n-gram)."""
+    candidates: most recent occurrences examined per draft (bounds the work on a very frequent n-gram);
+    min_draft: tokens drafted from the shortest match (a longer match drafts as many tokens as it matched)."""
 
     key_min: int = 3
     key_max: int = 16
     candidates: int = 64
+    min_draft: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.key_min <= self.key_max:
@@ -56,7 +62,8 @@ class NgramIndex:
         self._next = max(self._next, len(history))
 
     def find(self, history: Sequence[int], n_max: int) -> NgramDraft | None:
-        """Up to n_max tokens that followed the best earlier match of the history's end (None: no match)."""
+        """Up to n_max tokens that followed the best earlier match of the history's end, as many as the match is
+        long (None: no match)."""
         cfg, n = self.config, len(history)
         if n_max < 1 or n <= cfg.key_min:
             return None
@@ -71,7 +78,8 @@ class NgramIndex:
                 best, best_len = e, length
                 if length == cfg.key_max:
                     break
-        return NgramDraft(list(history[best:best + n_max]), best_len, best)
+        n_draft = min(n_max, max(cfg.min_draft, best_len))
+        return NgramDraft(list(history[best:best + n_draft]), best_len, best)
 
 
 def _match_length(history: Sequence[int], e: int, n: int, known: int, most: int) -> int:

@@ -37,6 +37,7 @@ NGRAM_DRAFT = 16  # n-gram drafts per step by default (a copied span is usually 
 LONG_MATCH = 6  # mtp+ngram: an n-gram match this long is trusted over MTP
 NGRAM_CAPS = (4, 16, 64)  # auto: the n-gram draft lengths it measures separately
 MEMO = 16  # auto: steps a decision is reused while only plain steps were measured
+IDLE = 3  # auto: steps that do not look for drafts after one that found none worth verifying
 
 Arm = tuple[str, int]  # (source, draft cap): ("off", 0), ("ngram", 16), ("mtp", 2)
 OFF: Arm = ("off", 0)
@@ -308,20 +309,27 @@ class Speculator:
 
 class _Drafter:
     """One request's drafter (engine/hooks.py Drafter): its n-gram index over prompt + output, and the timing
-    of its steps for the cost model."""
+    of its steps for the cost model. Under auto, a step that drafts nothing is followed by IDLE steps that do
+    not even look (a copy that starts is caught a few tokens late; plain steps run at plain speed)."""
 
     def __init__(self, spec: Speculator):
         self._spec = spec
         self._index = NgramIndex(spec.ngram) if spec.setup.ngram else None
         self._arm: Arm | None = None
         self._t, self._n = 0.0, 0
+        self._idle = 0
 
     def draft(self, seq: DraftSeq, n_max: int) -> list[int]:
         now = time.perf_counter()
         if self._arm is not None:  # the previous decision's step ends here: its time and tokens
             self._spec.model.observe(self._arm, now - self._t, len(seq.history) - self._n)
         self._t, self._n = now, len(seq.history)
+        if self._idle:
+            self._idle, self._arm = self._idle - 1, None
+            return []
         self._arm, drafts = self._spec.propose(seq, n_max, self._index)
+        if self._arm == OFF and self._spec.setup.adaptive:
+            self._idle = IDLE
         return drafts
 
     def on_accept(self, seq: DraftSeq, tokens: Sequence[int], n_drafted: int, n_accepted: int) -> None:
