@@ -20,8 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from glmlocal.engine.engine import DEFAULT_CTX, Engine
-from glmlocal.engine.params import default_parallel
+from glmlocal.engine.engine import Engine
 from glmlocal.engine.session import Session
 from glmlocal.engine.spec import SpecConfig, SpecSetup, decide
 from glmlocal.glm.template import ChatTemplate, family_from_template
@@ -69,7 +68,7 @@ def open_model(spec: str, options: PlanOptions, console: Console, *, quant: str 
                template: Path | None = None, family: str | None = None, parallel: int | None = 1,
                speculation: SpecConfig | None = None) -> LoadedModel:
     """Resolve, plan, load and wrap MODEL in a Session; the console shows placement and progress.
-    `parallel` sequences are decoded together (None: default_parallel for the planned context). `speculation`
+    `parallel` sequences are decoded together (None: the plan's default for its context). `speculation`
     (--spec / --draft) is decided against the GGUF and the plan before loading (bad combinations raise here)."""
     resolved = resolve_model(spec, quant=quant)
     path = resolved.require_gguf()
@@ -84,7 +83,7 @@ def open_model(spec: str, options: PlanOptions, console: Console, *, quant: str 
     if placement.devices:
         console.print(device_table(placement))
     if parallel is None:
-        parallel = default_parallel(placement.n_ctx or DEFAULT_CTX)
+        parallel = placement.parallel  # the planner's (glmlocal.plan.planner.default_parallel)
     engine = load_with_progress(path, placement, console, setup, parallel)
     try:
         embedded = engine.metadata("tokenizer.chat_template")

@@ -252,7 +252,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one)")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GLMLOCAL_API_KEY", help="Require this key (x-api-key or Authorization: Bearer)")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback --host without an API key, and any Host header (reverse proxies)")] = False,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running one; more get 429")] = 16,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", min=1, max=64, help="Requests decoded together, sharing the context's KV (default: one per 8K tokens of context, 1 to 8)")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running ones; more get 429")] = 16,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable)")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Extra model name to answer to (repeatable)")] = None,
     thinking: Annotated[str, typer.Option("--thinking", metavar="MODE", help="request: as each request asks (Anthropic: only with `thinking`; OpenAI: on unless turned off); on or off: for every request")] = "request",
@@ -280,7 +281,7 @@ def serve(
     plan = PlanOptions(ctx=ctx, kv_type=kv_type, gpu_mem=gpu_mem, ram=ram, cpu_only=cpu_only, threads=threads,
                        rpc=_endpoints(rpc), ubatch=ubatch)
     args = ServeArgs(model, host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
-                     cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
+                     parallel=parallel, cors=tuple(cors or ()), aliases=tuple(alias or ()), quant=quant, template=template,
                      thinking="off" if no_think else thinking, think_budget=think_budget, log_level=log_level, plan=plan, spec=SpecConfig(spec, draft))
     code = run_serve(args)
     raise typer.Exit(code)

@@ -57,6 +57,7 @@ from glmlocal.plan.planner import plan_gguf
 
 __all__ = ["CacheConfig", "Engine", "LoadReport"]
 
+DEFAULT_CTX = 4096  # a placement without a context size
 _LOAD_LOCK = threading.Lock()  # llama.cpp's log is global: one load at a time keeps its capture clean
 _STATS_FIELDS = [f.name for f in fields(GenerationStats) if f.name not in ("completion_tokens", "decode_s")]
 
@@ -121,7 +122,7 @@ class Engine:
             placement = plan_gguf(path, PlanOptions(ctx=n_ctx), hardware)
         check_fits(placement)
         placement = replace(placement, mtp=bool(spec is not None and spec.mtp))  # the NextN block: only to draft
-        want_ctx = int(n_ctx or placement.n_ctx or 4096)
+        want_ctx = int(n_ctx or placement.n_ctx or DEFAULT_CTX)
         keep: list[object] = []
         devices = device_names(placement)
         mp = _model_params(placement, keep, progress, devices)

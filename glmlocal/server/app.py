@@ -80,6 +80,7 @@ class ServerConfig:
     aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_queue: int = 16
+    parallel: int = 1  # requests running at once (the engine's parallel)
     max_body_bytes: int = 32 << 20
     cors_origins: tuple[str, ...] = ()
     loopback_only: bool = False  # listening on loopback: refuse requests whose Host is not a loopback name
@@ -103,7 +104,7 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
     """Build the ASGI app serving `backend` under `config`."""
     app = FastAPI(title="glmlocal", version="0.1.0", description="Local GLM endpoint: OpenAI (Chat Completions, Responses) and Anthropic APIs")
     app.state.backend, app.state.config = backend, config
-    app.state.scheduler = Scheduler(config.max_queue)
+    app.state.scheduler = Scheduler(config.max_queue, config.parallel)
     _install_errors(app)
     _install_middleware(app, config)
     _openai_routes(app, backend, config)
@@ -426,7 +427,8 @@ def _info_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
     async def health():
         """Liveness plus queue state."""
         return {"status": "ok", "model": config.model_id, "n_ctx": backend.n_ctx, "busy": scheduler.busy,
-                "queued": scheduler.waiting, "completed": scheduler.completed}
+                "running": scheduler.running, "parallel": scheduler.parallel, "queued": scheduler.waiting,
+                "completed": scheduler.completed}
 
     @app.get("/", include_in_schema=False)
     async def root():

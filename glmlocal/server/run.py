@@ -34,6 +34,7 @@ class ServeArgs:
     api_key: str | None = None
     insecure: bool = False
     max_queue: int = 16
+    parallel: int | None = None  # None: the plan's default for its context
     cors: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     quant: str | None = None
@@ -85,6 +86,13 @@ def url_of(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
+def parallel_line(parallel: int, args: ServeArgs) -> str:
+    """What the start line says about concurrency, and where the number came from."""
+    why = "--parallel" if args.parallel is not None else "default for this context; --parallel N to change"
+    runs = "1 request at a time" if parallel == 1 else f"{parallel} requests at once in one shared KV pool"
+    return f"{runs} ({why}); {args.max_queue} more may queue, then 429"
+
+
 def thinking_line(args: ServeArgs) -> str:
     """What the start line says about thinking: who decides, and the default budget."""
     budget = f"at most {args.think_budget} tokens unless a request says" if args.think_budget else "no budget"
@@ -107,16 +115,18 @@ def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     sock = open_socket(args.host, args.port)
     console = Console(file=err)
     model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
-                       speculation=args.spec)
+                       parallel=args.parallel, speculation=args.spec)
     try:
+        parallel = model.engine.parallel
         config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
-                              max_queue=args.max_queue, cors_origins=tuple(args.cors),
+                              max_queue=args.max_queue, parallel=parallel, cors_origins=tuple(args.cors),
                               loopback_only=is_loopback(args.host) and not args.insecure, bind_host=args.host,
                               thinking=policy)
         app = create_app(SessionBackend(model.session), config)
         port = sock.getsockname()[1]
         url = url_of(args.host, port)
         console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
+        console.print(f"  parallel:  {parallel_line(parallel, args)}")
         if model.speculation is not None:
             console.print(f"  drafts:    {escape(model.speculation.describe())}")
         console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")

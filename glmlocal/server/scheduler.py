@@ -1,11 +1,14 @@
-"""One model, one generation at a time: a bounded FIFO of requests and a worker thread.
+"""One model, `parallel` generations at a time: a bounded FIFO of requests and a pool of job threads.
 
 The event loop never runs model code. A request first `reserve()`s a `Ticket` (synchronously, so a full
 queue is answered with 429 before any response starts), then `Ticket.stream(fn)` waits for its turn and runs
-`fn(cancel)` - a blocking iterator - on the single generation thread, handing items back to the loop in
-batches. Closing the ticket (client gone, handler cancelled) sets `cancel` so the engine stops at its next
-token. The worker thread itself hands the engine to the next ticket when its job has really finished, so
-the hand-over never depends on a request's event loop still being alive.
+`fn(cancel)` - a blocking iterator - on one of `parallel` job threads, handing items back to the loop in
+batches. The engine decodes the running jobs' sequences together (glmlocal.engine.batch); each job thread
+only blocks on its sequence's tokens. Closing the ticket (client gone, handler cancelled) sets `cancel` so
+the engine stops that sequence at its next step. The job thread itself hands its place to the next ticket
+when its job has really finished, so the hand-over never depends on a request's event loop still being alive.
+`parallel` should equal the engine's (`Engine.parallel`): more would only queue inside the engine, where no
+429 can be answered.
 """
 
 from __future__ import annotations
@@ -29,17 +32,19 @@ _WAITING, _GRANTED, _RUNNING, _CLOSED = "waiting", "granted", "running", "closed
 
 
 class Scheduler:
-    """FIFO admission for a single engine. `max_queue` bounds the requests waiting behind the running one.
+    """FIFO admission for a single engine: up to `parallel` requests run, `max_queue` more wait behind them.
 
-    Thread-safe: tickets are granted from whichever thread frees the engine (via their loop)."""
+    Thread-safe: tickets are granted from whichever thread frees a place (via their loop)."""
 
-    def __init__(self, max_queue: int = 16):
-        self.max_queue = max_queue
+    def __init__(self, max_queue: int = 16, parallel: int = 1):
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
+        self.max_queue, self.parallel = max_queue, parallel
         self._lock = threading.Lock()
         self._queue: deque[Ticket] = deque()
-        self._busy = False
+        self._granted = 0  # tickets granted a place (running, or about to start)
         self._running: set[Ticket] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmlocal-generate")
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="glmlocal-generate")
         self._avg_seconds = 5.0  # running mean of job durations, for Retry-After
         self.completed = 0
 
@@ -48,15 +53,19 @@ class Scheduler:
         return len(self._queue)
 
     @property
+    def running(self) -> int:
+        return self._granted
+
+    @property
     def busy(self) -> bool:
-        return self._busy
+        return self._granted > 0
 
     def reserve(self) -> Ticket:
         """Take a place in the queue or raise QueueFullError (429 with Retry-After). Call on the event loop."""
         ticket = Ticket(self, asyncio.get_running_loop())
         with self._lock:
-            if self._busy and len(self._queue) >= self.max_queue:
-                retry = math.ceil(self._avg_seconds * (len(self._queue) + 1))
+            if self._granted >= self.parallel and len(self._queue) >= self.max_queue:
+                retry = math.ceil(self._avg_seconds * (len(self._queue) + 1) / self.parallel)
                 raise QueueFullError(len(self._queue), max(1, min(retry, 300)))
             self._queue.append(ticket)
             self._dispatch()
@@ -65,11 +74,13 @@ class Scheduler:
     def shutdown(self) -> None:
         """Server stopping: cancel everything queued or running (the worker thread stays usable, because
         an ASGI host may run lifespan shutdown and keep serving, as test clients do)."""
-        for ticket in list(self._queue) + list(self._running):
+        with self._lock:
+            tickets = list(self._queue) + list(self._running)
+        for ticket in tickets:
             ticket.close()
 
     def _dispatch(self) -> None:  # caller holds the lock
-        while not self._busy and self._queue:
+        while self._granted < self.parallel and self._queue:
             ticket = self._queue.popleft()
             if ticket.state != _WAITING:
                 continue
@@ -79,14 +90,14 @@ class Scheduler:
                 ticket.state = _CLOSED
                 continue
             ticket.state = _GRANTED
-            self._busy = True
+            self._granted += 1
 
     def _release(self, seconds: float | None = None) -> None:
         with self._lock:
             if seconds is not None:
                 self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
                 self.completed += 1
-            self._busy = False
+            self._granted -= 1
             self._dispatch()
 
 
@@ -142,11 +153,13 @@ class Ticket:
 
     def _job(self, pipe: _Pipe, fn: Callable[[threading.Event], Iterator]) -> None:
         started = time.monotonic()
-        self._sched._running.add(self)
+        with self._sched._lock:
+            self._sched._running.add(self)
         try:
             pipe.pump(fn, self.cancel)
         finally:
-            self._sched._running.discard(self)
+            with self._sched._lock:
+                self._sched._running.discard(self)
             self._sched._release(time.monotonic() - started)  # before `done` reaches the client
             pipe.close()
 
@@ -161,7 +174,7 @@ class Ticket:
                 except ValueError:
                     pass
         if state == _GRANTED:
-            self._sched._release()  # turn given but no job started: pass the engine on
+            self._sched._release()  # turn given but no job started: pass the place on
         if not self._turn.done():
             self._turn.cancel()
 
