@@ -244,7 +244,7 @@ class MtpContext:
         kv_end, has_row, n = (int(x) for x in np.frombuffer(raw[-8 * _FOOTER:], np.int64))
         row = np.frombuffer(raw[n:n + 4 * self.n_embd], np.float32).copy()
         C.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
-        if n:
+        if n and (kv_end or has_row):  # a blob saved while dormant holds nothing
             buf = (ctypes.c_uint8 * n).from_buffer_copy(raw[:n])
             if not C.llama_state_seq_set_data(self._ctx, buf, n, seq_id):
                 self._lanes[seq_id] = _Lane()

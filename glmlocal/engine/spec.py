@@ -7,13 +7,16 @@ sequence's own sampler chain and rolls the rest back, so what is emitted never d
 output is plain decoding's, and at temperature > 0 every token is a sample of the target's distribution given
 the accepted prefix (llama.cpp's common_sampler_sample_and_accept_n). Drafts only change the speed.
 
-`auto` measures instead of assuming. Each way of stepping (no draft; n-gram drafts capped at 4 / 16 / ...; MTP
-with k = 1..n drafts) is an arm whose tokens per second are measured on real steps: the wall time from one
-drafting decision to the next, the tokens that step emitted. The best arm is used when it beats plain steps by
-a margin; every arm is probed a few times at first and again when its measurements are old, so a machine where
-verifying k tokens costs about k single steps (a MoE on a CPU) ends up not drafting, and a GPU where it costs
-about one step ends up drafting. The measurements are engine-wide: every request benefits from what earlier ones
-learned.
+`auto` measures instead of assuming. Each way of stepping (no draft; n-gram drafts from long or from short
+matches, capped at 4 / 16 / ...; MTP with k = 1..n drafts) is an arm whose tokens per second are measured on real
+steps: the wall time from one drafting decision to the next (median: a burst of load elsewhere makes a few
+steps slow, never fast), the tokens that step emitted (mean). The best arm is used when it beats plain steps by
+a margin. Every arm is measured a few times at first (larger caps of a source only once the smaller came close)
+and afresh when its measurements are old, at intervals that double while it keeps losing; plain steps are
+re-measured more often, as every decision leans on them. So a machine where verifying k tokens costs about k
+single steps (a MoE on a CPU) ends up not drafting, and one where it costs about one step ends up drafting.
+When nothing is worth drafting, the next few steps do not even look, and an unused MTP context goes dormant
+(engine/mtp.py). The measurements are engine-wide: every request benefits from what earlier ones learned.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import llama_cpp.llama_cpp as C
 
@@ -232,12 +235,13 @@ class CostModel:
         return below is not None and off is not None and below >= self.gate * off
 
     def pays(self, source: str) -> bool:
-        """Whether drafts from `source` are in use or still to be measured."""
+        """Whether drafts from `source` are in use or still to be measured (a larger cap its gate keeps closed
+        does not count)."""
         if self.step < self._memo_until and source in self._pays:
             return self._pays[source]
         arms = [a for a in self._arms if a[0] == source]
         off = self.rate(OFF)
-        yes = not arms or any(self.rate(a) is None for a in arms) or off is None or \
+        yes = not arms or any(self.rate(a) is None and self._open(a) for a in arms) or off is None or \
             max(self.rate(a) or 0.0 for a in arms) > off * (1 + self.margin)
         self._pays[source] = yes
         return yes
@@ -263,7 +267,9 @@ class Speculator:
                  model: CostModel | None = None):
         if setup.mtp and mtp is None:
             raise ValueError("an MTP setup needs an MtpContext")
-        self.setup, self.mtp, self.ngram = setup, mtp if setup.mtp else None, ngram
+        # a match is measured as far back as drafts may reach: --draft 32 drafts 32 tokens of a long copy
+        self.setup, self.mtp = setup, mtp if setup.mtp else None
+        self.ngram = replace(ngram, key_max=max(ngram.key_max, setup.n_ngram))
         self.model = model or CostModel()
         self.stats: dict[str, SourceStats] = {"mtp": SourceStats(), "ngram": SourceStats()}
         self._caps = [c for c in NGRAM_CAPS if c <= setup.n_ngram] or [setup.n_ngram]
