@@ -3,11 +3,15 @@ sequences in one context and one llama_decode per step, each getting exactly its
 kernels allow it, prefix reuse across sequences (seq_cp), a full KV pool handled by preemption, the queue
 beyond `parallel`, cancellation of one sequence, and the speculative verification path with test drafters.
 
-Token identity solo vs batched is asserted strictly on an F32 copy of the fixture: llama.cpp's CPU kernels give
-bit-identical rows for F32 weights whatever the batch shape. BF16 and Q4_K matmuls take other code paths for
-1 row and n rows (last-bit differences: ~0.02 logits in BF16, ~0.1-0.2 in Q4_K), so a greedy near-tie can flip;
-there the test asserts complete answers, identity up to the first divergence, and that every divergence is such
-a near-tie (the solo margin between the two tokens is below the logit noise measured between the two runs).
+Token identity solo vs batched: llama.cpp's CPU kernels are not bit-for-bit batch-shape invariant. Logits of
+the same sequence decoded alone or beside others differ by up to ~3e-4 on the F32 copy of the fixture with flash
+attention off (~2e-3 with it on: its kernel accumulates over the KV cells in blocks, and the cells of a
+sequence sharing a unified pool with others, or rolled back after rejected drafts, are laid out differently),
+~0.03 in BF16 and ~0.1-0.2 in Q4_K (1-row and n-row matmuls take other code paths). A greedy pick flips only
+where two logits are closer than that. So the strict tests run the F32 copy with flash attention off and first
+check that the solo runs they compare against have no near-tie (every top-2 margin > 1e-3): then the batched
+tokens must be identical. On BF16 / Q4_K the test asserts complete answers, identity up to the first
+divergence, and that every divergence is such a near-tie (the solo margin is below the drift between runs).
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from glmlocal.plan.planner import Placement
 GREEDY = Sampling(temperature=0)
 
 
-def _placement(ctx: int = 2048, batch: int = 32) -> Placement:
-    return replace(Placement.cpu_only(ctx=ctx, threads=1), n_batch=batch, n_ubatch=batch)
+F32_NOISE = 1e-3  # F32, flash attention off: a greedy pick with a larger margin cannot flip (drift seen: 3e-4)
+
+
+def _placement(ctx: int = 2048, batch: int = 32, flash_attn: bool = False) -> Placement:
+    return replace(Placement.cpu_only(ctx=ctx, threads=1), n_batch=batch, n_ubatch=batch, flash_attn=flash_attn)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +69,18 @@ def _tokens(outs) -> list[int]:
     return [o.token for o in outs if o.token is not None]
 
 
-def _solo(eng: Engine, prompts, **kw) -> list[list]:
-    res, sampling = [], kw.pop("sampling", GREEDY)
+def _solo(eng: Engine, prompts, *, strict: bool = True, **kw) -> list[list]:
+    """Each prompt alone on a cold engine. strict: the runs are references for token identity, so check that
+    no greedy pick in them is a near-tie that batch-shape noise could flip (else choose other prompts)."""
+    res, sampling, logits = [], kw.pop("sampling", GREEDY), strict or kw.pop("want_logits", False)
     for p in prompts:
         eng.reset()  # cold: no reuse from the previous prompt
-        res.append(list(eng.generate(p, sampling, **kw)))
+        res.append(list(eng.generate(p, sampling, want_logits=logits, **kw)))
+    if strict and sampling.temperature <= 0:
+        for outs in res:
+            for o in outs:
+                top2 = np.sort(o.logits)[-2:]
+                assert top2[1] - top2[0] > F32_NOISE, "a near-tie in a reference run: pick other prompts"
     return res
 
 
@@ -104,17 +118,16 @@ def test_choose_reuse_prefers_own_kv_then_copy_then_stash():
 # --------------------------------------------------------------------------------------------- identity
 def test_concurrent_greedy_sequences_equal_their_solo_runs(eng):
     prompts = _prompts(eng, 4)
-    s0 = eng.decode_steps
     solo = _solo(eng, prompts, max_tokens=40)
-    steps_solo = eng.decode_steps - s0
     eng.reset()
+    s0, n0 = eng.decode_steps
     together = _together(eng, prompts, [{"max_tokens": 40}] * 4)
     assert [_tokens(o) for o in together] == [_tokens(o) for o in solo]
     for outs in together:  # complete answers: ended by EOG or the limit, text as a solo run gives it
         assert outs[-1].finish_reason in ("stop", "length") and outs[-1].stats.completion_tokens == len(outs)
     assert [("".join(o.text for o in x)) for x in together] == [("".join(o.text for o in x)) for x in solo]
-    shared = eng.decode_steps - s0 - steps_solo
-    assert shared < 0.5 * steps_solo  # they really shared batches (solo: one sequence per step)
+    steps, seqs = eng.decode_steps
+    assert (seqs - n0) / (steps - s0) > 2  # sequences per llama_decode: they shared batches
 
 
 @pytest.mark.parametrize("quant,noise", [("bf16", 0.1), ("q4_k_m", 0.5)])
@@ -122,7 +135,7 @@ def test_bf16_and_q4_answers_are_complete_and_any_divergence_is_a_near_tie(gguf_
     with Engine.load(gguf_factory("tiny", quant), _placement(batch=64), parallel=4,
                      cache=CacheConfig(max_entries=0)) as e:
         prompts = _prompts(e, 4, seed=1)
-        solo = _solo(e, prompts, max_tokens=30, want_logits=True)
+        solo = _solo(e, prompts, strict=False, max_tokens=30, want_logits=True)
         e.reset()
         together = _together(e, prompts, [{"max_tokens": 30, "want_logits": True}] * 4)
     identical = 0
@@ -273,13 +286,16 @@ def test_after_rejected_drafts_the_cached_prefix_is_exact(eng):
     eng.reset()
     cold = list(eng.generate(follow, GREEDY, max_tokens=5, want_logits=True))
     assert warm[-1].stats.cached_tokens == len(prompt) + 19 and cold[-1].stats.cached_tokens == 0
-    np.testing.assert_array_equal(np.stack([o.logits for o in warm]), np.stack([o.logits for o in cold]))
+    # the same KV, laid out in other cells after the rollbacks: equal to rounding (a KV entry left from a rejected
+    # draft, or one missing, would move these logits by whole units)
+    np.testing.assert_allclose(np.stack([o.logits for o in warm]), np.stack([o.logits for o in cold]), atol=1e-4)
+    assert [o.token for o in warm] == [o.token for o in cold]
 
 
 def test_drafts_stop_at_end_of_generation_and_grammars_hold(eng):
     prompt = _prompts(eng, 1, seed=9)[0]
     grammar = 'root ::= "The answer is " ("yes" | "no") "."'
-    plain = _solo(eng, [prompt], sampling=Sampling(seed=1), grammar=grammar, max_tokens=30)[0]
+    plain = _solo(eng, [prompt], strict=False, sampling=Sampling(seed=1), grammar=grammar, max_tokens=30)[0]
     assert plain[-1].eog
     spec = Speculation(Replay({tuple(prompt): _tokens(plain)}), 8)
     eng.reset()

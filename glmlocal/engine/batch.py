@@ -45,7 +45,7 @@ from glmlocal.engine.sampler import SamplerChain
 from glmlocal.engine.slots import SeqState, Slot, SlotTable
 from glmlocal.errors import EngineError
 
-MAX_AHEAD = 8  # tokens a sequence may run ahead of its reader: an open stream nobody reads holds its slot
+MAX_AHEAD = 16  # tokens a sequence may run ahead of its reader: an open stream nobody reads holds its slot
 IDLE_TICK_S = 0.05  # an idle loop looks again at least this often (a cancel event set elsewhere)
 Out = TokenOut | BaseException  # what a sequence's queue carries: raw tokens (no text), or the error that ended it
 
@@ -149,7 +149,8 @@ class BatchLoop:
         self._running: list[Seq] = []
         self._stopping = False
         self._finished = 0  # sequences ended so far (room came back)
-        self.steps = 0
+        self.steps = 0  # llama_decode calls
+        self.seq_steps = 0  # sequences in them, summed (seq_steps / steps: how many shared a step on average)
         self.idle = False  # waiting for readers to catch up
         self._thread = threading.Thread(target=self._main, name="glmlocal-decode", daemon=True)
         self._thread.start()
@@ -242,6 +243,7 @@ class BatchLoop:
             return False
         rc = self._batch.decode(self._ctx)
         self.steps += 1
+        self.seq_steps += len(work)
         if rc == 1:
             self._make_room()
             return True

@@ -344,9 +344,10 @@ class Engine:
         return int(self._loop.call(longest)) if prompt else 0
 
     @property
-    def decode_steps(self) -> int:
-        """llama_decode calls made so far (several sequences share each)."""
-        return self._loop.steps
+    def decode_steps(self) -> tuple[int, int]:
+        """(llama_decode calls made so far, sequences in them summed): their ratio is how many sequences
+        shared a step on average."""
+        return self._loop.steps, self._loop.seq_steps
 
     @property
     def busy(self) -> int:
