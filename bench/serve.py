@@ -4,8 +4,14 @@
    request run by Session in this process (target ratio >= 0.97).
 2. Prompt-cache reuse: time to first token of turn 10 of an agent loop sharing an ~8K-token prefix, vs the
    same turn-10 prompt sent to a freshly started server (cold) (target ratio <= 0.15).
+3. A side request while a long answer streams (serve --parallel 2): the short request's time to first token
+   over the long answer's duration (target <= 0.2), and the same with --parallel 1 (one at a time: it waits).
+4. Four requests at once vs the same four one after another on a --parallel 4 server: wall-time ratio
+   (target <= 0.9 on a 2-core CPU with the ~1 GB Q4_K_M fixture).
 
-    python bench/serve.py [--model PATH.gguf] [--tokens 128] [--prefix 8000] [--reps 3]
+Benchmarks 3 and 4 run with --spec off, so they measure batching alone.
+
+    python bench/serve.py [--model PATH.gguf] [--tokens 128] [--prefix 8000] [--reps 3] [--only NAME]
 
 Without --model it uses the test fixture "bench1g" Q4_K_M GGUF (built on first use).
 """
@@ -35,8 +41,9 @@ def default_model() -> Path:
     return build_cached_gguf("bench1g", "q4_k_m")
 
 
-def stream_chat(url: str, body: dict) -> dict:
-    """One streamed chat completion; returns ttft (first generated text), decode time and token count."""
+def stream_chat(url: str, body: dict, started: threading.Event | None = None) -> dict:
+    """One streamed chat completion; returns ttft (first generated text), decode time and token count.
+    `started` is set when the first text arrives."""
     t0 = time.perf_counter()
     first = last = None
     usage = {}
@@ -53,6 +60,8 @@ def stream_chat(url: str, body: dict) -> dict:
             if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
                 last = time.perf_counter()
                 first = first or last
+                if started is not None:
+                    started.set()
     return {"ttft": (first or time.perf_counter()) - t0, "decode_s": (last or 0) - (first or 0),
             "tokens": usage.get("completion_tokens", 0), "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
             "prompt": usage.get("prompt_tokens", 0)}
@@ -158,6 +167,89 @@ def bench_ttft(path: Path, ctx: int, prefix_tokens: int, turns: int) -> tuple[di
     return warm, cold
 
 
+def no_eog_bias(path: Path) -> dict[str, int]:
+    """logit_bias banning every end-of-generation token (read from the GGUF's vocabulary only), so a random
+    fixture model writes exactly max_tokens."""
+    import llama_cpp.llama_cpp as C
+
+    mp = C.llama_model_default_params()
+    mp.vocab_only = True
+    model = C.llama_model_load_from_file(str(path).encode(), mp)
+    try:
+        vocab = C.llama_model_get_vocab(model)
+        return {str(t): -100 for t in range(C.llama_vocab_n_tokens(vocab)) if C.llama_vocab_is_eog(vocab, t)}
+    finally:
+        C.llama_model_free(model)
+
+
+def side_request(path: Path, ctx: int, tokens: int, parallel: int, bias: dict) -> tuple[dict, dict]:
+    """A long greedy answer streams; once its first token is out, a short request is sent. Returns (long, short)
+    timings: the long one's ttft + decode_s is its duration, the short one's ttft is how long it waited."""
+    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench", "--parallel", str(parallel), "--spec", "off")
+    try:
+        def body(text: str, n: int) -> dict:
+            return {"model": "bench", "messages": [{"role": "user", "content": text}], "max_tokens": n,
+                    "temperature": 0, "seed": 1, "logit_bias": bias, "chat_template_kwargs": NO_THINK}
+
+        stream_chat(srv.url, body("warm up", 4))
+        started, result = threading.Event(), {}
+        long = threading.Thread(target=lambda: result.update(long=stream_chat(
+            srv.url, body("Write a long story about a lighthouse keeper.", tokens), started)))
+        long.start()
+        started.wait(600)
+        short = stream_chat(srv.url, body("A title for it, please.", 8))
+        long.join()
+    finally:
+        srv.stop()
+    return result["long"], short
+
+
+def bench_side(path: Path, ctx: int, tokens: int, bias: dict) -> None:
+    for parallel in (2, 1):
+        long, short = side_request(path, ctx, tokens, parallel, bias)
+        duration = long["ttft"] + long["decode_s"]
+        print(f"side request, --parallel {parallel}: first token after {short['ttft'] * 1000:.0f} ms while a "
+              f"{long['tokens']}-token answer took {duration:.2f} s: ratio {short['ttft'] / duration:.3f}"
+              + (" (target <= 0.2)" if parallel > 1 else " (one at a time: it waits for the long answer)"))
+
+
+def bench_concurrent(path: Path, ctx: int, tokens: int, reps: int, bias: dict) -> None:
+    """Best-of-`reps` wall time of 4 requests one after another and all at once, interleaved, each round with
+    prompts of its own (no prefix reuse between rounds)."""
+    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench", "--parallel", "4", "--spec", "off")
+
+    def body(r: int, i: int) -> dict:
+        text = f"Round {r}, request {i}: write about {WORDS[(r * 4 + i) % len(WORDS)]} and {WORDS[i]}."
+        return {"model": "bench", "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
+                "temperature": 0, "seed": 1, "logit_bias": bias, "chat_template_kwargs": NO_THINK}
+
+    def post(b: dict) -> None:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=b, timeout=600)
+        r.raise_for_status()
+        assert r.json()["usage"]["completion_tokens"] == tokens
+
+    seq, conc = [], []
+    try:
+        post(body(-1, 0))
+        for r in range(reps):
+            t0 = time.perf_counter()
+            for i in range(4):
+                post(body(2 * r, i))
+            seq.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=post, args=(body(2 * r + 1, i),)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            conc.append(time.perf_counter() - t0)
+            print(f"  round {r}: one after another {seq[-1]:.2f} s, at once {conc[-1]:.2f} s")
+    finally:
+        srv.stop()
+    print(f"4 x {tokens} tokens: one after another {min(seq):.2f} s, at once {min(conc):.2f} s, "
+          f"ratio {min(conc) / min(seq):.3f} (best of {reps}; target <= 0.9)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF to serve (default: the bench1g test fixture)")
@@ -165,20 +257,25 @@ def main() -> int:
     ap.add_argument("--prefix", type=int, default=8000, help="approximate shared prefix in tokens")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--only", choices=["decode", "ttft"], help="run one of the two measurements")
+    ap.add_argument("--long", type=int, default=256, help="tokens of the long answer (side request)")
+    ap.add_argument("--only", choices=["decode", "ttft", "side", "concurrent"], help="run one measurement")
     args = ap.parse_args()
     path = args.model or default_model()
     ctx = max(4096, args.prefix + 2048)
     print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB), ctx {ctx}")
-    if args.only != "ttft":
+    if args.only in (None, "decode"):
         engine_tps, server_tps = bench_decode(path, ctx, args.tokens, args.reps)
         print(f"decode: engine in-process {engine_tps:.1f} tok/s, through server (SSE) {server_tps:.1f} tok/s, "
               f"ratio {server_tps / engine_tps:.3f} (best of {args.reps}; target >= 0.97)")
-    if args.only != "decode":
+    if args.only in (None, "ttft"):
         warm, cold = bench_ttft(path, ctx, args.prefix, args.turns)
         print(f"TTFT turn {args.turns}: {warm['ttft'] * 1000:.0f} ms with cache ({warm['cached']}/{warm['prompt']} "
               f"prompt tokens reused) vs {cold['ttft'] * 1000:.0f} ms cold ({cold['cached']} reused), "
               f"ratio {warm['ttft'] / cold['ttft']:.3f} (target <= 0.15)")
+    if args.only in (None, "side"):
+        bench_side(path, 4096, args.long, no_eog_bias(path))
+    if args.only in (None, "concurrent"):
+        bench_concurrent(path, 4096, args.tokens, args.reps, no_eog_bias(path))
     return 0
 
 
