@@ -63,6 +63,7 @@ def stream_chat(url: str, body: dict, started: threading.Event | None = None) ->
                 if started is not None:
                     started.set()
     return {"ttft": (first or time.perf_counter()) - t0, "decode_s": (last or 0) - (first or 0),
+            "total_s": time.perf_counter() - t0,
             "tokens": usage.get("completion_tokens", 0), "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
             "prompt": usage.get("prompt_tokens", 0)}
 
@@ -184,7 +185,8 @@ def no_eog_bias(path: Path) -> dict[str, int]:
 
 def side_request(path: Path, ctx: int, tokens: int, parallel: int, bias: dict) -> tuple[dict, dict]:
     """A long greedy answer streams; once its first token is out, a short request is sent. Returns (long, short)
-    timings: the long one's ttft + decode_s is its duration, the short one's ttft is how long it waited."""
+    timings: the long one's total_s is its duration (to the end of its stream: a random model's text may stop
+    early, e.g. inside tool-call markup), the short one's ttft is how long it waited."""
     srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench", "--parallel", str(parallel), "--spec", "off")
     try:
         def body(text: str, n: int) -> dict:
@@ -207,7 +209,7 @@ def side_request(path: Path, ctx: int, tokens: int, parallel: int, bias: dict) -
 def bench_side(path: Path, ctx: int, tokens: int, bias: dict) -> None:
     for parallel in (2, 1):
         long, short = side_request(path, ctx, tokens, parallel, bias)
-        duration = long["ttft"] + long["decode_s"]
+        duration = long["total_s"]
         print(f"side request, --parallel {parallel}: first token after {short['ttft'] * 1000:.0f} ms while a "
               f"{long['tokens']}-token answer took {duration:.2f} s: ratio {short['ttft'] / duration:.3f}"
               + (" (target <= 0.2)" if parallel > 1 else " (one at a time: it waits for the long answer)"))
@@ -257,7 +259,7 @@ def main() -> int:
     ap.add_argument("--prefix", type=int, default=8000, help="approximate shared prefix in tokens")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--long", type=int, default=256, help="tokens of the long answer (side request)")
+    ap.add_argument("--long", type=int, default=1024, help="tokens of the long answer (side request)")
     ap.add_argument("--only", choices=["decode", "ttft", "side", "concurrent"], help="run one measurement")
     args = ap.parse_args()
     path = args.model or default_model()
@@ -273,9 +275,9 @@ def main() -> int:
               f"prompt tokens reused) vs {cold['ttft'] * 1000:.0f} ms cold ({cold['cached']} reused), "
               f"ratio {warm['ttft'] / cold['ttft']:.3f} (target <= 0.15)")
     if args.only in (None, "side"):
-        bench_side(path, 4096, args.long, no_eog_bias(path))
+        bench_side(path, max(4096, args.long + 1024), args.long, no_eog_bias(path))
     if args.only in (None, "concurrent"):
-        bench_concurrent(path, 4096, args.tokens, args.reps, no_eog_bias(path))
+        bench_concurrent(path, max(4096, 4 * args.tokens + 1024), args.tokens, args.reps, no_eog_bias(path))
     return 0
 
 
