@@ -192,11 +192,6 @@ class BatchLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def active(self) -> int:
-        """Requests queued or running (an estimate from another thread)."""
-        return len(self._inbox) + len(self._waiting) + len(self._running)
-
     # ------------------------------------------------------------------ the decode thread
     def _main(self) -> None:
         while True:

@@ -349,11 +349,6 @@ class Engine:
         shared a step on average."""
         return self._loop.steps, self._loop.seq_steps
 
-    @property
-    def busy(self) -> int:
-        """Requests queued or running now."""
-        return self._loop.active
-
     def reset(self) -> None:
         """Drop every idle slot's KV and every stashed conversation (running generations go on)."""
         self._loop.call(self._slots.reset)
