@@ -48,12 +48,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="CPU threads (default: the planner's)")
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
+    from glmlocal.plan.hardware import probe
     from glmlocal.plan.options import PlanOptions
-    from glmlocal.plan.planner import plan_gguf
+    from glmlocal.plan.planner import footprint_from_gguf
+    from glmlocal.plan.planner import plan as plan_for
 
     path = args.model or default_model()
     ubatches = [int(u) for u in args.ubatch.split(",")]
-    plan = plan_gguf(path, PlanOptions(ctx=max(4096, args.prompt + 256), threads=args.threads))
+    # the planner's estimate for a prompt of the same length as the one measured (its display uses 20K tokens)
+    plan = plan_for(footprint_from_gguf(path), probe(PlanOptions(threads=args.threads)),
+                    ctx=max(4096, args.prompt + 256), prompt_ref=args.prompt)
     print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB), {args.prompt}-token prompt, "
           f"{plan.n_threads} threads; the planner chose ubatch {plan.n_ubatch}"
           + (f", estimating {plan.est_prompt_tokens_per_s:.0f} tok/s" if plan.est_prompt_tokens_per_s else ""))

@@ -44,7 +44,7 @@ from glmlocal.plan.speed import (
 )
 
 ACCEPTANCE = {1: 0.92, 2: 0.775, 3: 0.615}  # midpoints of GLM-4.5-Air's published MTP acceptance per k
-PROMPT_REF = 20_000  # tokens of the prompt whose time to first token the plan shows (agents resend 20-30K)
+PROMPT_REF = Budget.prompt_ref  # tokens of the prompt whose time to first token the plan shows
 
 
 def _n_tensors(chosen: dict[int, tuple[str, ...]]) -> int:
@@ -103,8 +103,10 @@ def _offload(b: Budget, lay: Layout) -> int | None:
     return b.offload_gpu if lay.ngl and b.offload_gpu is not None and b.offload_gpu < len(lay.gpu_layers) else None
 
 
-def prompt_time(b: Budget, lay: Layout, n_prompt: int = PROMPT_REF) -> float:
-    """Seconds to process an n_prompt-token prompt (trunk, plus the MTP context's pass over the same tokens)."""
+def prompt_time(b: Budget, lay: Layout, n_prompt: int | None = None) -> float:
+    """Seconds to process an n_prompt-token prompt (default b.prompt_ref; trunk, plus the MTP context's pass
+    over the same tokens)."""
+    n_prompt = n_prompt or b.prompt_ref
     t = prompt_seconds(works(b, lay), b.fp, b.hw, n_prompt, b.n_ubatch, _offload(b, lay))
     if lay.mtp is not None:
         t += prompt_seconds(draft_works(b, lay), b.fp, b.hw, n_prompt, b.n_ubatch, _offload(b, lay))

@@ -35,6 +35,7 @@ class Budget:
     mtp: bool = False  # load the NextN block and budget an MTP context (glmlocal.plan.mtp)
     n_seq: int = 1  # sequences the contexts are sized for (n_seq_max; one shared KV pool)
     n_batch: int = 0  # the main context's n_batch (0: n_ubatch)
+    prompt_ref: int = 20_000  # the prompt whose time to first token the plan predicts (agents resend 20-30K)
 
     @property
     def offload_gpu(self) -> int | None:

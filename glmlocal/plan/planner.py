@@ -129,7 +129,7 @@ def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_ty
          kv_type_v: str | None = None, n_batch: int | None = None, n_ubatch: int | None = None,
          margin: int = GPU_MARGIN, host_reserve: int = HOST_RESERVE, min_ctx: int = MIN_CTX,
          alternatives: Mapping[str, Footprint] | None = None, op_offload: bool = True, mtp: bool | None = None,
-         n_seq: int | None = None) -> Placement:
+         n_seq: int | None = None, prompt_ref: int = PROMPT_REF) -> Placement:
     """Place `footprint` on `hardware` with `ctx` tokens of context (None: the largest that fits,
     at most 64K). An explicit ctx is never shrunk: if it does not fit, PlanError names the largest
     one that does. `alternatives` (quant -> Footprint) lets the error name a smaller quant that fits.
@@ -144,7 +144,8 @@ def plan(footprint: Footprint, hardware: Hardware, ctx: int | None = None, kv_ty
         raise InputError(f"context must be positive, got {ctx}")
     if n_ubatch is not None and n_ubatch < 1:
         raise InputError(f"ubatch must be positive, got {n_ubatch}")
-    b = Budget(footprint, hardware, kv_type, type_v, n_ubatch or BASE_UBATCH, margin, host_reserve, op_offload)
+    b = Budget(footprint, hardware, kv_type, type_v, n_ubatch or BASE_UBATCH, margin, host_reserve, op_offload,
+               prompt_ref=prompt_ref)
     notes: list[str] = []
     if ctx is None:
         want = min(footprint.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
@@ -303,8 +304,8 @@ def _placement(c: Choice, n_batch: int | None, notes: list[str]) -> Placement:
         n_threads=hw.cores, use_mmap=True, devices=devices, est_tokens_per_s=est, notes=notes,
         model=f"{fp.label} {fp.quant}", op_offload=b.op_offload, mtp=lay.mtp is not None,
         mtp_draft=top.n_draft if top else 0, mtp_estimates=c.estimates,
-        est_prompt_tokens_per_s=round(PROMPT_REF / c.prompt_s, 1) if c.prompt_s else 0.0,
-        est_ttft_s=round(c.prompt_s, 1), prompt_ref=PROMPT_REF, parallel=b.n_seq,
+        est_prompt_tokens_per_s=round(b.prompt_ref / c.prompt_s, 1) if c.prompt_s else 0.0,
+        est_ttft_s=round(c.prompt_s, 1), prompt_ref=b.prompt_ref, parallel=b.n_seq,
     )
 
 

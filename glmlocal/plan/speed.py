@@ -20,8 +20,9 @@ Q4_0 all on GPUs at ubatch 4096 (ik_llama.cpp PR #700, mainline llama.cpp CUDA; 
 poster's usual rig): 1349 / 762 / 466 tokens/s at 0 / 16K / 32K tokens of context, predicted 1162 / 686 / 486;
 UD-Q4_K_XL on 3 x RTX 3090 at 200 W, 381 tokens/s over an 11K prompt at ubatch 256 (llama.cpp PR #26534),
 predicted 451 (at full power). CPU = cores x CPU_FLOPS_PER_CORE,
-calibrated on this project's 2-core CPU (llama-bench: about 600 tokens/s on the bench1g Q4_K_M fixture, the same
-at ubatch 256, 512 and 2048). Unchecked on a GPU with experts in RAM: no GPU was lent to this work.
+calibrated on this project's 2-core CPU (AVX-512 VNNI; bench/ubatch.py on a quiet machine, bench1g Q4_K_M fixture:
+1816 tokens/s for a 512-token prompt, 1505 for a 2048-token one, the same within 5% at ubatch 128 to 2048;
+an earlier llama-bench reading of ~600 was taken on a loaded machine). CPUs without VNNI/AVX-512 are slower. Unchecked on a GPU with experts in RAM: no GPU was lent to this work.
 
 Pure: numbers in, numbers out. glmlocal.plan.planner turns them into the Placement's estimates.
 """
@@ -38,7 +39,7 @@ CPU_EFFICIENCY = 0.60
 SPEED_CTX = 4096  # decode speed is estimated with this many tokens already in the KV cache
 PROMPT_EFFICIENCY = 0.20  # of a GPU's dense FP16 tensor peak, for quantized MoE prompt matmuls
 ATTN_EFFICIENCY = 0.40  # of that peak, for flash attention over the KV cache
-CPU_FLOPS_PER_CORE = 34e9  # effective prompt FLOP/s per core (quantized matmuls; calibration in the docstring)
+CPU_FLOPS_PER_CORE = 110e9  # effective prompt FLOP/s per core (quantized matmuls; calibration in the docstring)
 PCIE_BW = 25e9  # host -> GPU copies, PCIe 4.0 x16 (pageable mmap memory may give less)
 PCIE5_BW = 50e9
 OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda runs ops on RAM weights itself from this batch size

@@ -6,7 +6,7 @@
    to the planner (mtp=None), it must also be expected to run at least MTP_MIN_GAIN times faster, at its best
    draft count (glmlocal.plan.estimate), than the plan without it (whose VRAM goes to experts): a smaller gain is
    within the model's error. Asked for (mtp=True), fitting is enough. Otherwise MTP is off and a note says why.
-2. ubatch (unless the caller fixed one): among UBATCHES, the one with the shortest predicted time for a PROMPT_REF
+2. ubatch (unless the caller fixed one): among UBATCHES, the one with the shortest predicted time for a Budget.prompt_ref
    -token prompt whose layout fits with the same layers on the GPUs, keeps at least DECODE_KEEP of the decode
    speed of the base ubatch (a bigger ubatch grows the compute buffers on the GPU, leaving less room for
    experts) and the same context: like MTP, the ubatch only spends VRAM that would hold routed experts. When a
@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from glmlocal.plan.estimate import (
-    PROMPT_REF,
     best,
     effective_speed,
     prompt_time,
@@ -49,7 +48,7 @@ class Choice:
     lay: Layout
     tokens_per_s: float  # plain decoding
     estimates: tuple[SpecEstimate, ...]  # MTP, per draft count (empty when off)
-    prompt_s: float  # a PROMPT_REF-token prompt
+    prompt_s: float  # a b.prompt_ref-token prompt
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -125,7 +124,7 @@ def _ubatch_hint(b: Budget, relayout: Relayout, chosen: Choice, speed: Speed) ->
             continue
         c = _at(b, relayout, ub, mtp, speed, shrink=True)
         if c is not None and c.prompt_s * HINT_GAIN <= chosen.prompt_s:
-            return [f"--ubatch {ub} --ctx {c.lay.ctx} would process a {PROMPT_REF // 1000}K-token prompt in "
+            return [f"--ubatch {ub} --ctx {c.lay.ctx} would process a {b.prompt_ref // 1000}K-token prompt in "
                     f"~{c.prompt_s:.0f} s instead of ~{chosen.prompt_s:.0f} s (a bigger compute buffer, less KV)"]
     return []
 
@@ -148,6 +147,6 @@ def mtp_note(c: Choice) -> list[str]:
 
 
 def prompt_note(c: Choice) -> str:
-    tps = PROMPT_REF / c.prompt_s if c.prompt_s else 0.0
-    return (f"prompt ~{tps:.0f} tok/s at ubatch {c.b.n_ubatch}: a {PROMPT_REF // 1000}K-token prompt in "
+    tps = c.b.prompt_ref / c.prompt_s if c.prompt_s else 0.0
+    return (f"prompt ~{tps:.0f} tok/s at ubatch {c.b.n_ubatch}: a {c.b.prompt_ref / 1000:g}K-token prompt in "
             f"~{c.prompt_s:.0f} s (roofline per device + upload of RAM weights per ubatch; glmlocal.plan.speed)")
