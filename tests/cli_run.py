@@ -20,20 +20,25 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def cli_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "GLMLOCAL_HOME": str(home), "PYTHONPATH": str(REPO), **extra}
-    for name in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "TERM_PROGRAM"):  # what a clean shell would not set
+def cli_env(home: Path | None, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell for `glmlocal`: this checkout first on the path, the store in `home`
+    (None: the caller's $GLMLOCAL_HOME), none of the terminal hints a clean shell would not set."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if home is not None:
+        env["GLMLOCAL_HOME"] = str(home)
+    for name in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "TERM_PROGRAM"):
         env.pop(name, None)
-    return env
+    return {**env, **extra}
 
 
-def run_piped(args: list[str], home: Path, *, stdin: str | None = "", timeout: float = 300,
-              **env: str) -> subprocess.CompletedProcess:
+def run_piped(args: list[str], home: Path | None = None, *, stdin: str | None = "", timeout: float = 300,
+              cwd: Path | None = None, preexec_fn=None, **env: str) -> subprocess.CompletedProcess:
     """`glmlocal ARGS` with stdout and stderr pipes (as in `glmlocal ... | less` or a script) and stdin a pipe
-    holding `stdin` (None: /dev/null)."""
+    holding `stdin` (None: /dev/null), run in `cwd` (default: `home`, else the repository)."""
     feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     return subprocess.run([sys.executable, "-m", "glmlocal", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=home, env=cli_env(home, **env), check=False, **feed)
+                          timeout=timeout, cwd=cwd or home or REPO, env=cli_env(home, **env), check=False,
+                          preexec_fn=preexec_fn, **feed)
 
 
 @dataclass

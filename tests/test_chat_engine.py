@@ -28,7 +28,7 @@ from glmlocal.engine.generation import Sampling
 from glmlocal.engine.session import Session
 from glmlocal.launch import LoadedModel, open_model
 from glmlocal.plan.options import PlanOptions
-from tests.cli_run import default_sigint
+from tests.cli_run import default_sigint, run_piped
 from tests.test_chat import CTRL_D, ENTER, Terminal, drive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,9 +219,7 @@ def test_a_saved_chat_is_a_request_body_the_server_accepts(glm45, tmp_path):
 
 # -- the installed command ------------------------------------------------------------------------------
 def run_cli(args: list[str], stdin: str, tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLMLOCAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "glmlocal", "chat", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=tmp_path)  # fmt: skip
+    return run_piped(["chat", *args], tmp_path / "home", stdin=stdin, timeout=timeout, cwd=tmp_path)
 
 
 @pytest.mark.slow

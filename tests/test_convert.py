@@ -11,6 +11,7 @@ import pytest
 from quantize.convert import convert
 from quantize.gguf_reader import read_gguf
 from quantize.recipe import FTYPES
+from tests.cli_run import run_piped
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -125,14 +126,8 @@ def test_progress_events_and_result(tiny_ckpt, tmp_path):
 
 
 def test_cli_convert_writes_file_and_summary(tiny_ckpt, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "m.gguf"
-    proc = subprocess.run([sys.executable, "-m", "glmlocal", "convert", str(tiny_ckpt), "--quant", "q6_k",
-                           "-o", str(out), "--threads", "2", "--no-mtp"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    proc = run_piped(["convert", str(tiny_ckpt), "--quant", "q6_k", "-o", str(out), "--threads", "2", "--no-mtp"])
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stderr and "Q6_K" in proc.stderr
     g = read_gguf(out)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from glmlocal.errors import DiskSpaceError
 from quantize import convert as convert_mod
 from quantize.convert import convert
+from tests.cli_run import run_piped
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,8 +45,7 @@ def rewrite_shard(path: Path, edit) -> None:
 
 
 def run_cli(src: Path, out: Path, *extra: str, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "glmlocal", "convert", str(src), "-q", "q4_k_m", "-o", str(out),
-                           *extra], capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=preexec)
+    return run_piped(["convert", str(src), "-q", "q4_k_m", "-o", str(out), *extra], preexec_fn=preexec)
 
 
 def assert_clean_failure(proc, out: Path, needle: str) -> None:
@@ -178,8 +177,7 @@ def test_enospc_from_write_cleans_up(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_bad_quant_name(tiny_ckpt, tmp_path):
     out = tmp_path / "o.gguf"
-    proc = subprocess.run([sys.executable, "-m", "glmlocal", "convert", str(tiny_ckpt), "-q", "q3_k", "-o", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = run_piped(["convert", str(tiny_ckpt), "-q", "q3_k", "-o", str(out)], timeout=120)
     assert_clean_failure(proc, out, "unknown quant 'q3_k'")
 
 

@@ -22,6 +22,7 @@ from glmlocal.doctor.build import (
 )
 from glmlocal.doctor.checks import ChildResult, backend_check, smoke_check
 from glmlocal.plan.hardware import GPU, probe_gpus
+from tests.cli_run import run_piped
 from tests.recorded import block_after, recorded
 
 
@@ -97,11 +98,9 @@ def test_child_needs_no_torch(tmp_path):
 
 @pytest.mark.slow
 def test_cli_doctor(tmp_path):
-    smoke = subprocess.run([sys.executable, "-m", "glmlocal", "doctor", "--smoke-only"], check=False, capture_output=True,
-                           text=True, timeout=600)
+    smoke = run_piped(["doctor", "--smoke-only"], timeout=600)
     assert smoke.returncode == 0 and "smoke test" in smoke.stdout
-    full = subprocess.run([sys.executable, "-m", "glmlocal", "doctor", "--json"], check=False, capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "GLMLOCAL_HOME": str(tmp_path)})
+    full = run_piped(["doctor", "--json"], tmp_path, timeout=600)
     checks = {c["name"]: c for c in json.loads(full.stdout)}
     assert set(checks) == {"llama.cpp build", "GPUs", "RAM", "disk", "smoke test"}
     assert checks["smoke test"]["status"] == "ok" and checks["llama.cpp build"]["status"] == "ok"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from glmlocal.llama import rpc
+from tests.cli_run import run_piped
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not rpc.rpc_available(),
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.skipif(not rpc.rpc_available(),
 
 
 def glmlocal(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "glmlocal", *args], cwd=ROOT, input=stdin, capture_output=True,
-                          text=True, timeout=300, check=False, env={**__import__("os").environ, "COLUMNS": "200"})
+    return run_piped(list(args), stdin=stdin)
 
 
 @contextlib.contextmanager
