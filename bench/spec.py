@@ -65,7 +65,7 @@ def workloads(eng: Engine, n: int, seed: int = 3) -> dict[str, list[tuple[list[i
     fixture's corpus: (a) 64-token windows of the modules it learnt, continued for 128 tokens; (b) copy
     documents of def/class blocks of those modules with one name renamed in the prompt (the model re-emits the
     block, then ends)."""
-    from tests.fixtures import trained as T
+    from tests.fixtures import trained_corpus as T
 
     rng = random.Random(seed)
     stream = [t for m in T.LM_MODULES for t in eng.tokenize(T.module_text(m))]

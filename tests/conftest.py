@@ -13,9 +13,9 @@ import pytest
 
 from tests.cache import REPO, cached_dir
 
-# Every fixture module but trained.py (its own key below): editing the trained fixture rebuilds nothing else.
+# Every fixture module but the trained fixture's (their own key below): editing those rebuilds nothing else.
 CKPT_SOURCES = [str(p.relative_to(REPO)) for p in sorted((REPO / "tests/fixtures").glob("*.py"))
-                if p.name != "trained.py"] + ["glmlocal/templates/*.jinja"]
+                if not p.name.startswith("trained")] + ["glmlocal/templates/*.jinja"]
 
 
 def _fresh(build):
@@ -139,8 +139,8 @@ def f32_gguf_factory():
 
 
 # ---- trained fixtures (owner: spec) ------------------------------------------------------------------
-TRAINED_SOURCES = ["tests/fixtures/trained.py", "tests/fixtures/checkpoint.py", "tests/fixtures/tokenizer.py",
-                   "glmlocal/templates/*.jinja"]
+TRAINED_SOURCES = ["tests/fixtures/trained.py", "tests/fixtures/trained_corpus.py", "tests/fixtures/checkpoint.py",
+                   "tests/fixtures/tokenizer.py", "glmlocal/templates/*.jinja"]
 
 
 def build_cached_trained_checkpoint(layout: str = "tiny45"):

@@ -42,7 +42,7 @@ def layout(request):
 
 def windows(eng: Engine, n: int, size: int = 64, seed: int = 5) -> list[list[int]]:
     """Token windows of the code the fixture learnt (the prompts it continues predictably)."""
-    from tests.fixtures import trained as T
+    from tests.fixtures import trained_corpus as T
 
     rng = random.Random(seed)
     stream = [t for m in T.LM_MODULES for t in eng.tokenize(T.module_text(m))]
@@ -96,7 +96,7 @@ def test_mtp_drafts_are_accepted_where_the_model_is_predictable(trained_factory,
 
 
 def test_ngram_drafts_are_accepted_when_the_model_re_emits_its_prompt(trained_factory):
-    from tests.fixtures import trained as T
+    from tests.fixtures import trained_corpus as T
 
     with spec_engine(trained_factory("tiny45", "bf16"), "ngram", 16) as eng:
         drafted = accepted = 0
