@@ -105,15 +105,16 @@ def thinking_line(args: ServeArgs) -> str:
 def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     """Load the model and serve it until SIGINT/SIGTERM. Returns the exit code."""
     import uvicorn
-    from rich.console import Console
     from rich.markup import escape
+
+    from glmlocal.plan.view import cli_console
 
     err = err or sys.stderr
     policy = ThinkingPolicy(args.thinking, args.think_budget)  # a bad --thinking fails before the slow load
     api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)
     sock = open_socket(args.host, args.port)
-    console = Console(file=err)
+    console = cli_console(file=err)  # a log file or pipe gets whole lines, no wrapping
     model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
                        parallel=args.parallel, speculation=args.spec)
     try:
