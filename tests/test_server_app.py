@@ -247,6 +247,26 @@ def test_disconnect_cancels_generation_and_frees_the_engine(stream):
         assert r.choices[0].finish_reason == "length"
 
 
+class _CacheProbeFails(FakeBackend):
+    def cached_prefix(self, prepared):
+        raise RuntimeError("KV cache probe failed")
+
+
+def test_a_failed_cache_probe_does_not_keep_a_queue_place():
+    """The Anthropic stream asks the engine for the cached prefix (message_start's cache_read_input_tokens):
+    if that raises, the request fails alone; with one place and no queue, the next request still runs."""
+    backend = _CacheProbeFails()
+    with serve(backend, parallel=1, max_queue=0) as srv:
+        body = {"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        failed = httpx.post(srv.url + "/v1/messages", json={**body, "stream": True}, timeout=10)
+        assert failed.status_code == 500 and "KV cache probe failed" in failed.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health", timeout=10).json()["running"] == 0
+        for _ in range(2):
+            r = httpx.post(srv.url + "/v1/messages", json=body, timeout=10)
+            assert r.status_code == 200 and r.json()["stop_reason"] == "max_tokens", r.text
+        assert backend.finished == 2
+
+
 def test_bind_policy():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")

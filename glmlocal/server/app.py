@@ -352,10 +352,12 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         _check_model(config, body.model, anthropic=True)
         turn = an.to_turn(body, config.thinking)
         prepared = await _preflight_chat(backend, turn)
+        # What message_start can know, asked before reserve(): nothing awaits between taking a place and
+        # handing it to a response that closes it, so a failure or cancellation here cannot leak the place.
+        cached = await asyncio.to_thread(backend.cached_prefix, prepared) if body.stream else 0
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
         if body.stream:
-            cached = await asyncio.to_thread(backend.cached_prefix, prepared)  # what message_start can know
             stream = an.MessageStream(config.model_id, len(prepared.tokens), cached)
             return EventStream(_anthropic_events(ticket, run, stream, config), ticket)
         sink = an.MessageAggregate(config.model_id)
