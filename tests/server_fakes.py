@@ -45,8 +45,8 @@ class FakeBackend:
         text = json.dumps(turn.messages) + json.dumps(turn.tools or [])
         return PreparedTurn(text, list(range(max(1, len(text) // 4))), None, turn.tools, False)
 
-    def count_text(self, text: str) -> int:
-        return max(1, len(text) // 4)
+    def tokenize(self, text: str) -> list[int]:
+        return list(range(max(1, len(text) // 4)))
 
     def cached_prefix(self, prepared: PreparedTurn) -> int:
         return len(prepared.tokens) // 2  # what a real engine would report before generating: here, half
@@ -94,10 +94,10 @@ class FakeBackend:
         self.seen.append(turn)
         return self._play(self._script(turn), len(prepared.tokens), cancel)
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event):
+    def complete(self, req: CompletionRequest, tokens: list[int], cancel: threading.Event):
         events = [TextDelta(f" t{i}") for i in range(min(req.max_tokens, self.tokens))]
         reason = "length" if req.max_tokens <= self.tokens else "stop"
-        return self._play(events + [Finish(reason)], self.count_text(req.prompt), cancel)
+        return self._play(events + [Finish(reason)], len(tokens), cancel)
 
 
 class ThreadServer:

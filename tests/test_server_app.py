@@ -319,7 +319,7 @@ def _spy(calls: list, fn):
 
 def test_the_real_session_renders_and_tokenizes_each_request_once(gguf_factory):
     """The real app, SessionBackend, Session, template and engine: the preflight's render and tokenization is
-    the one the turn generates from, on every chat route."""
+    the one the turn generates from, on every chat route and on /v1/completions."""
     from glmlocal.engine.engine import Engine
     from glmlocal.engine.session import Session
     from glmlocal.glm.template import ChatTemplate
@@ -338,3 +338,9 @@ def test_the_real_session_renders_and_tokenizes_each_request_once(gguf_factory):
                 assert r.status_code == 200, r.text
                 assert len(renders) == 1 and len(tokenized) == 1, path
                 assert tokenized[0].startswith("[gMASK]") and renders[0] == [{"role": "user", "content": "hi"}]
+            for stream in (False, True):  # a raw completion: no render, its prompt tokenized once
+                renders.clear(), tokenized.clear()
+                r = httpx.post(srv.url + "/v1/completions", json={"model": "glm-4.6", "prompt": "Once upon",
+                               "max_tokens": 3, "temperature": 0, "stream": stream}, timeout=60)
+                assert r.status_code == 200, r.text
+                assert renders == [] and tokenized == ["Once upon"], stream

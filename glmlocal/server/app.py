@@ -48,22 +48,23 @@ from glmlocal.server.types import (
 
 
 class Backend(Protocol):
-    """What the server needs from a loaded model. `prepare` renders and tokenizes a chat turn (off the event
-    loop, before queueing: it sizes the request); `chat` generates from that PreparedTurn, so a request is
-    rendered once. `chat`/`complete` block and run on the worker thread; they yield events (glm/events.py, or
-    TextDelta) and finally one `Usage`."""
+    """What the server needs from a loaded model. `prepare` renders and tokenizes a chat turn, `tokenize` a raw
+    completion prompt (off the event loop, before queueing: it sizes the request); `chat` and `complete`
+    generate from those tokens, so a request is rendered and tokenized once. `chat`/`complete` block and run on
+    the worker thread; they yield events (glm/events.py, or TextDelta) and finally one `Usage`."""
 
     n_ctx: int
 
     def prepare(self, turn: TurnRequest) -> PreparedTurn: ...
 
-    def count_text(self, text: str) -> int: ...
+    def tokenize(self, text: str) -> list[int]: ...
 
     def cached_prefix(self, prepared: PreparedTurn) -> int: ...
 
     def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]: ...
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[CompletionItem]: ...
+    def complete(self, req: CompletionRequest, tokens: list[int],
+                 cancel: threading.Event) -> Iterator[CompletionItem]: ...
 
 
 class Sink(Protocol):
@@ -322,9 +323,10 @@ def _openai_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None
         """OpenAI (legacy) text completions: the raw prompt, no chat template."""
         _check_model(config, body.model)
         req = oa.to_completion(body)
-        _fit(backend, await asyncio.to_thread(backend.count_text, req.prompt), req)
+        tokens = await asyncio.to_thread(backend.tokenize, req.prompt)
+        _fit(backend, len(tokens), req)
         ticket = scheduler.reserve()
-        run = lambda cancel: backend.complete(req, cancel)
+        run = lambda cancel: backend.complete(req, tokens, cancel)
         stream = oa.CompletionStream(config.model_id)
         if body.stream:
             return EventStream(_openai_events(ticket, run, stream.feed, [], config), ticket)

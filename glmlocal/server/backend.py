@@ -1,8 +1,9 @@
 """The real backend: a Session (engine + GLM template + parser) behind the server's Backend protocol.
 
-Everything here runs on the scheduler's generation thread except `prepare`/`count_text`, which only render
+Everything here runs on the scheduler's generation thread except `prepare`/`tokenize`, which only render
 and tokenize (llama.cpp's vocabulary is read-only, so that is safe next to a running generation). `chat`
-generates from the PreparedTurn `prepare` made: a request is rendered and tokenized once.
+generates from the PreparedTurn `prepare` made, `complete` from the tokens `tokenize` made: a request is
+rendered and tokenized once.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class SessionBackend:
                                     enable_thinking=turn.enable_thinking, clear_thinking=turn.clear_thinking,
                                     response_format=turn.response_format)
 
-    def count_text(self, text: str) -> int:
-        return len(self.engine.tokenize(text))
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text)
 
     def cached_prefix(self, prepared: PreparedTurn) -> int:
         """Prompt tokens the KV cache holds for this turn now (the engine looks, runs nothing)."""
@@ -73,8 +74,8 @@ class SessionBackend:
         finally:
             stream.close()  # releases the engine lock when the client went away mid-turn
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[CompletionItem]:
-        tokens = self.engine.tokenize(req.prompt)
+    def complete(self, req: CompletionRequest, tokens: list[int],
+                 cancel: threading.Event) -> Iterator[CompletionItem]:
         stream = self.engine.generate(tokens, self._sampling(req.sampling, req.stop), max_tokens=req.max_tokens,
                                       cancel=cancel)
         try:
