@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from quantize.fp8 import Fp8Scheme, check_tensors, dequantize_rows
 
 _ELEM_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
 SUPPORTED = ("BF16", "F16", "F32", "F8_E4M3")
+# Scale tensors kept decoded: every chunk of an FP8 weight needs its whole scale grid, and the chunks of the few
+# weights in flight are spread over the worker threads. A grid is small (a few KiB per 128x128-tiled expert).
+SCALE_CACHE = 64
 
 
 class MissingShardError(ConversionError):
@@ -112,6 +117,8 @@ class Checkpoint:
             self.entries.update(index_shard(shard))
         self._check_index()
         self.tilings = check_tensors(scheme, {n: (e.dtype, e.shape) for n, e in self.entries.items()})
+        self._scales: OrderedDict[str, np.ndarray] = OrderedDict()  # scale name -> F32 grid, least recent first
+        self._scales_lock = threading.Lock()
 
     def _shard_files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -232,9 +239,23 @@ class Checkpoint:
 
     def _dequant_fp8(self, name: str, q: np.ndarray, r0: int) -> np.ndarray:
         """Dequantize FP8 rows starting at row r0: F32 product with their tiles' scales, then one BF16 rounding."""
+        tiling = self.tilings[name]
+        return bf16_bits_to_f32(f32_to_bf16_bits(dequantize_rows(q, self._scale_grid(name), tiling, r0)))
+
+    def _scale_grid(self, name: str) -> np.ndarray:
+        """An FP8 weight's scales as F32 in their tile grid (read-only), read once for all its chunks."""
         tiling, shape = self.tilings[name], self.entries[name].shape
-        scale = self.read_f32(tiling.scale).reshape(tiling.scale_grid((shape[0], shape[1])))
-        return bf16_bits_to_f32(f32_to_bf16_bits(dequantize_rows(q, scale, tiling, r0)))
+        with self._scales_lock:  # held over the read, so threads converting chunks of one weight read it once
+            grid = self._scales.get(tiling.scale)
+            if grid is not None:
+                self._scales.move_to_end(tiling.scale)
+                return grid
+            grid = self.read_f32(tiling.scale).reshape(tiling.scale_grid((shape[0], shape[1])))
+            grid.flags.writeable = False
+            self._scales[tiling.scale] = grid
+            if len(self._scales) > SCALE_CACHE:
+                self._scales.popitem(last=False)
+            return grid
 
 
 def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ tensor and per 128x128 / 64x32 block; scales in F32, BF16 and F16) on the "air" 
 - BF16: byte-identical to llama.cpp's convert_hf_to_gguf.py run on the same FP8 checkpoint; Q4_K_M:
   byte-identical to llama-quantize run on that file;
 - streamed in slabs that start on tile boundaries, chunks that do not, and the same bytes either way;
-- any row range read equals the fixture's own (torch) dequantization.
+- any row range read equals the fixture's own (torch) dequantization, and each weight's scales are read once.
 Every scheme or tensor the converter does not read is one error line from `glmlocal convert`, raised before the
 output is opened.
 """
@@ -72,6 +72,9 @@ def test_any_row_range_equals_the_fixtures_dequantization(ckpt_factory, layout):
     names = [n for n in ckpt.tilings if n.endswith(("layers.0.mlp.down_proj.weight", "layers.1.self_attn.k_proj.weight",
                                                      "layers.2.mlp.experts.5.up_proj.weight"))]
     assert len(names) == 3
+    reads: list[str] = []
+    read_raw = ckpt.read_raw
+    ckpt.read_raw = lambda n: reads.append(n) or read_raw(n)
     for name in names:
         tiling, entry = ckpt.tilings[name], ckpt.entries[name]
         stored = load_file(str(entry.path))
@@ -79,6 +82,7 @@ def test_any_row_range_equals_the_fixtures_dequantization(ckpt_factory, layout):
         rows = entry.shape[0]
         for r0, r1 in ((0, rows), (37, rows - 5), (rows - 1, rows), (tiling.rows % rows, min(rows, 3 * tiling.rows))):
             assert (f32_to_bf16_bits(ckpt.read_rows_f32(name, r0, r1)) == want[r0:r1]).all(), (name, r0, r1)
+    assert reads == [ckpt.tilings[n].scale for n in names]  # each weight's scales read once for its four ranges
 
 
 def _fixture_dequant(q, scale, layout: str) -> np.ndarray:
