@@ -30,6 +30,8 @@ from quantize.errors import ConversionError
 
 FP8_DTYPE = "F8_E4M3"
 SCALE_DTYPES = ("F32", "BF16", "F16")
+# The scale tensors llama.cpp's converter folds into their weights and drops (fp8: `weight_scale_inv`,
+# compressed-tensors: `weight_scale`). A static activation scale (`input_scale`) is not one: it refuses those.
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 STRATEGIES = ("channel", "tensor", "block")
 _CONFIG_HINT = "glmlocal converts BF16 checkpoints and FP8 ones: quant_method fp8 or compressed-tensors float-quantized"
@@ -163,10 +165,13 @@ def check_tensors(scheme: Fp8Scheme | None, tensors: Mapping[str, tuple[str, tup
 
     Raises SchemeError on the first tensor (in the order given) that does not fit the scheme: an FP8 tensor
     without a scheme, outside a 2-D weight, named by the ignore list, without its scale, or with a scale of
-    another dtype or shape; a scale whose weight is missing or not FP8."""
+    another dtype or shape; a scale whose weight is missing or not FP8; a static activation scale."""
     tilings = {name: _tiling(scheme, name, shape, tensors)
                for name, (dtype, shape) in tensors.items() if dtype == FP8_DTYPE}
     for name in tensors:
+        if name.endswith(".input_scale"):
+            raise SchemeError(f"tensor {name} is a static activation scale, expected none: FP8 weights with "
+                              "dynamic activation scales only (as llama.cpp's converter reads them)")
         suffix = next((s for s in SCALE_SUFFIXES if name.endswith("." + s)), None)
         if suffix is None:
             continue

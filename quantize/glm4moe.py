@@ -15,12 +15,12 @@ from gguf import GGML_QUANT_VERSION, ExpertGatingFuncType
 from gguf import GGUFValueType as VT
 
 from quantize.errors import ConversionError, InputError
+from quantize.fp8 import SCALE_SUFFIXES
 
 ARCH = "glm4moe"
 HF_ARCHS = ("Glm4MoeForCausalLM",)
 SIGMOID = ExpertGatingFuncType.SIGMOID
 QUANT_VERSION = GGML_QUANT_VERSION
-SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
 
 _LAYER_MAP = {
     "input_layernorm.weight": "attn_norm.weight",

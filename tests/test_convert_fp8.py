@@ -193,6 +193,9 @@ REFUSALS = {  # case: (layout, edit, what the one line says)
         CT, _config(lambda c: c.update(quantization_config={"quant_method": "fp8"})),
         f"tensor {DOWN} is F8_E4M3 without {DOWN}_scale_inv, expected one (fp8, one scale per output row or per "
         "tensor)"),
+    "static activation scale": (
+        CT, _tensors(lambda t: t.update({Q.replace("weight", "input_scale"): torch.ones(1)}), holder=Q),
+        f"tensor {Q.replace('weight', 'input_scale')} is a static activation scale, expected none"),
     "scale of a BF16 weight": (
         CT, _tensors(lambda t: t.update({"lm_head.weight_scale": torch.ones(1)})),
         "tensor lm_head.weight_scale scales lm_head.weight, which is stored as BF16; expected an F8_E4M3 weight"),
