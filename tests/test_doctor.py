@@ -263,7 +263,7 @@ def test_gpus_come_from_llama_cpps_device_list_read_in_the_child():
     gpus, notes = doctor._gpus(info, 64 * gib)
     assert [g.device_name for g in gpus] == ["Vulkan0"] and gpus[0].bandwidth == 960e9  # RX 7900 XTX
     c = doctor.gpu_check(gpus, notes)
-    assert c.status == "ok" and c.detail.startswith("Vulkan0 AMD Radeon RX 7900 XTX (RADV NAVI31): 22.0 of 24.0 GiB free")
+    assert c.status == "ok" and c.detail.startswith("Vulkan0 AMD Radeon RX 7900 XTX (RADV NAVI31): 22.0 GiB of 24.0 GiB free")
     assert backend_check(info, gpus, choose_build(machine(tools=("glslc",)))).status == "ok"
     failed, _ = doctor._gpus(ChildResult(None, 1, None, False, "boom"), 64 * gib)  # the child failed: NVML's list
     assert [g.name for g in failed] == [g.name for g in probe_gpus()[0]]

@@ -27,9 +27,9 @@ from glmlocal.doctor.build import (
 )
 from glmlocal.doctor.memory import disk_check, ram_check
 from glmlocal.doctor.result import Check
+from glmlocal.plan.view import gib
 
 __all__ = ["Check", "backend_check", "disk_check", "gpu_check", "ram_check", "run_checks", "smoke_check"]
-GIB = 1024**3
 # After installing a GPU toolkit: the flags are chosen again, for what is installed then.
 REBUILD_FOR_THIS_MACHINE = rebuild_command("$(python3 -m glmlocal.doctor --cmake-args)")
 
@@ -189,7 +189,7 @@ def gpu_check(gpus: list, notes: Sequence[str]) -> Check:
     if not gpus:
         extra = f" ({'; '.join(notes)})" if notes else ""
         return Check("GPUs", "warn", f"no GPU that llama.cpp can use: models run on the CPU{extra}")
-    desc = "; ".join(f"{g.device_name} {g.name}: {g.free / GIB:.1f} of {g.total / GIB:.1f} GiB free"
+    desc = "; ".join(f"{g.device_name} {g.name}: {gib(g.free)} of {gib(g.total)} free"
                      + (" (shared with RAM)" if g.unified else "") for g in gpus)
     busy = [g for g in gpus if g.total and g.free < 0.5 * g.total and not g.unified]
     if busy:

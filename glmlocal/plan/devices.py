@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from glmlocal.plan.hardware import GIB, GPU, _read_text, gpu_bandwidth, probe_gpus
+from glmlocal.plan.hardware import GPU, _read_text, gpu_bandwidth, probe_gpus
 from glmlocal.plan.unified import (
     UnifiedMemory,
     apu_memory,
@@ -25,6 +25,7 @@ from glmlocal.plan.unified import (
     parse_sysctl,
     spark_memory,
 )
+from glmlocal.plan.view import gib
 
 if TYPE_CHECKING:
     from glmlocal.llama.ggml import Device
@@ -100,10 +101,10 @@ def _pool(g: GPU, ram_total: int, read: Reader, run: Runner, notes: list[str]) -
         return spark_memory(ram_total, g.total)
     gtt, how = gtt_limit(ram_total, parse_kernel_params(read("/proc/cmdline") or ""), _gtt_total(read))
     if g.device_name.startswith("ROCm"):
-        notes.append(f"ROCm sees the {g.total / GIB:.1f} GiB BIOS carve-out, not the {gtt / GIB:.1f} GiB GTT "
+        notes.append(f"ROCm sees the {gib(g.total)} BIOS carve-out, not the {gib(gtt)} GTT "
                      f"({how}): the Vulkan build uses the GTT pool")
         return UnifiedMemory(ram_total, g.total, "ROCm: the BIOS carve-out")
-    return apu_memory(ram_total, g.total, f"Vulkan heaps: {how} {gtt / GIB:.1f} GiB + the BIOS carve-out")
+    return apu_memory(ram_total, g.total, f"Vulkan heaps: {how} {gib(gtt)} + the BIOS carve-out")
 
 
 def _gtt_total(read: Reader) -> int | None:

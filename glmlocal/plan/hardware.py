@@ -29,6 +29,7 @@ from functools import lru_cache
 from glmlocal.errors import InputError
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.unified import UnifiedMemory, parse_meminfo
+from glmlocal.plan.view import gib
 
 GIB = 1024**3
 DEFAULT_GPU_BW = 936e9  # RTX 3090-class 24 GB card, used when a GPU is given only by its memory size
@@ -283,7 +284,7 @@ def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, i
         gpus: list[GPU] = []
     elif ov.gpu_mem:
         bw = ov.gpu_bw * 1e9 if ov.gpu_bw else DEFAULT_GPU_BW
-        gpus = [GPU(i, f"GPU{i} ({size / GIB:.0f} GiB, given)", size, size, bw)
+        gpus = [GPU(i, f"GPU{i} ({gib(size, 0)}, given)", size, size, bw)
                 for i, size in enumerate(parse_sizes(ov.gpu_mem))]
         gpus = [replace(g, device=r[0], op_offload=False) for g, r in zip(gpus, rpc_devices)] + gpus[
             len(rpc_devices):]

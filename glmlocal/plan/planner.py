@@ -61,6 +61,7 @@ from glmlocal.plan.placement import (  # re-exported: they used to live here
 from glmlocal.plan.pool import pool_notes, raise_target
 from glmlocal.plan.speed import CPU_EFFICIENCY, GPU_EFFICIENCY, SPEED_CTX
 from glmlocal.plan.tune import Choice, mtp_note, prompt_note, tune
+from glmlocal.plan.view import gib
 
 __all__ = [
     "DevicePlan",
@@ -239,9 +240,9 @@ def _no_fit_error(b: Budget, want: int, min_ctx: int, alternatives) -> PlanError
     vram = sum(max(g.free - b.margin, 0) for g in hw.gpus if not g.unified)  # a unified GPU's share is RAM
     have = vram + max(hw.ram_available - b.host_reserve, 0)
     need = fp.weights_bytes + kv_layer_bytes(b, want) * fp.n_layer
-    what = f"{fp.label} {fp.quant} with {want} tokens of context needs about {need / GIB:.1f} GiB"
+    what = f"{fp.label} {fp.quant} with {want} tokens of context needs about {gib(need)}"
     kind = "one unified pool" if hw.unified is not None else "VRAM + RAM"
-    usable = f"{what}; {hw.label} has {have / GIB:.1f} GiB usable ({kind})"
+    usable = f"{what}; {hw.label} has {gib(have)} usable ({kind})"
     largest = _largest_ctx(b, min(min_ctx, want), want, lambda c: _best_layout(b, c) is not None)
     if largest is not None:
         return PlanError(usable, hint=f"the largest context that fits is {largest} (--ctx {largest})")
@@ -384,7 +385,7 @@ def _explain(b: Budget, lay: Layout, devices: list[DevicePlan], est: float) -> l
             lines.append(f"{fp.n_layer - sum(len(r) for r in lay.gpu_layers)} first layers run entirely on CPU")
     elif b.hw.gpus:
         lines.append("the GPUs cannot hold even the output layer and compute buffers: running on CPU")
-    parts = [f"{d.name} {d.bytes_per_token / GIB:.2f} GiB at {d.bandwidth / 1e9:.0f} GB/s" for d in devices
+    parts = [f"{d.name} {gib(d.bytes_per_token, 2)} at {d.bandwidth / 1e9:.0f} GB/s" for d in devices
              if d.bytes_per_token]
     lines.append(
         f"speed estimate {est:.1f} tok/s = 1 / sum(bytes read per token / (bandwidth x efficiency)); "

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from glmlocal.plan.hardware import GIB, Hardware
 from glmlocal.plan.layout import Budget, Layout, bytes_of, fits_gpu, fits_host, layout
+from glmlocal.plan.view import gib
 
 
 def with_gpu_limit(hw: Hardware, limit: int) -> Hardware:
@@ -63,17 +64,17 @@ def pool_notes(b: Budget, lay: Layout, want: int) -> list[str]:
     u = b.hw.unified
     if u is None:
         return []
-    lines = [f"unified memory: one {u.pool / GIB:.1f} GiB pool; the GPU may use {u.gpu_limit / GIB:.1f} GiB of it "
+    lines = [f"unified memory: one {gib(u.pool)} pool; the GPU may use {gib(u.gpu_limit)} of it "
              f"({u.limit_source}); weights on the GPU are counted once"]
     target = raise_target(b, lay, want)
     if target is not None:
         where = "the whole model" + (f" and {want} tokens of context" if lay.ctx < want else "")
-        lines.append(f"raising the GPU limit by {(target - u.gpu_limit) / GIB:.1f} GiB to {target / GIB:.0f} GiB "
+        lines.append(f"raising the GPU limit by {gib(target - u.gpu_limit)} to {gib(target, 0)} "
                      f"puts {where} on the GPU: {u.raise_command(target)}")
     elif _single_unified(b.hw) and not all_on_gpu(b, lay):
         need = gpu_limit_needed(b, want)
         if need is not None:
-            how = (f"the most {b.hw.label} allows is {u.limit_max / GIB:.0f} GiB" if u.raise_how
+            how = (f"the most {b.hw.label} allows is {gib(u.limit_max, 0)}" if u.raise_how
                    else "it cannot be raised here")
-            lines.append(f"the whole model on the GPU needs a {need / GIB:.1f} GiB GPU limit; {how}")
+            lines.append(f"the whole model on the GPU needs a {gib(need)} GPU limit; {how}")
     return lines

@@ -24,6 +24,7 @@ from glmlocal.plan.footprint import (
     footprint_from_headers,
     footprint_from_spec,
 )
+from glmlocal.plan.view import gib
 
 
 def published_footprint(spec: ModelSpec, quant: str, *, revision: str | None = None, store: Store | None = None,
@@ -143,9 +144,7 @@ class SmallerQuants(Mapping):
         hint = err.hint or ""
         named = next((q for q in self.published if f"--quant {q} " in hint + " "), None)
         if named is not None:
-            size = self.sizes.get(named, 0)
-            size_text = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-            err.hint = (f"--quant {named} fits: a published GGUF of {size_text}; "
+            err.hint = (f"--quant {named} fits: a published GGUF of {gib(self.sizes.get(named, 0))}; "
                         f"run: glmlocal pull {self.spec.name} --quant {named}")
         elif "--quant" not in hint and "--ctx" not in hint and self.unsized and self._order is not None:
             names = [q for q in self.spec.published_only() if q in self.unsized]

@@ -12,6 +12,7 @@ from glmlocal.plan import hardware
 from glmlocal.plan.footprint import Footprint, footprint_from_gguf, footprint_from_spec
 from glmlocal.plan.options import PlanOptions
 from glmlocal.plan.planner import Placement, plan
+from glmlocal.plan.view import gib
 
 if TYPE_CHECKING:  # imported when used: the hub client is not needed to plan a local GGUF
     from glmlocal.plan.published import SmallerQuants
@@ -58,9 +59,9 @@ def resolve_footprint(model: str, quant: str | None) -> tuple[Footprint, Smaller
         from glmlocal.plan.published import published_footprint
 
         fp, remote = published_footprint(spec, quant, revision=manifest.revision if manifest else None)
-        how = "cached" if remote.cached else f"{remote.fetched_bytes / 2**20:.1f} MiB fetched"
+        how = "cached" if remote.cached else f"{gib(remote.fetched_bytes)} fetched"
         origin = (f"GGUF headers of {remote.repo}@{remote.commit[:12]}, {len(remote.files)} file(s) of "
-                  f"{remote.total_bytes / 2**30:.1f} GiB, {how}, before download")
+                  f"{gib(remote.total_bytes)}, {how}, before download")
         return fp, _alternatives(spec, fp), origin, {"sizes_from": "remote-header", "remote": remote.describe()}
     fp = footprint_from_spec(spec, quant)
     if kind == "registry":

@@ -30,9 +30,9 @@ from glmlocal.plan.estimate import (
     prompt_time,
     spec_estimates,
 )
-from glmlocal.plan.hardware import GIB
 from glmlocal.plan.layout import Budget, Layout
 from glmlocal.plan.placement import SpecEstimate
+from glmlocal.plan.view import gib
 
 UBATCHES = (512, 1024, 2048, 4096)
 DECODE_KEEP = 0.97
@@ -136,11 +136,11 @@ def mtp_note(c: Choice) -> list[str]:
         return []
     where = "the last GPU" if lay.ngl else "the CPU"
     experts = ("its routed experts too" if lay.mtp_experts_gpu or not lay.ngl
-               else f"its routed experts ({m.experts / GIB:.2f} GiB) in RAM")
+               else f"its routed experts ({gib(m.experts, 2)}) in RAM")
     gains = ", ".join(f"{e.n_draft} draft{'s' if e.n_draft > 1 else ''} {e.speedup:.2f}x" for e in c.estimates)
     top = best(c.estimates)
-    return [f"MTP on: NextN block {m.weights / GIB:.2f} GiB + KV {m.kv / GIB:.2f} GiB + compute "
-            f"{m.compute / GIB:.2f} GiB on {where} beside the last layer, {experts}",
+    return [f"MTP on: NextN block {gib(m.weights, 2)} + KV {gib(m.kv, 2)} + compute "
+            f"{gib(m.compute, 2)} on {where} beside the last layer, {experts}",
             f"MTP expected speedup = (1 + k a_k) t(1) / (t(1+k) + k t_draft), a_k GLM-4.5-Air's published acceptance "
             f"({'/'.join(f'{e.acceptance:g}' for e in c.estimates)}), t() a step's bytes and FLOPs per device: "
             f"{gains}; best {top.n_draft} draft(s): ~{top.tokens_per_s:.1f} tok/s"]
