@@ -313,7 +313,7 @@ def select_source(listing: RepoListing) -> list[RemoteFile]:
     return sorted(files, key=lambda f: f.path)
 
 
-def choose_source(spec, quant: str, listings: dict[str, RepoListing], requested: str | None) -> str:
+def choose_source(spec: registry.ModelSpec, quant: str, listings: dict[str, RepoListing], requested: str | None) -> str:
     """Which checkpoint to convert from.
 
     An explicit --source wins. BF16 output or Q8_0 comes from BF16 (re-quantizing FP8 values would lose

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from glmlocal.errors import InputError
+from glmlocal.models.registry import HParams, ModelSpec, normalize_quant
 from glmlocal.plan.graph import (
     KV_PAD,
     GraphShape,
@@ -375,7 +376,7 @@ def _ftype_name(ftype) -> str:
 # --------------------------------------------------------------------------------------------
 # From the registry (before download)
 # --------------------------------------------------------------------------------------------
-def spec_tensors(hp, *, mtp: bool = True, mtp_head_copies: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+def spec_tensors(hp: HParams, *, mtp: bool = True, mtp_head_copies: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """(name, ggml shape) of every tensor llama.cpp's converter writes for these hyperparameters."""
     e, v, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
     q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
@@ -414,13 +415,11 @@ def _ffn_tensors(b: str, hp, dense: bool) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def footprint_from_spec(spec, quant: str, *, mtp: bool = True) -> Footprint:
+def footprint_from_spec(spec: ModelSpec, quant: str, *, mtp: bool = True) -> Footprint:
     """Predicted footprint of `spec` converted at `quant` (our converter = llama-quantize's types)."""
-    from glmlocal.models.registry import normalize_quant
-
     quant = normalize_quant(quant)
     hp = spec.hparams
-    tensors = spec_tensors(hp, mtp=mtp, mtp_head_copies=getattr(spec, "mtp_head_copies", False))
+    tensors = spec_tensors(hp, mtp=mtp, mtp_head_copies=spec.mtp_head_copies)
     n_layer_all = hp.num_hidden_layers + (hp.num_nextn_predict_layers if mtp else 0)
     types = plan_types(tensors, quant, n_layer_all, hp.n_routed_experts)
     meta = {"n_layer": hp.num_hidden_layers, "n_nextn": n_layer_all - hp.num_hidden_layers,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -34,6 +34,7 @@ from glmlocal.plan.view import gib
 GIB = 1024**3
 DEFAULT_GPU_BW = 936e9  # RTX 3090-class 24 GB card, used when a GPU is given only by its memory size
 DEFAULT_CPU_BW = 89.6e9  # dual-channel DDR5-5600: 2 channels x 8 bytes x 5600 MT/s
+RpcDevice = tuple[str, int, int]  # a llama.cpp RPC device: (device name, free bytes, total bytes)
 
 # Peak memory bandwidth (bytes/s) by a substring of the NVML product name; longest match wins.
 GPU_BANDWIDTH = {
@@ -303,7 +304,7 @@ def probe(options: PlanOptions | None = None, *, rpc_devices: tuple[tuple[str, i
     return Hardware(tuple(gpus), ram_total, ram_avail, cores, cpu_bw, tuple(notes), pool, label)
 
 
-def register_rpc(endpoints) -> tuple[tuple[str, int, int], ...]:
+def register_rpc(endpoints: Sequence[str]) -> tuple[RpcDevice, ...]:
     """Register llama.cpp RPC servers; (device name, free, total) of each device they offer."""
     from glmlocal.llama import ggml, rpc
 
@@ -312,7 +313,7 @@ def register_rpc(endpoints) -> tuple[tuple[str, int, int], ...]:
     return tuple((n, *mem[n]) for n in names)
 
 
-def rpc_gpus(rpc_devices, gpu_bw_gbs: float | None = None) -> list[GPU]:
+def rpc_gpus(rpc_devices: Sequence[RpcDevice], gpu_bw_gbs: float | None = None) -> list[GPU]:
     """GPUs for llama.cpp RPC devices ((name, free, total) each). Their backend has no op offload; their
     bandwidth is unknown from here (the server may be a CPU or a GPU): --gpu-bw, else a DDR5 desktop's."""
     bw = gpu_bw_gbs * 1e9 if gpu_bw_gbs else DEFAULT_CPU_BW
