@@ -288,6 +288,13 @@ def test_openai_usage_reports_reasoning_tokens():
     assert usage["prompt_tokens_details"] == {"cached_tokens": 4} and usage["total_tokens"] == 18
 
 
+def test_openai_timings_count_decode_speed_over_the_steps_after_the_first():
+    t = oa.timings_json(Usage(100, 11, 20, prompt_s=0.5, decode_s=2.0))
+    assert t["prompt_n"] == 80 and t["prompt_per_second"] == 160.0
+    assert t["predicted_n"] == 11 and t["predicted_ms"] == 2000.0 and t["predicted_per_second"] == 5.0  # 10 steps
+    assert oa.timings_json(Usage(100, 1, 0, prompt_s=0.5, decode_s=0.0))["predicted_per_second"] == 0.0
+
+
 @pytest.mark.parametrize("bias, expected", [
     ({"151352": -100}, {151352: float("-inf")}), ({"7": 5.5, " 12": -3}, {7: 5.5, 12: -3.0}), (None, None),
 ])

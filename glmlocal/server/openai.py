@@ -287,7 +287,7 @@ def timings_json(u: Usage) -> dict:
         "cache_n": u.cached_tokens, "prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
         "prompt_per_second": round(prompt_n / u.prompt_s, 3) if u.prompt_s > 0 else 0.0,
         "predicted_n": u.completion_tokens, "predicted_ms": round(predicted_ms, 3),
-        "predicted_per_second": round(u.completion_tokens / u.decode_s, 3) if u.decode_s > 0 else 0.0,
+        "predicted_per_second": round(u.decode_per_s, 3),
         "draft_n": u.draft_n, "draft_n_accepted": u.draft_n_accepted,
     }
 

@@ -66,6 +66,12 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def decode_per_s(self) -> float:
+        """Tokens per second after the first: decode_s spans the n - 1 steps from the first token to the last
+        (the first one's time is the prompt's), as the engine's GenerationStats.tokens_per_s counts it."""
+        return (self.completion_tokens - 1) / self.decode_s if self.completion_tokens > 1 and self.decode_s > 0 else 0.0
+
 
 ChatItem = Event | Usage  # what a backend's chat() yields: glm events, then one Usage
 CompletionItem = TextDelta | Finish | Usage  # what its complete() yields
