@@ -315,7 +315,10 @@ class BatchLoop:
         n_max = min(limits + ([think_room] if think_room is not None else []))
         if n_max < 1:
             return []
-        drafts = [int(t) for t in spec.drafter.draft(seq, n_max)[:n_max]]
+        try:
+            drafts = [int(t) for t in spec.drafter.draft(seq, n_max)[:n_max]]
+        except Exception:  # noqa: BLE001 - drafts only change the speed: this step decodes the sequence without
+            return []
         bad = [i for i, t in enumerate(drafts) if not 0 <= t < seq.chain.n_vocab]  # llama_decode would refuse
         return drafts[:bad[0]] if bad else drafts
 

@@ -15,6 +15,11 @@ own KV cache for that one layer. common/speculative.cpp (draft-mtp) drives it; t
   the main decode of x_p will confirm, so a verification only has to add the accepted drafts' pairs.
 - Lazily: the pairs of a main decode wait in `pending` until the next draft (they ride in its first MTP decode,
   with the root), or until n_batch/2 of them gathered (a long prompt); rejected drafts never reach the MTP KV.
+- A full pool: the MTP context's KV pool has as many cells as the main one but holds more (each sequence's draft
+  root, a draft's own pairs), so it runs out of room first. An MTP llama_decode that finds no room changes
+  nothing: its pairs stay pending (a draft is skipped, or ends with the drafts it has), and the main pool, then
+  only a few cells from full itself, frees room in both when it overflows (engine/batch.py). A blob saved while
+  the pending pairs find no room is a cold start at the sequence's position.
 - Dormant: when speculation stops using MTP (`keep_up` False, engine/spec.py's measurements) the main context
   stops handing rows over and this context forgets everything; when MTP is wanted again each sequence restarts
   cold at its current position (its MTP KV then only covers what follows), so MTP costs nothing while unused.
@@ -33,7 +38,6 @@ row is silent (only acceptance drops), which is why tests check MTP logits again
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -124,8 +128,7 @@ class MtpContext:
         self._lanes: dict[int, _Lane] = {}
         self._rows = np.zeros((C.llama_n_batch(main), self.n_embd), np.float32)  # the main rows of one decode
         self._keep_up = True
-        self.decodes = 0
-        self.draft_s = 0.0
+        self.no_room = 0  # MTP decodes refused for lack of KV room (a draft skipped or cut short)
         self._root_idx = -1  # batch index of the last draft's root (root_logits)
 
     @classmethod
@@ -210,12 +213,13 @@ class MtpContext:
             return
         a = self._lane(src)
         self._resolve(a, None)
-        self._flush([(src, a)])
+        self._flush(src, a)  # pairs that find no room stay pending, and are copied as pending
         C.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
         confirmed = a.kv_end - (a.root is not None)  # an unconfirmed draft root stays the source's own
-        end = confirmed if p1 < 0 else min(confirmed, p1)
-        C.llama_memory_seq_rm(self._mem, dst, end, -1)
-        self._lanes[dst] = _Lane(kv_end=end, h_last=a.h_last if end == confirmed else None)
+        C.llama_memory_seq_rm(self._mem, dst, confirmed, -1)
+        lane = self._lanes[dst] = _Lane(kv_end=confirmed, toks=list(a.toks), hs=list(a.hs), h_last=a.h_last)
+        if p1 >= 0:
+            self._cut(dst, lane, p1)
 
     def clear(self) -> None:
         C.llama_memory_clear(self._mem, True)
@@ -225,16 +229,20 @@ class MtpContext:
         """This sequence's MTP state, its position and last main row, as one blob."""
         lane = self._lane(seq_id)
         self._resolve(lane, None)
-        if self._keep_up:
-            self._flush([(seq_id, lane)])
+        if self._keep_up and self._flush(seq_id, lane) is None:
+            return self._blob(b"", lane.next_pos, lane.h_last)  # no room for the pending pairs: a cold start
         if lane.root is not None:
             self._cut(seq_id, lane, lane.kv_end - 1)
         size = C.llama_state_seq_get_size(self._ctx, seq_id)
         state = (ctypes.c_uint8 * max(size, 1))()
         n = C.llama_state_seq_get_data(self._ctx, state, size, seq_id) if size else 0
-        row = lane.h_last if lane.h_last is not None else self._zero
-        footer = np.array([lane.kv_end, lane.h_last is not None, n], np.int64)
-        data = bytes(state)[:n] + row.astype(np.float32).tobytes() + footer.tobytes()
+        return self._blob(bytes(state)[:n], lane.kv_end, lane.h_last)
+
+    def _blob(self, state: bytes, kv_end: int, h_last: np.ndarray | None) -> StateBlob:
+        """The MTP state, then the last main row, then the footer (restore reads it from the end)."""
+        row = h_last if h_last is not None else self._zero
+        footer = np.array([kv_end, h_last is not None, len(state)], np.int64)
+        data = state + row.astype(np.float32).tobytes() + footer.tobytes()
         return (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
 
     def restore(self, seq_id: int, blob: StateBlob) -> bool:
@@ -255,8 +263,8 @@ class MtpContext:
     # ------------------------------------------------------------------ drafting
     def draft(self, seq_id: int, token: int, pos: int, n_max: int) -> list[int]:
         """Up to n_max greedy guesses for the tokens after `token` at `pos` (the pending token; the main KV
-        holds positions < pos). Empty when the lane does not know the hidden row before pos yet."""
-        t0 = time.perf_counter()
+        holds positions < pos). Empty when the lane does not know the hidden row before pos yet, or when the
+        MTP KV has no room for the root; fewer when it has none for a later step."""
         lane = self._lane(seq_id)
         self._resolve(lane, None)
         if lane.next_pos != pos:
@@ -264,20 +272,24 @@ class MtpContext:
         if lane.h_last is None or n_max < 1 or not self._keep_up:
             return []
         b = self._batch
-        self._flush([(seq_id, lane)], reserve=1)
-        idx = self._root_idx = b.add(seq_id, [token], pos, [lane.h_last], out=True)
-        self._decode()
-        lane.kv_end, lane.root = pos + 1, token
+        staged = self._flush(seq_id, lane, reserve=1)
+        if staged is None:
+            return []
+        idx = b.add(seq_id, [token], pos, [lane.h_last], out=True)
+        if not self._decode_for(seq_id, lane):
+            return []  # nothing of that batch is in the KV: the pending pairs wait for the next try
+        self._commit(lane, staged)
+        lane.kv_end, lane.root, self._root_idx = pos + 1, token, idx
         drafts = [self._argmax(idx)]
-        for j in range(1, n_max):
-            h = self._row(idx)
-            b.n = 0
-            idx = b.add(seq_id, [drafts[-1]], pos + j, [h], out=True)
-            self._decode()
-            drafts.append(self._argmax(idx))
-        if n_max > 1:
-            C.llama_memory_seq_rm(self._mem, seq_id, pos + 1, -1)  # pairs built from MTP rows: never kept
-        self.draft_s += time.perf_counter() - t0
+        try:
+            for j in range(1, n_max):
+                idx = b.add(seq_id, [drafts[-1]], pos + j, [self._row(idx)], out=True)
+                if not self._decode_for(seq_id, lane):
+                    break  # no room for one more step: the drafts so far stand
+                drafts.append(self._argmax(idx))
+        finally:
+            if n_max > 1:
+                C.llama_memory_seq_rm(self._mem, seq_id, pos + 1, -1)  # pairs built from MTP rows: never kept
         return drafts
 
     def root_logits(self) -> np.ndarray:
@@ -294,6 +306,10 @@ class MtpContext:
 
     def kv_pos_max(self, seq_id: int) -> int:
         return C.llama_memory_seq_pos_max(self._mem, seq_id)
+
+    def kv_pos_min(self, seq_id: int) -> int:
+        """The first position the lane's KV holds (> 0: it restarted cold there; -1: empty)."""
+        return C.llama_memory_seq_pos_min(self._mem, seq_id)
 
     # ------------------------------------------------------------------ bookkeeping
     def _lane(self, seq_id: int) -> _Lane:
@@ -345,36 +361,48 @@ class MtpContext:
         lane.toks.clear(), lane.hs.clear()
 
     def _bound(self, seq_id: int, lane: _Lane) -> None:
-        """Decode the pending pairs once half a batch gathered (a long prompt, or many steps without drafts)."""
+        """Decode the pending pairs once half a batch gathered (a long prompt, or many steps without drafts).
+        Without room they stay pending: the main pool is then within a few cells of full (the MTP pool holds at
+        most one draft root per sequence more than it) and frees room in both at its next overflow."""
         if len(lane.toks) >= self.n_batch // 2:
-            self._flush([(seq_id, lane)])
+            self._flush(seq_id, lane)
 
-    def _flush(self, lanes: list[tuple[int, _Lane]], reserve: int = 0) -> None:
-        """Decode the lanes' pending pairs (in batches of n_batch); leaves the batch empty, or holding the last
-        part when `reserve` entries must still fit (the caller adds them and decodes)."""
+    def _flush(self, seq_id: int, lane: _Lane, reserve: int = 0) -> int | None:
+        """Decode the lane's pending pairs, n_batch at a time; each part leaves `pending` once it is in the KV.
+        With `reserve`, a last part that leaves room for that many entries stays in the batch undecoded: the
+        caller adds its own, decodes, and commits the returned count. None: no room (the rest stays pending)."""
         b = self._batch
         b.n = 0
-        for seq_id, lane in lanes:
-            done = 0
-            while done < len(lane.toks):
-                if b.n == b.cap:
-                    self._decode()
-                take = min(len(lane.toks) - done, b.cap - b.n)
-                b.add(seq_id, lane.toks[done:done + take], lane.kv_end + done, lane.hs[done:done + take])
-                done += take
-            lane.kv_end += len(lane.toks)
-            lane.toks.clear(), lane.hs.clear()
-        if b.n and (reserve == 0 or b.n + reserve > b.cap):
-            self._decode()
+        while lane.toks:
+            take = min(len(lane.toks), b.cap)
+            b.add(seq_id, lane.toks[:take], lane.kv_end, lane.hs[:take])
+            if reserve and take == len(lane.toks) and take + reserve <= b.cap:
+                return take
+            if not self._decode_for(seq_id, lane):
+                return None
+            self._commit(lane, take)
+        return 0
 
-    def _decode(self) -> None:
+    @staticmethod
+    def _commit(lane: _Lane, n: int) -> None:
+        """The first n pending pairs are in the KV now."""
+        lane.kv_end += n
+        del lane.toks[:n], lane.hs[:n]
+
+    def _decode_for(self, seq_id: int, lane: _Lane) -> bool:
+        """Decode the batch (then empty); False when the KV has no room (llama.cpp changed nothing). Another
+        failure may leave part of the batch in the KV: the lane starts over cold and the error goes on."""
         b = self._batch
         b.raw.n_tokens = b.n
         rc = C.llama_decode(self._ctx, b.raw)
         b.n = 0
-        self.decodes += 1
+        if rc == 1:
+            self.no_room += 1
+            return False
         if rc != 0:
+            self._reset(seq_id, lane)
             raise EngineError(f"the MTP context's llama_decode failed with code {rc}")
+        return True
 
     def _argmax(self, idx: int) -> int:
         return int(np.argmax(np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, idx), shape=(self.n_vocab,))))

@@ -83,13 +83,16 @@ class KvStore:
         return SeqState(buf, mirrors, n + sum(len(b) for b in mirrors if b is not None))
 
     def restore(self, seq: int, state: SeqState) -> bool:
-        """Load a saved state into an empty sequence; on failure the sequence is left empty."""
-        ok = bool(C.llama_state_seq_set_data(self._ctx, state.main, len(state.main), seq))
-        for m, blob in zip(self.mirrors, state.mirrors, strict=False):
-            ok = ok and blob is not None and m.restore(seq, blob)
-        if not ok:
+        """Load a saved state into an empty sequence; on failure the sequence is left empty. A mirror that cannot
+        restore its part (no blob, or no room: an MTP pool fills up before the main one) starts the sequence over
+        on its side, as it does for a sequence it has never seen: the main KV stays."""
+        if not C.llama_state_seq_set_data(self._ctx, state.main, len(state.main), seq):
             self.seq_rm(seq, -1, -1)
-        return ok
+            return False
+        for m, blob in zip(self.mirrors, state.mirrors, strict=False):
+            if blob is None or not m.restore(seq, blob):
+                m.seq_rm(seq, -1, -1)
+        return True
 
 
 @dataclass
@@ -176,11 +179,16 @@ class SlotTable:
         return slot, (r.source if slot.tokens else "none")
 
     def resume(self, tokens: Sequence[int], state: SeqState | None) -> Slot:
-        """Claim a free slot for a preempted sequence and restore its KV (what fails is recomputed)."""
+        """Claim a free slot for a preempted sequence and restore its KV, evicting idle slots while the pool has
+        no room for it (a finished sequence's KV stays idle until then); what still fails is recomputed."""
         slot = min((s for s in self.slots if not s.busy), key=lambda s: (bool(s.tokens), s.used))
         self._evict(slot)
-        if state is not None and self.kv.restore(slot.seq_id, state):
-            slot.tokens = list(tokens)
+        if state is not None:
+            while not self.kv.restore(slot.seq_id, state):
+                if not self.evict_idle():
+                    break
+            else:
+                slot.tokens = list(tokens)
         self._claim(slot)
         return slot
 
