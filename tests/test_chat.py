@@ -210,10 +210,10 @@ def test_thinking_off_reaches_the_session():
 def test_think_n_sets_a_budget_per_reply_and_bad_values_are_refused():
     session = FakeSession(answer("a"), answer("b"), answer("c"))
     keys = ("/think 64" + ENTER + "x" + ENTER + "/think -3" + ENTER + "/think lots" + ENTER + "/think 0" + ENTER
-            + "y" + ENTER + "/think on" + ENTER + "z" + ENTER + CTRL_D)
+            + "/think ²" + ENTER + "y" + ENTER + "/think on" + ENTER + "z" + ENTER + CTRL_D)
     repl, term = drive(session, keys)
     assert [(c["thinking"], c["budget"]) for c in session.calls] == [(True, 64), (True, 64), (True, None)]
-    assert term.text().count("usage: /think on|off|N") == 3
+    assert term.text().count("usage: /think on|off|N") == 4  # "²" is a digit to str.isdigit, not to int()
     conv = Conversation(think_budget=16)
     repl, term = drive(FakeSession(answer("a")), "x" + ENTER + CTRL_D, conv=conv)
     assert repl.prompt_status().startswith("think on ≤16")

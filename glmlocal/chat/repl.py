@@ -259,7 +259,7 @@ class ChatREPL:
         """/think on (no budget), /think N (at most N tokens of thinking per reply), /think off."""
         if arg.lower() in ("on", "off"):
             self.conv.enable_thinking, self.conv.think_budget = arg.lower() == "on", None
-        elif arg.isdigit() and int(arg) > 0:
+        elif arg.isdecimal() and int(arg) > 0:  # isdigit() would pass "²", which int() refuses
             self.conv.enable_thinking, self.conv.think_budget = True, int(arg)
         elif arg:
             self.console.print(Text("usage: /think on|off|N (N: most tokens to think per reply, at least 1)",
