@@ -72,7 +72,7 @@ class SessionBackend:
                     return
                 yield item
         finally:
-            stream.close()  # releases the engine lock when the client went away mid-turn
+            stream.close()  # a client gone mid-turn: the engine ends its sequence and frees the slot
 
     def complete(self, req: CompletionRequest, tokens: list[int],
                  cancel: threading.Event) -> Iterator[CompletionItem]:
