@@ -7,6 +7,7 @@ The same paths against the real engine and a fixture GGUF are in tests/test_serv
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -286,6 +287,18 @@ def test_busy_port_is_one_clear_error_before_any_model_load():
             open_socket("127.0.0.1", first.getsockname()[1])
     finally:
         first.close()
+
+
+def test_a_failed_model_load_releases_the_port(tmp_path):
+    """serve binds before the slow load; a load that fails closes that socket again."""
+    from glmlocal.server.run import ServeArgs, open_socket, run_serve
+    from tests.server_live import free_port
+
+    port = free_port()
+    with pytest.raises(InputError, match="no such file") as failed:
+        run_serve(ServeArgs(model=str(tmp_path / "missing.gguf"), port=port), err=io.StringIO())
+    assert failed.traceback  # it keeps run_serve's frame, and a leaked socket in it, alive
+    open_socket("127.0.0.1", port).close()  # would be "another program is listening there"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from glmlocal.engine.spec import SpecConfig
 from glmlocal.errors import InputError
@@ -22,6 +22,9 @@ from glmlocal.server.app import ServerConfig, create_app
 from glmlocal.server.backend import SessionBackend
 from glmlocal.server.security import check_bind, is_loopback
 from glmlocal.server.thinking import Mode, ThinkingPolicy
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -104,41 +107,47 @@ def thinking_line(args: ServeArgs) -> str:
 
 def run_serve(args: ServeArgs, err: TextIO | None = None) -> int:
     """Load the model and serve it until SIGINT/SIGTERM. Returns the exit code."""
-    import uvicorn
-    from rich.markup import escape
-
     from glmlocal.plan.view import cli_console
 
     err = err or sys.stderr
     policy = ThinkingPolicy(args.thinking, args.think_budget)  # a bad --thinking fails before the slow load
     api_key = args.api_key or os.environ.get("GLMLOCAL_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)
-    sock = open_socket(args.host, args.port)
-    console = cli_console(file=err)  # a log file or pipe gets whole lines, no wrapping
-    model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
-                       parallel=args.parallel, speculation=args.spec)
-    try:
-        parallel = model.engine.parallel
-        config = ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
-                              max_queue=args.max_queue, parallel=parallel, cors_origins=tuple(args.cors),
-                              loopback_only=is_loopback(args.host) and not args.insecure, bind_host=args.host,
-                              thinking=policy)
-        app = create_app(SessionBackend(model.session), config)
-        port = sock.getsockname()[1]
-        url = url_of(args.host, port)
-        console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
-        console.print(f"  parallel:  {parallel_line(parallel, args)}")
-        if model.speculation is not None:
-            console.print(f"  drafts:    {escape(model.speculation.describe())}")
-        console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
-        console.print(f"  thinking:  {thinking_line(args)}")
-        # Keep idle connections longer than clients pool them (httpx 5 s, undici 4 s): with uvicorn's 5 s
-        # default, a request sent as the server closes the socket fails (encode/httpx#2487).
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
-                                               timeout_keep_alive=KEEP_ALIVE_S,
-                                               access_log=args.log_level in ("info", "debug")))
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-        model.close()
+    with open_socket(args.host, args.port) as sock:  # closed however the load or the server ends
+        console = cli_console(file=err)  # a log file or pipe gets whole lines, no wrapping
+        model = open_model(args.model, args.plan, console, quant=args.quant, template=args.template,
+                           parallel=args.parallel, speculation=args.spec)
+        try:
+            _serve(model, sock, server_config(model, args, api_key, policy), args, console)
+        finally:
+            model.close()
     return 0
+
+
+def server_config(model: LoadedModel, args: ServeArgs, api_key: str | None, policy: ThinkingPolicy) -> ServerConfig:
+    """The server's policy for `model` as `glmlocal serve` was asked (its parallel is the engine's)."""
+    return ServerConfig(model_id=model.name, aliases=model_aliases(model, args), api_key=api_key,
+                        max_queue=args.max_queue, parallel=model.engine.parallel, cors_origins=tuple(args.cors),
+                        loopback_only=is_loopback(args.host) and not args.insecure, bind_host=args.host,
+                        thinking=policy)
+
+
+def _serve(model: LoadedModel, sock: socket.socket, config: ServerConfig, args: ServeArgs, console: Console) -> None:
+    """Say where and how `model` is served, then run uvicorn on `sock` until SIGINT/SIGTERM."""
+    import uvicorn
+    from rich.markup import escape
+
+    app = create_app(SessionBackend(model.session), config)
+    url = url_of(args.host, sock.getsockname()[1])
+    console.print(f"[bold green]serving[/] {model.name} (context {model.n_ctx}) at {url}")
+    console.print(f"  parallel:  {parallel_line(config.parallel, args)}")
+    if model.speculation is not None:
+        console.print(f"  drafts:    {escape(model.speculation.describe())}")
+    console.print(f"  OpenAI:    base_url={url}/v1   Anthropic / Claude Code: ANTHROPIC_BASE_URL={url}")
+    console.print(f"  thinking:  {thinking_line(args)}")
+    # Keep idle connections longer than clients pool them (httpx 5 s, undici 4 s): with uvicorn's 5 s
+    # default, a request sent as the server closes the socket fails (encode/httpx#2487).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=KEEP_ALIVE_S,
+                                           access_log=args.log_level in ("info", "debug")))
+    server.run(sockets=[sock])
