@@ -56,13 +56,9 @@ class Backend(Protocol):
     n_ctx: int
 
     def prepare(self, turn: TurnRequest) -> PreparedTurn: ...
-
     def tokenize(self, text: str) -> list[int]: ...
-
     def cached_prefix(self, prepared: PreparedTurn) -> int: ...
-
     def chat(self, turn: TurnRequest, prepared: PreparedTurn, cancel: threading.Event) -> Iterator[ChatItem]: ...
-
     def complete(self, req: CompletionRequest, tokens: list[int],
                  cancel: threading.Event) -> Iterator[CompletionItem]: ...
 
@@ -354,8 +350,7 @@ def _anthropic_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> N
         _check_model(config, body.model, anthropic=True)
         turn = an.to_turn(body, config.thinking)
         prepared = await _preflight_chat(backend, turn)
-        # What message_start can know, asked before reserve(): nothing awaits between taking a place and
-        # handing it to a response that closes it, so a failure or cancellation here cannot leak the place.
+        # message_start's cache count, asked before reserve(): no await may come between a place and its closer
         cached = await asyncio.to_thread(backend.cached_prefix, prepared) if body.stream else 0
         ticket = scheduler.reserve()
         run = lambda cancel: backend.chat(turn, prepared, cancel)
