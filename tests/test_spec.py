@@ -194,7 +194,7 @@ def test_greedy_speculation_equals_plain_decoding_on_f32(f32, plain, ref, mode):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny45"])
-@pytest.mark.parametrize("quant,noise", [("bf16", 0.05), ("q4_k_m", 0.3)])
+@pytest.mark.parametrize("quant,noise", [("bf16", 0.2), ("q4_k_m", 0.6)])  # twice the drift (test_batch)
 def test_bf16_and_q4_speculation_differs_from_plain_only_at_near_ties(gguf_factory, preset, quant, noise):
     path = gguf_factory(preset, quant)
     with Engine.load(path, placement()) as plain:

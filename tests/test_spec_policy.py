@@ -117,10 +117,12 @@ def test_modes_decide_what_runs_and_say_why():
     ({"mode": "fast"}, "unknown --spec 'fast'"),
     ({"n_draft": 0}, "--draft must be at least 1, got 0"),
     ({"n_draft": -3}, "--draft must be at least 1, got -3"),
+    ({"n_draft": 65}, "--draft must be at most 64, got 65"),
 ])
 def test_bad_options_are_input_errors(kwargs, message):
     with pytest.raises(InputError, match=message.replace("'", ".")):
         SpecConfig(**kwargs)
+    assert SpecConfig(n_draft=64).n_draft == 64  # the limit itself is allowed
 
 
 @pytest.mark.parametrize("mode", ["mtp", "mtp+ngram"])
@@ -181,10 +183,31 @@ def test_auto_does_not_look_for_drafts_for_a_few_steps_after_finding_none():
     propose = sp.propose
     sp.propose = lambda seq, n_max, index: looked.append(len(seq.history)) or propose(seq, n_max, index)
     drafter = sp.speculation().drafter
-    seq = SimpleNamespace(history=[7, 8, 9, 1, 2], seq_id=0, n_past=4, key=1, n_prompt=5)
+    seq = SimpleNamespace(history=[7, 8, 9, 1, 2], seq_id=0, n_past=4, key=1, n_prompt=5, step=0,
+                          after_prefill=False)
     for t in [3, 4, 5, 6, 7, 8, 9, 1, 2, 3]:  # the history repeats itself from the second 7 on
         drafter.draft(seq, 8)
         seq.history.append(t)
     # a step with nothing to draft, IDLE steps without a look, again, then drafts every step
     assert looked == [5, 5 + IDLE + 1, 5 + 2 * (IDLE + 1), 14]
     assert drafter.draft(seq, 8)[:4] == [4, 5, 6, 7]  # ... 7 8 9 1 2 3: what followed 7 8 9 1 2 3 before
+
+
+def test_a_step_is_timed_only_when_it_ran_right_after_the_previous_one_without_a_prompt_chunk():
+    from types import SimpleNamespace
+
+    from glmlocal.engine.spec import Speculator
+
+    sp = Speculator(decide(SpecConfig("ngram", 4), has_nextn=False, planned_mtp=False), None)
+    timed: list[tuple] = []
+    sp.model.observe = lambda arm, dt, n: timed.append((arm, n))
+    drafter = sp.speculation([5, 6, 7, 8, 5, 6, 7]).drafter  # the prompt is indexed before the first step
+    seq = SimpleNamespace(history=[5, 6, 7, 8, 5, 6, 7], seq_id=0, n_past=6, key=1, n_prompt=7, step=0,
+                          after_prefill=False)
+    # (loop step, previous step carried a prompt chunk): 1 follows 0; 3 skips a step (held back behind its
+    # reader); 4 follows 3 but after a step shared with another request's prompt; 5 follows 4 cleanly
+    for step, prefill in [(0, False), (1, False), (3, False), (4, True), (5, False)]:
+        seq.step, seq.after_prefill = step, prefill
+        assert drafter.draft(seq, 4)[:1] == [8]  # ... 5 6 7 -> 8, found in the indexed prompt
+        seq.history.extend([8, 5, 6, 7])
+    assert len(timed) == 2 and all(n == 4 for _, n in timed)

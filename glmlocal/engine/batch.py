@@ -78,6 +78,8 @@ class Seq:
         self.closed = False  # set by the consumer when it stops reading
         self.saved: tuple[list[int], SeqState | None] | None = None  # preempted: its KV in RAM
         self.gate: int | None = None  # preempted at this finish count: wait until a sequence ends
+        self.step = -1  # the loop's step its latest drafts were asked for (DraftSeq.step)
+        self.after_prefill = False  # that step came after one that carried prompt tokens (DraftSeq)
 
     @property
     def seq_id(self) -> int:
@@ -148,18 +150,26 @@ class BatchLoop:
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
         self._stopping = False
+        self._dead: str | None = None  # why the decode thread ended unexpectedly (None while it runs)
         self._finished = 0  # sequences ended so far (room came back)
         self.steps = 0  # llama_decode calls
+        self._prefilled = False  # the latest planned step carries prompt tokens
         self.seq_steps = 0  # sequences in them, summed (seq_steps / steps: how many shared a step on average)
         self.idle = False  # waiting for readers to catch up
         self._thread = threading.Thread(target=self._main, name="glmlocal-decode", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ other threads
+    def _refuse(self) -> None:
+        """Raise if the loop takes no more work (called under the lock)."""
+        if self._dead is not None:
+            raise EngineError(f"the decode thread has stopped ({self._dead})")
+        if self._stopping:
+            raise EngineError("engine is closed")
+
     def submit(self, seq: Seq) -> None:
         with self._cv:
-            if self._stopping:
-                raise EngineError("engine is closed")
+            self._refuse()
             self._inbox.append(seq)
             self._cv.notify()
 
@@ -167,11 +177,10 @@ class BatchLoop:
         """Run fn on the decode thread between two steps; return its result (or raise its exception)."""
         box: queue.SimpleQueue = queue.SimpleQueue()
         with self._cv:
-            if self._stopping:
-                raise EngineError("engine is closed")
+            self._refuse()
             self._calls.append((fn, box))
             self._cv.notify()
-        ok, value = box.get()
+        ok, value = box.get()  # the thread answers every queued call, also when it dies (_main's finally)
         if not ok:
             raise value
         return value
@@ -194,6 +203,30 @@ class BatchLoop:
 
     # ------------------------------------------------------------------ the decode thread
     def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug the step's catch-all lets through: fail everyone, then re-raise
+            with self._cv:
+                self._dead = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._drain(EngineError(f"the decode thread has stopped ({self._dead})"))
+            raise
+        self._drain(EngineError("engine is closed"))
+
+    def _drain(self, error: EngineError) -> None:
+        """Every sequence still queued or running, and every call still waiting, gets `error`."""
+        with self._cv:
+            leftover = [*self._inbox, *self._waiting, *self._running]
+            self._inbox.clear()
+            calls, self._calls = self._calls, []
+        for seq in leftover:
+            try:
+                self._end(seq, error=error)
+            except Exception:  # noqa: BLE001 - the others must still get theirs
+                seq.out.put(error)
+        for _, box in calls:
+            box.put((False, error))
+
+    def _run(self) -> None:
         while True:
             with self._cv:
                 while not (self._stopping or self._inbox or self._calls or self._waiting or self._running):
@@ -211,8 +244,7 @@ class BatchLoop:
             try:
                 worked = self._step()
             except Exception as exc:  # noqa: BLE001 - a bug must not hang every consumer
-                for seq in [*self._running, *self._waiting]:
-                    self._end(seq, error=exc)
+                self._fail_all(exc)
                 worked = True
             if not worked:  # every running sequence waits for its reader: sleep until one reads (or a tick)
                 with self._cv:
@@ -220,13 +252,6 @@ class BatchLoop:
                     if self.idle:
                         self._cv.wait(IDLE_TICK_S)
                     self.idle = False
-        with self._cv:
-            leftover = [*self._inbox, *self._waiting, *self._running]
-            calls, self._calls = self._calls, []
-        for seq in leftover:
-            self._end(seq, error=EngineError("engine is closed"))
-        for _, box in calls:
-            box.put((False, EngineError("engine is closed")))
 
     def _step(self) -> bool:
         """One step; False when there was nothing to decode."""
@@ -288,6 +313,7 @@ class BatchLoop:
         for i, seq in enumerate(decoding):
             if budget < 1:
                 break
+            seq.step, seq.after_prefill = self.steps, self._prefilled
             drafts = self._drafts(seq, budget - 1 - (len(decoding) - i - 1))
             w = _Work(seq, [seq.history[-1], *drafts], seq.n_past, 0, n_draft=len(drafts))
             self._batch.add(w, seq.seq_id, 0)
@@ -304,6 +330,7 @@ class BatchLoop:
             self._batch.add(w, seq.seq_id, len(feed) - 1 if last else len(feed))
             budget -= len(feed)
             work.append(w)
+        self._prefilled = any(w.seq not in decoding for w in work)
         return work
 
     def _drafts(self, seq: Seq, room: int) -> list[int]:
@@ -382,6 +409,20 @@ class BatchLoop:
         seq = self._running[0]
         self._end(seq, error=EngineError(f"the KV cache has no room for sequence {seq.seq_id} "
                                          f"at position {seq.n_past} (context {self.n_ctx})"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        """A step raised: every sequence ends with that error. Its decode may have written KV the step never
+        recorded, so each running sequence's KV is cut back to its token list first (as after a failed decode)."""
+        for seq in [*self._running, *self._waiting]:
+            try:
+                if seq.slot is not None:
+                    self.slots.kv.seq_rm(seq.seq_id, seq.n_past, -1)
+            except Exception:  # noqa: BLE001 - the next admission of the slot cuts its KV again (SlotTable.truncate)
+                pass
+            try:
+                self._end(seq, error=exc)
+            except Exception:  # noqa: BLE001 - its consumer already has the error; the others must get theirs
+                pass
 
     def _end(self, seq: Seq, *, cancelled: bool = False, error: BaseException | None = None) -> None:
         """The sequence is done: free its slot (its KV stays for the next turn), tell its consumer."""

@@ -51,6 +51,12 @@ class DraftSeq(Protocol):
     @property
     def n_past(self) -> int: ...  # tokens whose KV is in the context (history[:n_past])
 
+    @property
+    def step(self) -> int: ...  # the decode loop's step being planned (one more than the loop's previous step)
+
+    @property
+    def after_prefill(self) -> bool: ...  # the loop's previous step also carried prompt tokens (so was slower)
+
 
 class Drafter(Protocol):
     def draft(self, seq: DraftSeq, n_max: int) -> list[int]:

@@ -53,7 +53,8 @@ class NgramIndex:
         self._ends: dict[tuple[int, ...], list[int]] = {}
         self._next = config.key_min  # the next end position to index
 
-    def _extend(self, history: Sequence[int]) -> None:
+    def extend(self, history: Sequence[int]) -> None:
+        """Index the part of `history` not indexed yet (find() does this itself; call it early for a long prompt)."""
         # An n-gram ending at e (history[e - k:e]) is a candidate once a token follows it: e <= len - 1. The
         # n-gram ending at len itself is the key being looked up, never its own match.
         k = self.config.key_min
@@ -67,7 +68,7 @@ class NgramIndex:
         cfg, n = self.config, len(history)
         if n_max < 1 or n <= cfg.key_min:
             return None
-        self._extend(history)
+        self.extend(history)
         ends = self._ends.get(tuple(history[n - cfg.key_min:]))
         if not ends:
             return None

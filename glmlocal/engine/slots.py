@@ -156,6 +156,15 @@ class SlotTable:
     def has_free(self) -> bool:
         return any(not s.busy for s in self.slots)
 
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens admit(prompt) would take from the KV now (with every slot busy: the longest prefix held
+        anywhere, which a slot freed later can offer at most)."""
+        stash = self.stash.best(prompt)
+        if self.has_free():
+            return choose_reuse(prompt, self.slots, stash).n
+        held = max((common_prefix(s.tokens, prompt) for s in self.slots), default=0)
+        return min(max(held, stash[1]), len(prompt) - 1)
+
     def admit(self, prompt: Sequence[int]) -> tuple[Slot, str]:
         """Claim a free slot holding the longest reusable prefix of prompt; (the slot, the prefix's source).
         The slot's tokens are that prefix (a failed restore leaves less: what is really there)."""
@@ -204,12 +213,12 @@ class SlotTable:
         slot.busy = False
 
     def truncate(self, slot: Slot, n: int) -> None:
-        """Keep the first n tokens' KV (all of it goes if llama.cpp cannot cut the sequence there)."""
-        if n < len(slot.tokens) or n == 0:
-            if not self.kv.seq_rm(slot.seq_id, n, -1):
-                self.kv.seq_rm(slot.seq_id, -1, -1)
-                n = 0
-            del slot.tokens[n:]
+        """Keep the first n tokens' KV (all of it goes if llama.cpp cannot cut the sequence there). Whatever the KV
+        holds past them goes too, even past the token list (a step that failed after its decode)."""
+        if not self.kv.seq_rm(slot.seq_id, n, -1):
+            self.kv.seq_rm(slot.seq_id, -1, -1)
+            n = 0
+        del slot.tokens[n:]
 
     def evict_idle(self) -> bool:
         """Free the least recently used idle slot's KV (stashed when long enough); False if none holds any."""

@@ -37,6 +37,7 @@ from glmlocal.errors import InputError
 MODES = ("auto", "mtp", "ngram", "mtp+ngram", "off")
 MTP_DRAFT = 3  # MTP drafts per step when neither --draft nor the plan says (llama.cpp's --spec-draft-n-max)
 NGRAM_DRAFT = 16  # n-gram drafts per step by default (a copied span is usually right for a while)
+DRAFT_LIMIT = 64  # --draft at most: a step verifies its drafts in one batch, and past this a miss costs more
 LONG_MATCH = 6  # mtp+ngram: an n-gram match this long is trusted over MTP
 NGRAM_CAPS = (4, 16, 64)  # auto: the n-gram draft lengths it measures separately
 MEMO = 16  # auto: steps a decision is reused while only plain steps were measured
@@ -58,6 +59,9 @@ class SpecConfig:
             raise InputError(f"unknown --spec {self.mode!r}", hint=f"use one of {', '.join(MODES)}")
         if self.n_draft is not None and (isinstance(self.n_draft, bool) or self.n_draft < 1):
             raise InputError(f"--draft must be at least 1, got {self.n_draft}", hint="or --spec off for no drafts")
+        if self.n_draft is not None and self.n_draft > DRAFT_LIMIT:
+            raise InputError(f"--draft must be at most {DRAFT_LIMIT}, got {self.n_draft}",
+                             hint="a step verifies every draft in one batch; long drafts that miss cost time")
 
     @property
     def plan_mtp(self) -> bool | None:
@@ -275,11 +279,11 @@ class Speculator:
         self._caps = [c for c in NGRAM_CAPS if c <= setup.n_ngram] or [setup.n_ngram]
         self._mtp_arms = [("mtp", k) for k in range(1, setup.n_mtp + 1)]
 
-    def speculation(self) -> Speculation | None:
-        """A new request's Speculation (None when speculation is off)."""
+    def speculation(self, prompt: Sequence[int] = ()) -> Speculation | None:
+        """A new request's Speculation (None when speculation is off); its n-gram index starts with `prompt`."""
         if not self.setup.on:
             return None
-        return Speculation(_Drafter(self), max(self.setup.n_mtp, self.setup.n_ngram))
+        return Speculation(_Drafter(self, prompt), max(self.setup.n_mtp, self.setup.n_ngram))
 
     def propose(self, seq: DraftSeq, n_max: int, index: NgramIndex | None) -> tuple[Arm, list[int]]:
         """This step's arm and drafts for seq (at most n_max)."""
@@ -318,18 +322,22 @@ class _Drafter:
     of its steps for the cost model. Under auto, a step that drafts nothing is followed by IDLE steps that do
     not even look (a copy that starts is caught a few tokens late; plain steps run at plain speed)."""
 
-    def __init__(self, spec: Speculator):
+    def __init__(self, spec: Speculator, prompt: Sequence[int] = ()):
         self._spec = spec
         self._index = NgramIndex(spec.ngram) if spec.setup.ngram else None
+        if self._index is not None:  # indexed on the caller's thread: a long prompt never stalls the decode loop
+            self._index.extend(prompt)
         self._arm: Arm | None = None
-        self._t, self._n = 0.0, 0
+        self._t, self._n, self._step = 0.0, 0, -2
         self._idle = 0
 
     def draft(self, seq: DraftSeq, n_max: int) -> list[int]:
         now = time.perf_counter()
-        if self._arm is not None:  # the previous decision's step ends here: its time and tokens
+        # the previous decision's step ends here: its time and tokens, measured only when it was the loop's step
+        # right before this one (not held back behind a slow reader) and carried no prompt chunk
+        if self._arm is not None and seq.step == self._step + 1 and not seq.after_prefill:
             self._spec.model.observe(self._arm, now - self._t, len(seq.history) - self._n)
-        self._t, self._n = now, len(seq.history)
+        self._t, self._n, self._step = now, len(seq.history), seq.step
         if self._idle:
             self._idle, self._arm = self._idle - 1, None
             return []
