@@ -126,6 +126,31 @@ def test_placement_predicted_not_to_fit_is_refused(gguf):
         assert eng.n_ctx == 1024
 
 
+def test_a_constructor_that_fails_frees_the_model_and_context_once(gguf, monkeypatch):
+    import llama_cpp.llama_cpp as C
+
+    import glmlocal.engine.engine as engine_mod
+
+    freed: list[str] = []
+    for name in ("llama_free", "llama_model_free"):
+        real = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda p, real=real, name=name: (freed.append(name), real(p))[1])
+
+    def broken(*a, **kw):
+        raise RuntimeError("slot table")
+
+    monkeypatch.setattr(engine_mod, "SlotTable", broken)
+    with pytest.raises(RuntimeError, match="slot table"):
+        Engine.load(gguf, _placement())
+    import gc
+
+    gc.collect()  # the half-built Engine's __del__ must not free them a second time
+    assert sorted(freed) == ["llama_free", "llama_model_free"]
+    monkeypatch.undo()
+    with Engine.load(gguf, _placement()) as eng:  # and the next load works
+        assert eng.n_ctx == 1024
+
+
 def test_planned_load_on_this_machine_and_progress(gguf):
     seen: list[float] = []
     with Engine.load(gguf, None, n_ctx=512, progress=seen.append) as eng:

@@ -31,11 +31,9 @@ from glmlocal.engine.generation import (
     StopMatcher,
     TokenOut,
     Utf8Stream,
-    common_prefix,
 )
-from glmlocal.engine.hooks import DecodeObserver, KvMirror, Speculation, StateBlob  # noqa: F401 (StateBlob: re-export)
+from glmlocal.engine.hooks import DecodeObserver, KvMirror, Speculation
 from glmlocal.engine.params import (
-    KV_TYPES,  # noqa: F401 (re-exported: it used to live here)
     MAX_PARALLEL,
     check_fits,
     context_params,
@@ -45,7 +43,7 @@ from glmlocal.engine.params import (
 from glmlocal.engine.params import (
     model_params as _model_params,  # Engine.load looks it up here: tests/rpc_child.py patches engine._model_params
 )
-from glmlocal.engine.sampler import SamplerChain, validate_grammar
+from glmlocal.engine.sampler import SamplerChain
 from glmlocal.engine.slots import CacheConfig, KvStore, SeqState, SlotTable
 from glmlocal.engine.spec import SpecSetup, Speculator, start_speculation
 from glmlocal.errors import ContextOverflowError, EngineError, InputError
@@ -80,9 +78,22 @@ class Engine:
     def __init__(self, path: Path, model: C.llama_model_p, ctx: C.llama_context_p, placement: Placement,
                  report: LoadReport, keep: list[object], cache: CacheConfig, parallel: int = 1,
                  speculator: Speculator | None = None):
+        self._close_lock = threading.Lock()
+        self._ctx = self._model = None  # set last: until then close() frees nothing (Engine.load does, on failure)
+        try:
+            self._start(path, model, ctx, placement, report, keep, cache, parallel, speculator)
+        except BaseException:
+            if getattr(self, "_loop", None) is not None:
+                self._loop.stop()
+            raise
+        self._model, self._ctx = model, ctx
+
+    def _start(self, path: Path, model: C.llama_model_p, ctx: C.llama_context_p, placement: Placement,
+               report: LoadReport, keep: list[object], cache: CacheConfig, parallel: int,
+               speculator: Speculator | None) -> None:
         self.path, self.placement, self.report, self.parallel = path, placement, report, parallel
         self.speculator = speculator  # drafts for every request that names no `spec` (engine/spec.py)
-        self._model, self._ctx, self._keep = model, ctx, keep
+        self._keep = keep
         self._vocab = C.llama_model_get_vocab(model)
         self.n_ctx = C.llama_n_ctx(ctx)
         self.n_batch = C.llama_n_batch(ctx)
@@ -96,7 +107,6 @@ class Engine:
             self._slots.kv.mirrors.append(speculator.mtp)
         self._keys = itertools.count(1)
         self._tls = threading.local()
-        self._close_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -147,7 +157,14 @@ class Engine:
         report = LoadReport(log=list(lines), buffers=llama_log.parse_buffers(lines),
                             overridden=llama_log.parse_overrides(lines), load_s=time.perf_counter() - t0,
                             devices=devices)
-        return cls(path, model, ctx, placement, report, keep, cache, parallel, speculator)
+        try:
+            return cls(path, model, ctx, placement, report, keep, cache, parallel, speculator)
+        except BaseException:  # nothing owns the model and contexts yet
+            if speculator is not None and speculator.mtp is not None:
+                speculator.mtp.close()
+            C.llama_free(ctx)
+            C.llama_model_free(model)
+            raise
 
     def close(self) -> None:
         """Stop the decode thread (whatever still runs ends with EngineError), free the context and the model.
@@ -252,11 +269,15 @@ class Engine:
             bad = [t for t in ids if t is not None and not 0 <= t < self.n_vocab]
             if bad:
                 raise InputError(f"{what}token id {bad[0]} outside the vocabulary of {self.n_vocab}")
-        validate_grammar(self._vocab, self.n_vocab, sampling, grammar)
+        # a grammar is parsed here, once, so a bad one raises before anything is queued; the chain goes with it
+        chain = self._chain(sampling, grammar, think) if grammar else None
         limit = room if max_tokens is None else max_tokens
         if spec is None and self.speculator is not None:
-            spec = self.speculator.speculation()
-        return self._stream(Request(prompt, sampling, grammar, limit, cancel, want_logits, think, spec))
+            spec = self.speculator.speculation(prompt)
+        return self._stream(Request(prompt, sampling, grammar, limit, cancel, want_logits, think, spec), chain)
+
+    def _chain(self, sampling: Sampling, grammar: str | None, think: ThinkBudget | None) -> SamplerChain:
+        return SamplerChain(self._vocab, self.n_vocab, sampling, grammar, ThinkState(think) if think else None)
 
     @property
     def last_stats(self) -> GenerationStats | None:
@@ -264,15 +285,17 @@ class Engine:
         are read, final when it ends or is closed)."""
         return getattr(self._tls, "stats", None)
 
-    def _stream(self, req: Request) -> Generator[TokenOut, None, None]:
-        # Queued here, not in generate(), so a stream that is never started costs nothing.
+    def _stream(self, req: Request, chain: SamplerChain | None) -> Generator[TokenOut, None, None]:
+        # Queued here, not in generate(), so a stream that is never started costs nothing (a grammar's chain,
+        # built in generate(), is freed when the stream is collected: SamplerChain.__del__).
         stats = GenerationStats(prompt_tokens=len(req.prompt))
         self._tls.stats = stats
         if req.cancel is not None and req.cancel.is_set():
+            if chain is not None:
+                chain.close()
             yield TokenOut(None, "", "cancelled", stats)
             return
-        chain = SamplerChain(self._vocab, self.n_vocab, req.sampling, req.grammar,
-                             ThinkState(req.think) if req.think else None)
+        chain = chain or self._chain(req.sampling, req.grammar, req.think)
         seq = Seq(next(self._keys), req, chain)
         try:
             self._loop.submit(seq)
@@ -337,11 +360,7 @@ class Engine:
         """Prompt tokens a generation started now could take from the KV cache (a slot's, or the stash's), looked
         up on the decode thread between two steps, running nothing: the server reports it before generating."""
         prompt = [int(t) for t in prompt_tokens]
-
-        def longest() -> int:
-            held = max((common_prefix(s.tokens, prompt) for s in self._slots.slots), default=0)
-            return min(max(held, self._slots.stash.best(prompt)[1]), len(prompt) - 1)  # the last is re-evaluated
-        return int(self._loop.call(longest)) if prompt else 0
+        return int(self._loop.call(lambda: self._slots.reusable(prompt))) if prompt else 0
 
     @property
     def decode_steps(self) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from glmlocal.errors import EngineError, InputError, PlanError
 from glmlocal.llama import ggml
 from glmlocal.plan.mtp import MAX_DRAFT, mtp_batch
 from glmlocal.plan.placement import Placement
-from glmlocal.plan.planner import parallel_for_context
+from glmlocal.plan.view import gib
 
 MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; past this a batch is mostly bookkeeping)
 
@@ -28,8 +28,8 @@ def check_fits(placement: Placement) -> None:
     for dev in placement.devices:
         need = dev.total if dev.name != "CPU" else dev.kv + dev.compute
         if dev.capacity and need > dev.capacity:
-            raise PlanError(f"the placement needs {need / 2**30:.1f} GiB on {dev.name}, which has "
-                            f"{dev.capacity / 2**30:.1f} GiB free", hint=hint)
+            raise PlanError(f"the placement needs {gib(need)} on {dev.name}, which has {gib(dev.capacity)} free",
+                            hint=hint)
 
 
 def device_names(placement: Placement) -> list[str] | None:
@@ -107,12 +107,6 @@ def _kv_type(name: str) -> int:
         return KV_TYPES[str(name).lower()]
     except KeyError:
         raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
-
-
-def default_parallel(n_ctx: int) -> int:
-    """How many requests `serve` runs at once when not told: the planner's rule (glmlocal.plan.planner
-    .default_parallel: the 8K-token conversations the n_ctx KV pool holds, 1..8), which also sized the plan."""
-    return parallel_for_context(n_ctx)
 
 
 def context_params(placement: Placement, n_ctx: int, n_seq: int = 1) -> C.llama_context_params:

@@ -56,13 +56,6 @@ def build_chain(vocab: C.llama_vocab_p, n_vocab: int, s: Sampling,
     return chain, gram
 
 
-def validate_grammar(vocab: C.llama_vocab_p, n_vocab: int, s: Sampling, grammar: str | None) -> None:
-    """Raise EngineError now for a bad grammar (before anything is queued or decoded)."""
-    if grammar:
-        chain, _ = build_chain(vocab, n_vocab, s, grammar)
-        C.llama_sampler_free(chain)
-
-
 class SamplerChain:
     """A sequence's chain plus its thinking state. Use from the decode thread only; `close()` once."""
 
@@ -102,6 +95,12 @@ class SamplerChain:
         arr = C.llama_token_data_array(data=data, size=1, selected=-1, sorted=False)
         C.llama_sampler_apply(self._grammar, ctypes.byref(arr))
         return data[0].logit != -np.inf
+
+    def __del__(self) -> None:  # a chain built for a stream that was never started
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone already
+            pass
 
     def close(self) -> None:
         if self._chain:

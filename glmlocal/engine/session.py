@@ -11,8 +11,8 @@ The single place that turns a chat request into events, shared by `glmlocal chat
 caller that needs the prompt before generating (the server sizes a request before queueing it) calls the two
 itself, so a request is rendered and tokenized once. Both validate everything (template, tools, grammar,
 context size) before they return, so errors (InputError, TemplateError, ContextOverflowError, EngineError)
-surface before the first event. The returned `TurnStream` holds the engine lock while it runs: exhaust it or
-call `.close()` on it.
+surface before the first event. The returned `TurnStream` holds a sequence in the engine's decode loop (a
+slot of its KV pool) while it runs: exhaust it or call `.close()` on it, which frees the slot at the next step.
 
 Stop strings end the visible answer: they are matched in the content only, never in reasoning or tool-call
 markup (as Anthropic's stop_sequences), and `TurnResult.stop_sequence` says which one ended the turn.

@@ -83,7 +83,7 @@ MIN_CTX = 4096  # as llama.cpp's --fit (-fitc 4096)
 CTX_STEP = 256  # llama.cpp pads n_ctx to a multiple of 256
 BASE_UBATCH = 512  # llama.cpp's default n_ubatch: the context search uses it, tune.py may raise it
 CONVERSATION = 8192  # tokens of one conversation when counting how many share the KV pool
-MAX_PARALLEL = 8
+MAX_DEFAULT_PARALLEL = 8  # serve's default --parallel at most (the engine takes up to engine.params.MAX_PARALLEL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,12 +185,12 @@ def _fits(b: Budget, lay: Layout) -> bool:
 
 def parallel_for_context(n_ctx: int) -> int:
     """default_parallel's rule for an n_ctx-token KV pool."""
-    return max(1, min(MAX_PARALLEL, n_ctx // CONVERSATION))
+    return max(1, min(MAX_DEFAULT_PARALLEL, n_ctx // CONVERSATION))
 
 
 def default_parallel(placement: Placement) -> int:
     """serve's default --parallel for a placement: how many CONVERSATION-token (8K) conversations its KV pool
-    holds, clamped to 1..MAX_PARALLEL. The engine keeps ONE pool of n_ctx tokens for every sequence (kv_unified),
+    holds, clamped to 1..MAX_DEFAULT_PARALLEL. The engine keeps ONE pool of n_ctx tokens for every sequence (kv_unified),
     so this is a count of comfortable conversations, not a split: one conversation alone may use all n_ctx
     (Claude Code's 64K), and the sequences of a busy server share the pool (8K each is an agent's side request or
     a sub-agent's first turns). The plan's buffers are sized for this many (Placement.parallel); more sequences
@@ -313,7 +313,7 @@ def _placement(c: Choice, n_batch: int | None, notes: list[str]) -> Placement:
 def _pool_note(b: Budget, lay: Layout) -> str:
     n = parallel_for_context(lay.ctx)
     return (f"KV pool of {lay.ctx} tokens shared by all sequences (kv_unified): one conversation may use all of "
-            f"it; serve --parallel defaults to {n} (= {lay.ctx} // {CONVERSATION}, clamped to 1..{MAX_PARALLEL}: "
+            f"it; serve --parallel defaults to {n} (= {lay.ctx} // {CONVERSATION}, clamped to 1..{MAX_DEFAULT_PARALLEL}: "
             f"{n} conversations of {lay.ctx // n} tokens each fit)")
 
 
