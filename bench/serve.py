@@ -103,7 +103,7 @@ def bench_decode(path: Path, ctx: int, tokens: int, reps: int) -> tuple[float, f
     body = {"model": "bench", "messages": messages, "max_tokens": tokens, "temperature": 0, "seed": 1,
             "chat_template_kwargs": NO_THINK}
     engine_runs, server_runs = [], []
-    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench")
+    srv = ServeProcess(path, "--ctx", str(ctx), "--alias", "bench", "--spec", "off")  # as the in-process engine
     model = open_model(str(path), PlanOptions(ctx=ctx), Console(quiet=True))
     try:
         stream_chat(srv.url, body), engine_decode(model, messages, tokens)  # warm-up both
