@@ -27,7 +27,6 @@ for 1 row and n rows, which can flip a near-tie (tests/test_batch.py says where)
 
 from __future__ import annotations
 
-import ctypes
 import queue
 import threading
 import time
@@ -36,11 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
-import numpy as np
 
 from glmlocal.engine.budget import ThinkBudget
 from glmlocal.engine.generation import GenerationStats, Sampling, TokenOut
 from glmlocal.engine.hooks import DecodeObserver, SeqRows, Speculation
+from glmlocal.engine.llbatch import ArrayBatch
 from glmlocal.engine.sampler import SamplerChain
 from glmlocal.engine.slots import SeqState, Slot, SlotTable
 from glmlocal.errors import EngineError
@@ -105,35 +104,14 @@ class _Work:
     n_draft: int = 0
 
 
-class _Batch:
-    """A llama_batch over numpy arrays (one sequence id per token), filled a span at a time."""
-
-    def __init__(self, n: int):
-        self.cap, self.n = n, 0
-        self.tok, self.pos = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        self.n_seq, self.seq, self.logits = np.ones(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int8)
-        ptr = ctypes.POINTER(C.llama_seq_id)
-        base = self.seq.ctypes.data
-        self._seq_ptrs = (ptr * n)(*[ctypes.cast(base + 4 * i, ptr) for i in range(n)])
-        b = self.raw = C.llama_batch()
-        b.token = self.tok.ctypes.data_as(ctypes.POINTER(C.llama_token))
-        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
-        b.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ptr))
-        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+class _Batch(ArrayBatch):
+    """The decode loop's batch: one span per sequence in the step."""
 
     def add(self, w: _Work, seq_id: int, out_from: int) -> None:
         """Append w's tokens; rows from index `out_from` of the span on get logits."""
-        a, n = self.n, len(w.tokens)
-        self.tok[a:a + n], self.pos[a:a + n] = w.tokens, np.arange(w.pos0, w.pos0 + n)
-        self.seq[a:a + n], self.logits[a:a + n] = seq_id, 0
-        self.logits[a + out_from:a + n] = 1
-        w.first_row, w.outputs = a, list(range(a + out_from, a + n))
-        self.n += n
-
-    def decode(self, ctx: C.llama_context_p) -> int:
-        self.raw.n_tokens = self.n
-        return C.llama_decode(ctx, self.raw)
+        a = self.put(seq_id, w.tokens, w.pos0)
+        self.out[a + out_from:self.n] = 1
+        w.first_row, w.outputs = a, list(range(a + out_from, self.n))
 
 
 class BatchLoop:

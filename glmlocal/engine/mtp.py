@@ -46,6 +46,7 @@ import llama_cpp.llama_cpp_ext as X
 import numpy as np
 
 from glmlocal.engine.hooks import SeqRows, StateBlob
+from glmlocal.engine.llbatch import ArrayBatch
 from glmlocal.errors import EngineError
 
 _FOOTER = 3  # int64s after a saved blob's state: next position, has-row flag, state length
@@ -84,34 +85,15 @@ class _Lane:
         return self.kv_end + len(self.toks)
 
 
-class _PairBatch:
+class _PairBatch(ArrayBatch):
     """A classic llama_batch carrying a token id and an embedding row per entry (graph_mtp reads both)."""
-
-    def __init__(self, capacity: int, n_embd: int):
-        self.cap, self.n = capacity, 0
-        self.tok, self.pos = np.zeros(capacity, np.int32), np.zeros(capacity, np.int32)
-        self.embd = np.zeros((capacity, n_embd), np.float32)
-        self.n_seq, self.seq = np.ones(capacity, np.int32), np.zeros(capacity, np.int32)
-        self.out = np.zeros(capacity, np.int8)
-        ptr = ctypes.POINTER(C.llama_seq_id)
-        self._seq_ptrs = (ptr * capacity)(*[ctypes.cast(self.seq.ctypes.data + 4 * i, ptr) for i in range(capacity)])
-        b = self.raw = C.llama_batch()
-        b.token = self.tok.ctypes.data_as(ctypes.POINTER(C.llama_token))
-        b.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
-        b.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ptr))
-        b.logits = self.out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
     def add(self, seq: int, tokens: Sequence[int], pos0: int, rows: Sequence[np.ndarray], out: bool = False) -> int:
         """Append pairs (tokens[i], rows[i]) at pos0 + i; the last gets logits when `out`. Its batch index."""
-        a, n = self.n, len(tokens)
-        self.tok[a:a + n], self.pos[a:a + n], self.seq[a:a + n] = tokens, np.arange(pos0, pos0 + n), seq
-        self.embd[a:a + n] = rows
-        self.out[a:a + n] = 0
-        self.out[a + n - 1] = 1 if out else 0
-        self.n += n
-        return a + n - 1
+        a = self.put(seq, list(tokens), pos0)
+        self.embd[a:self.n] = rows
+        self.out[self.n - 1] = 1 if out else 0
+        return self.n - 1
 
 
 class MtpContext:
@@ -393,8 +375,7 @@ class MtpContext:
         """Decode the batch (then empty); False when the KV has no room (llama.cpp changed nothing). Another
         failure may leave part of the batch in the KV: the lane starts over cold and the error goes on."""
         b = self._batch
-        b.raw.n_tokens = b.n
-        rc = C.llama_decode(self._ctx, b.raw)
+        rc = b.decode(self._ctx)
         b.n = 0
         if rc == 1:
             self.no_room += 1
