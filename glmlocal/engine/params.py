@@ -11,14 +11,13 @@ import llama_cpp.llama_cpp as C
 
 from glmlocal.errors import EngineError, InputError, PlanError
 from glmlocal.llama import ggml
+from glmlocal.plan.footprint import KV_TYPES
 from glmlocal.plan.mtp import MAX_DRAFT, mtp_batch
 from glmlocal.plan.placement import Placement
 from glmlocal.plan.view import gib
+from quantize.ggml import GGMLType
 
 MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; past this a batch is mostly bookkeeping)
-
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
-
 
 def check_fits(placement: Placement) -> None:
     """Refuse, before touching llama.cpp, a placement its own prediction says cannot load: a GPU whose
@@ -103,10 +102,10 @@ def _progress_callback(progress: Callable[[float], None]) -> C.llama_progress_ca
 
 
 def _kv_type(name: str) -> int:
-    try:
-        return KV_TYPES[str(name).lower()]
-    except KeyError:
-        raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}") from None
+    """The ggml type id of a KV cache type name (the planner's list of names: plan.footprint.KV_TYPES)."""
+    if str(name).lower() not in KV_TYPES:
+        raise InputError(f"unknown KV cache type {name!r}", hint=f"use one of {', '.join(KV_TYPES)}")
+    return int(GGMLType[str(name).upper()])
 
 
 def context_params(placement: Placement, n_ctx: int, n_seq: int = 1) -> C.llama_context_params:
