@@ -167,6 +167,8 @@ def test_default_parallel_counts_8k_conversations_in_the_pool(n_ctx, parallel):
     assert default_parallel(p) == p.parallel == parallel
     note = next(n for n in p.notes if n.startswith("KV pool of"))
     assert f"serve --parallel defaults to {parallel}" in note
+    assert note.endswith(f"{parallel} conversations of {n_ctx // parallel} tokens each fit)" if parallel > 1
+                         else f"one conversation of {n_ctx} tokens fits)")
     one = plan(AIR, hw(None, "256GiB"), ctx=n_ctx, n_ubatch=512, n_seq=1, mtp=False)
     many = plan(AIR, hw(None, "256GiB"), ctx=n_ctx, n_ubatch=512, n_seq=parallel, mtp=False)
     assert many.devices[0].compute - one.devices[0].compute == (parallel - 1) * 151552 * 4

@@ -314,7 +314,7 @@ def _pool_note(b: Budget, lay: Layout) -> str:
     n = parallel_for_context(lay.ctx)
     return (f"KV pool of {lay.ctx} tokens shared by all sequences (kv_unified): one conversation may use all of "
             f"it; serve --parallel defaults to {n} (= {lay.ctx} // {CONVERSATION}, clamped to 1..{MAX_DEFAULT_PARALLEL}: "
-            f"{n} conversations of {lay.ctx // n} tokens each fit)")
+            + (f"{n} conversations of {lay.ctx // n} tokens each fit)" if n > 1 else f"one conversation of {lay.ctx} tokens fits)"))
 
 
 def _device_plans(b: Budget, lay: Layout) -> list[DevicePlan]:
