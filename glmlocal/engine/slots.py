@@ -67,9 +67,6 @@ class KvStore:
         for m in self.mirrors:
             m.clear()
 
-    def pos_max(self, seq: int) -> int:
-        return C.llama_memory_seq_pos_max(self._mem, seq)
-
     def save(self, seq: int, max_bytes: int) -> SeqState | None:
         """The sequence's KV in RAM (None when empty, larger than max_bytes, or llama.cpp refuses)."""
         size = C.llama_state_seq_get_size(self._ctx, seq)
